@@ -1,0 +1,162 @@
+//! Planning and running a merge, end to end.
+
+pub mod memory;
+pub mod plan;
+pub mod run;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
+use crate::recipe::Recipe;
+use plan::{Plan, PlanOptions, SkippedKey};
+use run::{ProgressSink, RunOptions, TensorSink};
+
+#[derive(Clone, Debug)]
+pub enum OutputTarget {
+    File(PathBuf),
+    Memory,
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    pub plan: PlanOptions,
+    pub output: OutputTarget,
+    /// 0 = one per CPU.
+    pub threads: usize,
+    pub chunk: usize,
+    pub progress_interval: Duration,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            plan: PlanOptions::default(),
+            output: OutputTarget::Memory,
+            threads: 0,
+            chunk: run::DEFAULT_CHUNK,
+            progress_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeReport {
+    pub output: Option<PathBuf>,
+    pub keys_written: usize,
+    pub keys_skipped: Vec<SkippedKey>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    /// Peak resident memory of the process during the merge.
+    pub peak_rss_bytes: u64,
+    pub threads: usize,
+    /// The recipe as `.mecha` text (also stored in the output's `__metadata__.mecha_recipe`).
+    pub recipe: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutputTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+pub struct MergeResult {
+    pub report: MergeReport,
+    /// Filled when the output target is memory, in plan order.
+    pub tensors: Vec<OutputTensor>,
+}
+
+impl TensorSink for SafetensorsWriter {
+    fn write(&self, key: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.write_at(key, offset, bytes)
+    }
+}
+
+struct MemorySink {
+    buffers: Vec<Mutex<Vec<u8>>>,
+}
+
+impl TensorSink for MemorySink {
+    fn write(&self, key: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+        let mut buf = self.buffers[key].lock().expect("tensor buffer lock");
+        buf[offset..offset + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+pub fn planned_tensors(plan: &Plan) -> Vec<PlannedTensor> {
+    plan.keys
+        .iter()
+        .map(|k| PlannedTensor { name: k.name.clone(), dtype: k.dtype, shape: k.shape.clone() })
+        .collect()
+}
+
+/// Plans and runs a merge. A file output appears at its path only once complete.
+pub fn merge(
+    recipe: Recipe,
+    options: &MergeOptions,
+    cancel: &AtomicBool,
+    progress: Option<&dyn ProgressSink>,
+) -> Result<MergeResult> {
+    let started = Instant::now();
+    memory::reset_peak_rss();
+    let plan = plan::plan(recipe, &options.plan)?;
+    let run_options = RunOptions {
+        threads: options.threads,
+        chunk: options.chunk,
+        cancel,
+        progress,
+        progress_interval: options.progress_interval,
+    };
+    let (stats, tensors) = match &options.output {
+        OutputTarget::File(path) => {
+            ensure_not_an_input(path, &plan.input_paths())?;
+            let metadata = vec![("mecha_recipe".to_string(), plan.serialized.clone())];
+            let layout = FileLayout::new(&planned_tensors(&plan), &metadata);
+            let writer = SafetensorsWriter::create(path, layout)?;
+            let stats = run::run(&plan, &writer, &run_options)?;
+            writer.commit()?;
+            (stats, vec![])
+        }
+        OutputTarget::Memory => {
+            let sink = MemorySink {
+                buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect(),
+            };
+            let stats = run::run(&plan, &sink, &run_options)?;
+            let tensors = plan
+                .keys
+                .iter()
+                .zip(sink.buffers)
+                .map(|(k, b)| OutputTensor {
+                    name: k.name.clone(),
+                    dtype: k.dtype,
+                    shape: k.shape.clone(),
+                    data: b.into_inner().expect("tensor buffer lock"),
+                })
+                .collect();
+            (stats, tensors)
+        }
+    };
+    let report = MergeReport {
+        output: match &options.output {
+            OutputTarget::File(p) => Some(p.clone()),
+            OutputTarget::Memory => None,
+        },
+        keys_written: plan.keys.len(),
+        keys_skipped: plan.skipped.clone(),
+        bytes_read: stats.bytes_read,
+        bytes_written: stats.bytes_written,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: memory::peak_rss_bytes(),
+        threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
+        recipe: plan.serialized.clone(),
+    };
+    Ok(MergeResult { report, tensors })
+}

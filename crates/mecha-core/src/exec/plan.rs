@@ -1,0 +1,437 @@
+//! The planner: resolves merge spaces, opens every input once (headers only), and turns the
+//! recipe into one small expression per output key, with shapes, dtypes and shortcuts decided
+//! before any tensor data is read. Keys that cannot be built are listed with the reason.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::dtype::DType;
+use crate::error::{ErrorKind, MechaError, Result};
+use crate::io::reader::{SafetensorsFile, TensorEntry};
+use crate::methods::linear::{Kernel, Shortcut};
+use crate::methods::{Implementation, ValueType};
+use crate::recipe::mecha::{self, Annotations};
+use crate::recipe::spaces::{self, RootSpace};
+use crate::recipe::{NodeId, NodeKind, Recipe, Scalar, Value};
+
+pub type ExprId = usize;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A tensor read from input file `input`.
+    Source { input: usize, entry: TensorEntry },
+    /// A number, broadcast (or, with a shape, filling a tensor).
+    Constant(f64),
+    Apply { kernel: Kernel, args: Vec<ExprId> },
+    /// Values rounded to `dtype` (toward zero for integer dtypes, as torch's `.to()` does).
+    Round { dtype: DType, arg: ExprId },
+}
+
+#[derive(Clone, Debug)]
+pub struct Expr {
+    pub op: Op,
+    /// `None`: a single value broadcast over the key.
+    pub shape: Option<Vec<usize>>,
+    /// The dtype the values come from, which decides integer outputs.
+    pub dtype: Option<DType>,
+    /// Where the values come from, for error messages.
+    pub origin: String,
+}
+
+/// The precision arithmetic runs in.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Compute {
+    F32,
+    F64,
+}
+
+/// What the user asked arithmetic to run in: f32/f64 directly, f16/bf16 by rounding every
+/// input and every intermediate result (as torch does when merging in half precision).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MergeDtype {
+    F32,
+    F64,
+    Rounded(DType),
+}
+
+impl MergeDtype {
+    pub fn parse(name: &str) -> Result<MergeDtype> {
+        match DType::parse_user(name) {
+            Some(DType::F32) => Ok(MergeDtype::F32),
+            Some(DType::F64) => Ok(MergeDtype::F64),
+            Some(d @ (DType::F16 | DType::BF16)) => Ok(MergeDtype::Rounded(d)),
+            _ => Err(MechaError::recipe(format!(
+                "mergeDtype \"{name}\" is not supported; use f32 (default), f64, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyPlan {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub compute: Compute,
+    /// Children come before their parents; `root` is the last one evaluated.
+    pub exprs: Vec<Expr>,
+    pub root: ExprId,
+}
+
+impl KeyPlan {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.dtype.byte_len(self.numel()).expect("planned dtypes have whole-byte sizes")
+    }
+
+    /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
+    pub fn passthrough(&self) -> Option<(usize, &TensorEntry)> {
+        match &self.exprs[self.root].op {
+            Op::Source { input, entry } if entry.dtype == self.dtype => Some((*input, entry)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedKey {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    pub merge_dtype: MergeDtype,
+    pub output_dtype: DType,
+    pub root_space: RootSpace,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            merge_dtype: MergeDtype::F32,
+            output_dtype: DType::F16,
+            root_space: RootSpace::default(),
+        }
+    }
+}
+
+pub struct Plan {
+    pub recipe: Recipe,
+    pub spaces: Vec<Option<String>>,
+    pub inputs: Vec<Arc<SafetensorsFile>>,
+    pub keys: Vec<KeyPlan>,
+    pub skipped: Vec<SkippedKey>,
+    /// The recipe as `.mecha` text, with absolute paths and solved spaces.
+    pub serialized: String,
+}
+
+impl Plan {
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        self.inputs.iter().map(|f| f.path().to_path_buf()).collect()
+    }
+
+    pub fn output_bytes(&self) -> u64 {
+        self.keys.iter().map(|k| k.byte_len() as u64).sum()
+    }
+}
+
+/// Absolute form of a model path, without requiring the file to exist.
+fn absolute(path: &str) -> PathBuf {
+    let p = Path::new(path);
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
+    let spaces = spaces::infer(&recipe, &options.root_space)?;
+
+    // Open each distinct file once, in the order sd-mecha visits models.
+    let mut inputs: Vec<Arc<SafetensorsFile>> = vec![];
+    let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
+    let mut model_input: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
+    let mut paths: Vec<Option<String>> = vec![None; recipe.nodes.len()];
+    for n in recipe.models() {
+        let NodeKind::Model { path } = &recipe.node(n).kind else { unreachable!() };
+        let abs = absolute(path);
+        let index = match by_path.get(&abs) {
+            Some(&i) => i,
+            None => {
+                let file = SafetensorsFile::open(&abs).map_err(|e| e.within_node(&recipe.trace(n)))?;
+                inputs.push(Arc::new(file));
+                by_path.insert(abs.clone(), inputs.len() - 1);
+                inputs.len() - 1
+            }
+        };
+        model_input[n] = Some(index);
+        paths[n] = Some(abs.to_string_lossy().into_owned());
+    }
+    if inputs.is_empty() {
+        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
+    }
+
+    // Candidate keys: every key of every input, first appearance wins the order.
+    let mut candidates: indexmap::IndexSet<&str> = indexmap::IndexSet::new();
+    for file in &inputs {
+        candidates.extend(file.tensors().keys().map(String::as_str));
+    }
+
+    let ctx = Context { recipe: &recipe, inputs: &inputs, model_input: &model_input, options };
+    let mut keys = vec![];
+    let mut skipped = vec![];
+    for key in candidates {
+        match ctx.plan_key(key)? {
+            Ok(k) => keys.push(k),
+            Err(reason) => skipped.push(SkippedKey { key: key.to_string(), reason }),
+        }
+    }
+
+    let none = vec![None; recipe.nodes.len()];
+    let serialized = mecha::serialize(&recipe, &Annotations { configs: &none, spaces: &spaces, paths: &paths });
+    Ok(Plan { recipe, spaces, inputs, keys, skipped, serialized })
+}
+
+struct Context<'a> {
+    recipe: &'a Recipe,
+    inputs: &'a [Arc<SafetensorsFile>],
+    model_input: &'a [Option<usize>],
+    options: &'a PlanOptions,
+}
+
+/// What a node yields for one key: a numeric expression or a text/null parameter value.
+#[derive(Clone, Debug)]
+enum Planned {
+    Expr(ExprId),
+    Text(Option<String>),
+}
+
+/// `Err(reason)`: the node cannot provide this key (the key is skipped, not an error).
+type Built = std::result::Result<Planned, String>;
+
+struct KeyBuilder<'a> {
+    ctx: &'a Context<'a>,
+    key: &'a str,
+    exprs: Vec<Expr>,
+    dedup: HashMap<String, ExprId>,
+    memo: HashMap<(NodeId, String), Built>,
+}
+
+impl Context<'_> {
+    fn plan_key(&self, key: &str) -> Result<std::result::Result<KeyPlan, String>> {
+        let mut b = KeyBuilder { ctx: self, key, exprs: vec![], dedup: HashMap::new(), memo: HashMap::new() };
+        let root = match b.build(self.recipe.root, key)? {
+            Err(reason) => return Ok(Err(reason)),
+            Ok(Planned::Text(_)) => {
+                return Err(MechaError::recipe("the recipe's result is a text value, not tensors")
+                    .within_node(&self.recipe.node(self.recipe.root).label()))
+            }
+            Ok(Planned::Expr(e)) => b.in_merge_precision(e),
+        };
+        let Some(shape) = b.exprs[root].shape.clone() else {
+            return Ok(Err("no model input provides this key; the result would be a bare number".into()));
+        };
+        let natural = b.exprs[root].dtype;
+        let dtype = match natural {
+            Some(d) if !d.is_float() => d, // integers, bools and raw-only dtypes keep their dtype
+            _ => self.options.output_dtype,
+        };
+        let wide_ints = b.exprs.iter().any(|e| matches!(e.dtype, Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)));
+        let compute = if self.options.merge_dtype == MergeDtype::F64 || wide_ints { Compute::F64 } else { Compute::F32 };
+        Ok(Ok(KeyPlan { name: key.to_string(), shape, dtype, compute, exprs: b.exprs, root }))
+    }
+}
+
+impl KeyBuilder<'_> {
+    fn push(&mut self, expr: Expr) -> ExprId {
+        let fingerprint = format!("{:?}|{:?}", expr.op, expr.shape);
+        if let Some(&id) = self.dedup.get(&fingerprint) {
+            return id;
+        }
+        self.exprs.push(expr);
+        self.dedup.insert(fingerprint, self.exprs.len() - 1);
+        self.exprs.len() - 1
+    }
+
+    /// With a half-precision merge dtype, every operand and the result are rounded to it.
+    fn in_merge_precision(&mut self, id: ExprId) -> ExprId {
+        let e = &self.exprs[id];
+        let exact = match &e.op {
+            Op::Round { dtype, .. } | Op::Source { entry: TensorEntry { dtype, .. }, .. } => Some(*dtype),
+            _ => None,
+        };
+        match self.ctx.options.merge_dtype {
+            MergeDtype::Rounded(dtype) if e.shape.is_some() && exact != Some(dtype) => {
+                let (shape, natural, origin) = (e.shape.clone(), e.dtype, e.origin.clone());
+                self.push(Expr { op: Op::Round { dtype, arg: id }, shape, dtype: natural, origin })
+            }
+            _ => id,
+        }
+    }
+
+    fn constant(&mut self, v: f64, origin: &str) -> ExprId {
+        self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into() })
+    }
+
+    fn build(&mut self, node: NodeId, key: &str) -> Result<Built> {
+        let memo_key = (node, key.to_string());
+        if let Some(b) = self.memo.get(&memo_key) {
+            return Ok(b.clone());
+        }
+        let built = self.build_uncached(node, key).map_err(|e| {
+            let e = if e.key.is_none() { e.with_key(self.key) } else { e };
+            if e.node.is_none() { e.within_node(&self.ctx.recipe.trace(node)) } else { e }
+        })?;
+        self.memo.insert(memo_key, built.clone());
+        Ok(built)
+    }
+
+    fn build_uncached(&mut self, node: NodeId, key: &str) -> Result<Built> {
+        let recipe = self.ctx.recipe;
+        let n = recipe.node(node);
+        match &n.kind {
+            NodeKind::Model { .. } => {
+                let input = self.ctx.model_input[node].expect("every model was opened");
+                let file = &self.ctx.inputs[input];
+                let Some(entry) = file.entry(key) else {
+                    return Ok(Err(format!("missing from {}", file.path().display())));
+                };
+                let id = self.push(Expr {
+                    op: Op::Source { input, entry: entry.clone() },
+                    shape: Some(entry.shape.clone()),
+                    dtype: Some(entry.dtype),
+                    origin: file.path().display().to_string(),
+                });
+                Ok(Ok(Planned::Expr(id)))
+            }
+            NodeKind::Literal { entries } => match entries.get(key) {
+                None => Ok(Err(format!("missing from {}", n.label()))),
+                Some(Value::Node(child)) => self.build(*child, key),
+                Some(Value::Scalar(Scalar::Str(s))) => Ok(Ok(Planned::Text(Some(s.clone())))),
+                Some(Value::Scalar(Scalar::Null)) => Ok(Ok(Planned::Text(None))),
+                Some(Value::Scalar(s)) => {
+                    let v = s.as_f64().expect("numbers and bools convert");
+                    Ok(Ok(Planned::Expr(self.constant(v, &n.label()))))
+                }
+            },
+            NodeKind::Merge { method, inputs } => match method.implementation {
+                Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
+                Implementation::Fallback => match self.build(inputs[0][0], key)? {
+                    Ok(p) => Ok(Ok(p)),
+                    Err(_) => self.build(inputs[1][0], key),
+                },
+                Implementation::Cast => self.build_cast(inputs, key),
+                Implementation::Elementwise(kernel) => self.build_elementwise(node, kernel, inputs, key),
+            },
+        }
+    }
+
+    fn build_cast(&mut self, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
+        let a = match self.build(inputs[0][0], key)? {
+            Err(why) => return Ok(Err(why)),
+            Ok(Planned::Text(_)) => return Err(MechaError::recipe("cast: input \"a\" must be tensors, not text")),
+            Ok(Planned::Expr(a)) => a,
+        };
+        // `device` is accepted for compatibility with sd-mecha recipes; the engine picks devices.
+        let dtype = match self.build(inputs[2][0], key)? {
+            Err(why) => return Ok(Err(why)),
+            Ok(Planned::Text(None)) => return Ok(Ok(Planned::Expr(a))),
+            Ok(Planned::Text(Some(name))) => DType::parse_user(&name).filter(|d| d.is_numeric()).ok_or_else(|| {
+                MechaError::recipe(format!(
+                    "cast: unknown dtype \"{name}\"; use a torch name such as float16, bfloat16, float32, float64, \
+                     float8_e4m3fn, float8_e5m2, int64, bool"
+                ))
+            })?,
+            Ok(Planned::Expr(_)) => return Err(MechaError::recipe("cast: \"dtype\" must be a dtype name such as \"float16\"")),
+        };
+        let e = &self.exprs[a];
+        if e.dtype == Some(dtype) && matches!(e.op, Op::Source { .. }) {
+            return Ok(Ok(Planned::Expr(a))); // already in that dtype
+        }
+        if e.shape.is_none() {
+            return Ok(Ok(Planned::Expr(a))); // a broadcast number is not stored, so nothing to round
+        }
+        let (shape, origin) = (e.shape.clone(), format!("cast({})", e.origin));
+        Ok(Ok(Planned::Expr(self.push(Expr { op: Op::Round { dtype, arg: a }, shape, dtype: Some(dtype), origin }))))
+    }
+
+    fn build_elementwise(&mut self, node: NodeId, kernel: Kernel, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
+        let NodeKind::Merge { method, .. } = &self.ctx.recipe.node(node).kind else { unreachable!() };
+        let mut operands = vec![];
+        for (param, children) in method.params.iter().zip(inputs) {
+            for &child in children {
+                match self.build(child, key)? {
+                    Err(why) => return Ok(Err(why)),
+                    Ok(Planned::Text(_)) => {
+                        return Err(MechaError::recipe(format!(
+                            "{}: \"{}\" expects {}, but received a text value",
+                            method.id,
+                            param.name,
+                            if param.value_type == ValueType::Tensor { "tensors or numbers" } else { param.value_type.name() }
+                        )))
+                    }
+                    Ok(Planned::Expr(e)) => {
+                        if let Some(d) = self.exprs[e].dtype.filter(|d| !d.is_numeric()) {
+                            return Err(MechaError::new(
+                                ErrorKind::Shape,
+                                format!("{}: cannot compute on dtype {d} (from {}); it can only be passed through", method.id, self.exprs[e].origin),
+                            ));
+                        }
+                        operands.push(self.in_merge_precision(e));
+                    }
+                }
+            }
+        }
+
+        let scalars: Vec<Option<f64>> = operands
+            .iter()
+            .map(|&e| match (&self.exprs[e].op, &self.exprs[e].shape) {
+                (Op::Constant(v), None) => Some(*v),
+                _ => None,
+            })
+            .collect();
+        match kernel.shortcut(&scalars) {
+            Some(Shortcut::Operand(i)) => return Ok(Ok(Planned::Expr(operands[i]))),
+            Some(Shortcut::Zeros) => {
+                let e = &self.exprs[operands[0]];
+                let (shape, dtype) = (e.shape.clone(), e.dtype);
+                let id = self.push(Expr { op: Op::Constant(0.0), shape, dtype, origin: method.id.clone() });
+                return Ok(Ok(Planned::Expr(id)));
+            }
+            None => {}
+        }
+
+        // Shaped operands must agree; hyper-parameters may also be single values.
+        let shaped = kernel.shaped_operands(operands.len());
+        let mut shape: Option<(Vec<usize>, ExprId)> = None;
+        for (i, &e) in operands.iter().enumerate() {
+            let Some(s) = &self.exprs[e].shape else { continue };
+            if !shaped.contains(&i) && s.iter().product::<usize>() == 1 {
+                continue;
+            }
+            match &shape {
+                None => shape = Some((s.clone(), e)),
+                Some((first, first_e)) if first != s => {
+                    return Err(MechaError::new(
+                        ErrorKind::Shape,
+                        format!(
+                            "{}: shapes differ for key \"{}\": {} has {:?} but {} has {:?}",
+                            method.id, self.key, self.exprs[*first_e].origin, first, self.exprs[e].origin, s
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let natural = operands.iter().find_map(|&e| self.exprs[e].dtype);
+        let id = self.push(Expr {
+            op: Op::Apply { kernel, args: operands },
+            shape: shape.map(|(s, _)| s),
+            dtype: natural,
+            origin: method.id.clone(),
+        });
+        Ok(Ok(Planned::Expr(id)))
+    }
+}

@@ -1,0 +1,4 @@
+//! safetensors input and output.
+
+pub mod reader;
+pub mod writer;

@@ -1,0 +1,275 @@
+//! Memory-mapped safetensors reader. The header is validated before any tensor is exposed;
+//! tensors are lazy byte views into the map, and their pages can be released once consumed so
+//! resident memory does not grow with model size.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use memmap2::Mmap;
+use safetensors::{SafeTensorError, SafeTensors};
+
+use crate::dtype::DType;
+use crate::error::{MechaError, Result};
+
+/// Header limit shared with the `safetensors` crate; larger headers are refused.
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the tensor's data in the file.
+    pub start: usize,
+    pub byte_len: usize,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An open, validated safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    /// Tensors in data-offset order, which is also the order that reads the file sequentially.
+    tensors: IndexMap<String, TensorEntry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| {
+            let problem = if e.kind() == std::io::ErrorKind::NotFound {
+                "file not found; check the path (relative paths are resolved against the model \
+                 directories, then the current directory)"
+                    .to_string()
+            } else {
+                format!("cannot open: {e}")
+            };
+            MechaError::safetensors(path, problem)
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| MechaError::safetensors(path, format!("cannot read file size: {e}")))?
+            .len() as usize;
+        if file_len < 8 {
+            return Err(MechaError::safetensors(
+                path,
+                format!(
+                    "file is {file_len} bytes long, too short to be safetensors (the 8-byte header \
+                     length is missing); the file is empty or truncated"
+                ),
+            ));
+        }
+        // SAFETY: the map is read-only; if another process truncates the file while we read it
+        // the process can fault, which is the accepted contract of every mmap-based reader.
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| MechaError::safetensors(path, format!("cannot memory-map: {e}")))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| MechaError::safetensors(path, explain_header_error(&map, &e)))?;
+
+        let infos = meta.tensors();
+        let mut tensors = IndexMap::with_capacity(infos.len());
+        for name in meta.offset_keys() {
+            let info = infos[&name];
+            let dtype = DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
+                MechaError::safetensors(
+                    path,
+                    format!("tensor '{name}' has dtype {} which this version cannot read", info.dtype),
+                )
+                .with_key(&name)
+            })?;
+            let (begin, end) = info.data_offsets;
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    start: 8 + header_len + begin,
+                    byte_len: end - begin,
+                },
+            );
+        }
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            header_len,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    pub fn file_len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn tensors(&self) -> &IndexMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.map[entry.start..entry.start + entry.byte_len]
+    }
+
+    /// Hints the kernel to read ahead a range we are about to consume.
+    pub fn prefetch(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            let len = len.min(self.map.len().saturating_sub(start));
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, start, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
+    }
+
+    /// Drops the pages lying wholly inside `[start, start + len)` from this process's resident
+    /// set. Pages shared with neighbouring ranges stay, so concurrent readers never refault.
+    pub fn release(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            let map = &self.map;
+            let page = page_size();
+            let base = map.as_ptr() as usize;
+            let first = (base + start).next_multiple_of(page) - base;
+            let last = ((base + start + len) / page) * page - base;
+            if last > first {
+                // SAFETY: the map is read-only and file-backed, so DONTNEED only drops clean
+                // pages; a later read refaults the same bytes from the page cache.
+                unsafe {
+                    let _ = map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    );
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
+    }
+}
+
+#[cfg(unix)]
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize })
+}
+
+/// Turns the crate's terse validation errors into a sentence that says what is wrong with the
+/// file and, where possible, which tensor.
+fn explain_header_error(buf: &[u8], err: &SafeTensorError) -> String {
+    let file_len = buf.len();
+    let declared = u64::from_le_bytes(buf[..8].try_into().expect("length checked by caller"));
+    match err {
+        SafeTensorError::HeaderTooLarge => format!(
+            "the header claims to be {declared} bytes, over the {MAX_HEADER_BYTES}-byte limit; \
+             this is not a safetensors file or it is corrupt"
+        ),
+        SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooSmall => format!(
+            "the header claims {declared} bytes but the file only has {} after the length \
+             prefix; the file is truncated or not safetensors",
+            file_len - 8
+        ),
+        SafeTensorError::InvalidHeader(_) => "the header is not valid UTF-8 text".to_string(),
+        SafeTensorError::InvalidHeaderDeserialization(e) | SafeTensorError::JsonError(e) => {
+            format!("the header is not a valid safetensors JSON object ({e})")
+        }
+        _ => diagnose_layout(buf).unwrap_or_else(|| format!("invalid header ({err:?})")),
+    }
+}
+
+/// Re-reads the header leniently to name the first tensor whose declared layout is wrong.
+fn diagnose_layout(buf: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(buf[..8].try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
+    let data_len = buf.len() - 8 - n;
+    let mut entries = Vec::new();
+    for (name, info) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = info.get("data_offsets")?.as_array()?;
+        let begin = offsets.first()?.as_u64()? as usize;
+        let end = offsets.get(1)?.as_u64()? as usize;
+        let dtype = DType::from_safetensors_name(info.get("dtype")?.as_str()?)?;
+        let numel: Option<usize> = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize));
+        entries.push((begin, end, name.clone(), numel.and_then(|n| dtype.byte_len(n)), dtype));
+    }
+    entries.sort();
+    let mut expected_begin = 0;
+    for (begin, end, name, size, dtype) in &entries {
+        if *begin != expected_begin {
+            let what = if *begin < expected_begin { "overlaps the previous tensor" } else { "leaves a hole after the previous tensor" };
+            return Some(format!(
+                "tensor '{name}' starts at data offset {begin} but the previous tensor ends at \
+                 {expected_begin}: it {what}; the header lies about offsets"
+            ));
+        }
+        if end < begin {
+            return Some(format!("tensor '{name}' ends (offset {end}) before it begins ({begin})"));
+        }
+        match size {
+            Some(size) if end - begin != *size => {
+                return Some(format!(
+                    "tensor '{name}' declares {} bytes of data but its shape and dtype {dtype} \
+                     need {size}",
+                    end - begin
+                ))
+            }
+            None => return Some(format!("tensor '{name}' has a shape whose byte size overflows or is not a whole number of bytes")),
+            _ => {}
+        }
+        expected_begin = *end;
+    }
+    if expected_begin > data_len {
+        Some(format!(
+            "the header describes {expected_begin} bytes of tensor data but the file holds only \
+             {data_len}; the file is truncated (an incomplete download or copy?)"
+        ))
+    } else if expected_begin < data_len {
+        Some(format!(
+            "the file has {} bytes after the last tensor's data; it is corrupt or was appended to",
+            data_len - expected_begin
+        ))
+    } else {
+        None
+    }
+}

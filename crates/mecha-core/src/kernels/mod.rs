@@ -1,0 +1,209 @@
+//! Numeric building blocks: dtype conversion and chunked elementwise evaluation.
+
+pub mod convert;
+
+use std::fmt::Debug;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use crate::dtype::DType;
+
+/// A compute type: f32 (the default) or f64.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const HALF: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn abs(self) -> Self;
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    fn decode(dtype: DType, src: &[u8], out: &mut [Self]);
+    fn encode(dtype: DType, src: &[Self], out: &mut [u8]);
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const HALF: f32 = 0.5;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn abs(self) -> f32 {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: f32, b: f32) -> f32 {
+        f32::mul_add(self, a, b)
+    }
+    fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
+        convert::decode_f32(dtype, src, out)
+    }
+    fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
+        convert::encode_f32(dtype, src, out)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const HALF: f64 = 0.5;
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn abs(self) -> f64 {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: f64, b: f64) -> f64 {
+        f64::mul_add(self, a, b)
+    }
+    fn decode(dtype: DType, src: &[u8], out: &mut [f64]) {
+        convert::decode_f64(dtype, src, out)
+    }
+    fn encode(dtype: DType, src: &[f64], out: &mut [u8]) {
+        convert::encode_f64(dtype, src, out)
+    }
+}
+
+/// One input of an elementwise kernel over a chunk: a broadcast scalar or the chunk's values.
+#[derive(Copy, Clone, Debug)]
+pub enum Operand<'a, T> {
+    Scalar(T),
+    Slice(&'a [T]),
+}
+
+impl<T: Real> Operand<'_, T> {
+    pub fn scalar(&self) -> Option<T> {
+        match self {
+            Operand::Scalar(v) => Some(*v),
+            Operand::Slice(_) => None,
+        }
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`, with scalars broadcast. One loop per scalar/slice combination so
+/// each compiles to straight-line vector code.
+#[inline(always)]
+pub fn map2<T: Real>(out: &mut [T], a: Operand<T>, b: Operand<T>, f: impl Fn(T, T) -> T) {
+    use Operand::*;
+    match (a, b) {
+        (Slice(a), Slice(b)) => {
+            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+                *o = f(*a, *b);
+            }
+        }
+        (Slice(a), Scalar(b)) => {
+            for (o, a) in out.iter_mut().zip(a) {
+                *o = f(*a, b);
+            }
+        }
+        (Scalar(a), Slice(b)) => {
+            for (o, b) in out.iter_mut().zip(b) {
+                *o = f(a, *b);
+            }
+        }
+        (Scalar(a), Scalar(b)) => out.fill(f(a, b)),
+    }
+}
+
+/// `out[i] = f(a[i], b[i], c[i])`, with scalars broadcast.
+#[inline(always)]
+pub fn map3<T: Real>(
+    out: &mut [T],
+    a: Operand<T>,
+    b: Operand<T>,
+    c: Operand<T>,
+    f: impl Fn(T, T, T) -> T,
+) {
+    use Operand::*;
+    match c {
+        Scalar(c) => map2(out, a, b, |a, b| f(a, b, c)),
+        Slice(c) => match (a, b) {
+            (Slice(a), Slice(b)) => {
+                for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
+                    *o = f(*a, *b, *c);
+                }
+            }
+            (Slice(a), Scalar(b)) => {
+                for ((o, a), c) in out.iter_mut().zip(a).zip(c) {
+                    *o = f(*a, b, *c);
+                }
+            }
+            (Scalar(a), Slice(b)) => {
+                for ((o, b), c) in out.iter_mut().zip(b).zip(c) {
+                    *o = f(a, *b, *c);
+                }
+            }
+            (Scalar(a), Scalar(b)) => {
+                for (o, c) in out.iter_mut().zip(c) {
+                    *o = f(a, b, *c);
+                }
+            }
+        },
+    }
+}
+
+/// Runs `body` compiled for AVX2+FMA when the CPU has them, otherwise for the baseline.
+/// Results are identical either way: kernels only use operations that are correctly rounded
+/// (`mul_add` is a true fused multiply-add on both paths).
+#[inline(always)]
+pub fn with_best_simd<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the enabled features (checked above).
+        return unsafe { avx2_fma(body) };
+    }
+    body()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<R>(body: impl FnOnce() -> R) -> R {
+    body()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("MECHA_NO_SIMD").is_none()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    })
+}
+
+/// torch's `lerp`: `a + w·(b−a)` for |w| < ½, `b − (1−w)·(b−a)` otherwise, fused like its
+/// vectorised CPU kernel, so results match torch bit for bit.
+#[inline(always)]
+pub fn lerp<T: Real>(a: T, b: T, w: T) -> T {
+    let diff = b - a;
+    if w.abs() < T::HALF {
+        w.mul_add(diff, a)
+    } else {
+        (w - T::ONE).mul_add(diff, b)
+    }
+}

@@ -1,0 +1,249 @@
+//! The merge-method registry: every method's signature is declared here once (inputs, types,
+//! merge spaces, defaults, return space, how it computes). The TypeScript builders, their types,
+//! the docs listing and `methods.list()` are all derived from these declarations.
+
+pub mod linear;
+pub mod logistics;
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crate::error::{MechaError, Result};
+
+/// What a parameter receives for each key.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ValueType {
+    Tensor,
+    Float,
+    Int,
+    Bool,
+    Str,
+    /// A type variable: whatever the argument produces (sd-mecha's `T`).
+    Any,
+}
+
+impl ValueType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::Tensor => "Tensor",
+            ValueType::Float => "float",
+            ValueType::Int => "int",
+            ValueType::Bool => "bool",
+            ValueType::Str => "str",
+            ValueType::Any => "T",
+        }
+    }
+}
+
+/// Merge spaces a parameter or return value may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpaceSpec {
+    /// The method's own type variable: every input and the return marked this way share one space.
+    Symbol,
+    /// One of these spaces.
+    Fixed(Vec<String>),
+}
+
+impl SpaceSpec {
+    pub fn fixed(spaces: &[&str]) -> SpaceSpec {
+        SpaceSpec::Fixed(spaces.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Written positionally in `.mecha` text.
+    Positional,
+    /// `*models`: any number of positional arguments.
+    VarPositional,
+    /// Written as `name=` in `.mecha` text.
+    KeywordOnly,
+}
+
+/// A parameter default, materialised into the graph when the method is called (as sd-mecha does).
+#[derive(Clone, Debug, PartialEq)]
+pub enum DefaultValue {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: String,
+    pub value_type: ValueType,
+    /// The method reads other keys of this input (sd-mecha's `StateDict[...]`).
+    pub state_dict: bool,
+    pub space: SpaceSpec,
+    pub config: Option<String>,
+    pub kind: ParamKind,
+    pub default: Option<DefaultValue>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReturnSpec {
+    pub value_type: ValueType,
+    pub space: SpaceSpec,
+    pub config: Option<String>,
+}
+
+/// How a method computes; the planner and executor dispatch on this.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Implementation {
+    /// Pure per-element math: evaluated chunk by chunk across all inputs.
+    Elementwise(linear::Kernel),
+    /// `a` where it has the key, else `default`.
+    Fallback,
+    /// Rounds values to a dtype.
+    Cast,
+    /// Broadcasts the single key of a `singleton-mecha` literal to every key.
+    ConvertSingleton,
+}
+
+#[derive(Clone, Debug)]
+pub struct MethodSpec {
+    pub id: String,
+    pub description: String,
+    pub params: Vec<ParamSpec>,
+    pub returns: ReturnSpec,
+    pub implementation: Implementation,
+    pub is_conversion: bool,
+}
+
+impl MethodSpec {
+    pub fn param(&self, name: &str) -> Option<(usize, &ParamSpec)> {
+        self.params.iter().enumerate().find(|(_, p)| p.name == name)
+    }
+
+    pub fn varargs(&self) -> Option<usize> {
+        self.params.iter().position(|p| p.kind == ParamKind::VarPositional)
+    }
+
+    pub fn is_elementwise(&self) -> bool {
+        matches!(self.implementation, Implementation::Elementwise(_))
+    }
+}
+
+/// Builders used by the method files to declare signatures tersely.
+pub(crate) mod decl {
+    use super::*;
+
+    pub fn input(name: &str, value_type: ValueType, space: SpaceSpec) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            value_type,
+            state_dict: false,
+            space,
+            config: None,
+            kind: ParamKind::Positional,
+            default: None,
+        }
+    }
+
+    /// A parameter that shares the method's merge space (sd-mecha's default for inputs).
+    pub fn same_space(name: &str, value_type: ValueType) -> ParamSpec {
+        input(name, value_type, SpaceSpec::Symbol)
+    }
+
+    /// A hyper-parameter with a default; sd-mecha requires these to be in `param` space.
+    pub fn hyper(name: &str, value_type: ValueType, default: DefaultValue) -> ParamSpec {
+        ParamSpec {
+            default: Some(default),
+            ..input(name, value_type, SpaceSpec::fixed(&["param"]))
+        }
+    }
+
+    impl ParamSpec {
+        pub fn state_dict(mut self) -> Self {
+            self.state_dict = true;
+            self
+        }
+        pub fn varargs(mut self) -> Self {
+            self.kind = ParamKind::VarPositional;
+            self
+        }
+        pub fn keyword_only(mut self) -> Self {
+            self.kind = ParamKind::KeywordOnly;
+            self
+        }
+        pub fn config(mut self, config: &str) -> Self {
+            self.config = Some(config.into());
+            self
+        }
+    }
+
+    pub fn returns(value_type: ValueType, space: SpaceSpec) -> ReturnSpec {
+        ReturnSpec { value_type, space, config: None }
+    }
+}
+
+/// The set of methods recipes can use: the builtins plus anything registered at run time.
+pub struct Registry {
+    methods: RwLock<Vec<Arc<MethodSpec>>>,
+}
+
+impl Registry {
+    fn with_builtins() -> Registry {
+        let mut methods = Vec::new();
+        methods.extend(linear::methods());
+        methods.extend(logistics::methods());
+        Registry {
+            methods: RwLock::new(methods.into_iter().map(Arc::new).collect()),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<MethodSpec>> {
+        self.methods
+            .read()
+            .expect("registry lock")
+            .iter()
+            .find(|m| m.id == id)
+            .cloned()
+    }
+
+    /// Looks a method up, or fails with the closest known name as a suggestion.
+    pub fn resolve(&self, id: &str) -> Result<Arc<MethodSpec>> {
+        self.get(id).ok_or_else(|| {
+            let ids: Vec<String> = self.list().iter().map(|m| m.id.clone()).collect();
+            let hint = crate::util::nearest(id, ids.iter().map(String::as_str))
+                .map(|n| format!(" Did you mean \"{n}\"?"))
+                .unwrap_or_default();
+            MechaError::recipe(format!("unknown merge method \"{id}\".{hint}"))
+        })
+    }
+
+    pub fn list(&self) -> Vec<Arc<MethodSpec>> {
+        self.methods.read().expect("registry lock").clone()
+    }
+}
+
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::with_builtins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_param_space_and_symbols_are_used() {
+        for m in registry().list() {
+            for p in &m.params {
+                if p.default.is_some() {
+                    assert_eq!(p.space, SpaceSpec::fixed(&["param"]), "{}.{}", m.id, p.name);
+                }
+            }
+            if m.returns.space == SpaceSpec::Symbol {
+                assert!(m.params.iter().any(|p| p.space == SpaceSpec::Symbol), "{}", m.id);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_methods_get_a_suggestion() {
+        let err = registry().resolve("weighted_summ").unwrap_err();
+        assert!(err.message.contains("weighted_sum"), "{}", err.message);
+    }
+}
