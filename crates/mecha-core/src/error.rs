@@ -52,8 +52,8 @@ pub struct MechaError {
     pub key: Option<String>,
     /// Path of recipe nodes from the root down to the failing node, e.g. `weighted_sum > model "a"`.
     pub node: Option<String>,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
 }
 
 pub type Result<T, E = MechaError> = std::result::Result<T, E>;
@@ -115,8 +115,8 @@ impl MechaError {
     }
 
     pub fn at(mut self, line: usize, column: usize) -> Self {
-        self.line = Some(line);
-        self.column = Some(column);
+        self.line = Some(line as u32);
+        self.column = Some(column as u32);
         self
     }
 }

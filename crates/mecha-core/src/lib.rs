@@ -2,6 +2,7 @@
 //! stored as safetensors, streaming one key (and one chunk) at a time. Pure Rust, no Node-API:
 //! the `mecha-napi` crate binds it.
 
+pub mod configs;
 pub mod dtype;
 pub mod error;
 pub mod exec;
@@ -9,6 +10,7 @@ pub mod io;
 pub mod kernels;
 pub mod methods;
 pub mod recipe;
+pub mod synthetic;
 pub mod util;
 
 pub use dtype::DType;

@@ -94,17 +94,17 @@ fn refuses_to_write_over_an_input() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("a.safetensors");
     write_file(&input, &[("w", f32_tensor(DType::F32, &[2], &[1.0, 2.0]))]);
-    let err = ensure_not_an_input(&input, &[input.clone()]).unwrap_err();
+    let err = ensure_not_an_input(&input, std::slice::from_ref(&input)).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Output);
     assert!(err.message.contains("one of the merge's inputs"), "{}", err.message);
     // Through another spelling of the same path.
     let odd = dir.path().join(".").join("a.safetensors");
-    assert!(ensure_not_an_input(&odd, &[input.clone()]).is_err());
+    assert!(ensure_not_an_input(&odd, std::slice::from_ref(&input)).is_err());
     #[cfg(unix)]
     {
         let link = dir.path().join("hard.safetensors");
         std::fs::hard_link(&input, &link).unwrap();
-        assert!(ensure_not_an_input(&link, &[input.clone()]).is_err());
+        assert!(ensure_not_an_input(&link, std::slice::from_ref(&input)).is_err());
     }
     assert!(ensure_not_an_input(&dir.path().join("new.safetensors"), &[input]).is_ok());
 }

@@ -256,3 +256,32 @@ fn keys_missing_from_an_input_are_reported() {
     skipped.sort();
     assert_eq!(skipped, vec![("model.w", true), ("position_ids", true)]);
 }
+
+#[test]
+fn progress_is_reported_and_ends_complete() {
+    use mecha_core::exec::run::{Progress, ProgressSink};
+    use std::sync::Mutex;
+    struct Collect(Mutex<Vec<Progress>>);
+    impl ProgressSink for Collect {
+        fn report(&self, p: &Progress) {
+            self.0.lock().unwrap().push(p.clone());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
+    let (pb, _) = model(dir.path(), "b.safetensors", DType::F16, 2);
+    let mut r = RecipeBuilder::new();
+    let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
+    let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
+    let root = r.merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![]).unwrap();
+    let sink = Collect(Mutex::new(vec![]));
+    let opts = MergeOptions { threads: 2, chunk: 1000, progress_interval: std::time::Duration::ZERO, ..MergeOptions::default() };
+    let result = merge(r.finish(root).unwrap(), &opts, &AtomicBool::new(false), Some(&sink)).unwrap();
+    let reports = sink.0.into_inner().unwrap();
+    assert!(reports.len() >= 2, "{reports:?}");
+    let last = reports.last().unwrap();
+    assert_eq!((last.keys_done, last.keys_total), (3, 3));
+    assert_eq!(last.bytes_done, last.bytes_total);
+    assert_eq!(last.bytes_done, result.report.bytes_written);
+    assert!(reports.windows(2).all(|w| w[0].keys_done <= w[1].keys_done));
+}

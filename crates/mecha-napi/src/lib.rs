@@ -1,1 +1,487 @@
-//! placeholder while the binding is written
+//! Node-API binding of mecha-core. It converts types, schedules merges on their own threads
+//! (not the libuv pool), forwards progress through a threadsafe function and cancellation
+//! through a token. No merge logic lives here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mecha_core::exec::plan::{MergeDtype, PlanOptions};
+use mecha_core::exec::run::{Progress, ProgressSink};
+use mecha_core::exec::{MergeOptions, MergeReport, OutputTarget};
+use mecha_core::io::reader::SafetensorsFile;
+use mecha_core::methods::{registry, DefaultValue, MethodSpec, ParamKind, SpaceSpec};
+use mecha_core::recipe::spaces::RootSpace;
+use mecha_core::{DType, MechaError};
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi_derive::napi;
+
+// ---------------------------------------------------------------------------------------------
+// Errors: JS errors carrying the core's kind and details as properties.
+
+/// Details of a core error, as plain data.
+#[napi(object)]
+#[derive(Clone)]
+pub struct ErrorInfo {
+    /// The TypeScript error class: `SafetensorsError`, `RecipeError`, `MergeSpaceError`, ...
+    pub kind: String,
+    pub message: String,
+    pub file: Option<String>,
+    pub key: Option<String>,
+    pub node: Option<String>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+}
+
+impl From<&MechaError> for ErrorInfo {
+    fn from(e: &MechaError) -> Self {
+        ErrorInfo {
+            kind: e.kind.class_name().to_string(),
+            message: e.to_string(),
+            file: e.file.as_ref().map(|f| f.display().to_string()),
+            key: e.key.clone(),
+            node: e.node.clone(),
+            line: e.line,
+            column: e.column,
+        }
+    }
+}
+
+/// Throws a JS `Error` whose `code` is the error class name, with the details as properties.
+fn throw(env: &Env, err: &MechaError) -> napi::Error {
+    let info = ErrorInfo::from(err);
+    let thrown = (|| -> napi::Result<()> {
+        let mut obj = env.create_error(napi::Error::new(Status::GenericFailure, info.message.clone()))?;
+        obj.set_named_property("code", info.kind.as_str())?;
+        obj.set_named_property("mecha", info)?;
+        env.throw(obj)
+    })();
+    match thrown {
+        Ok(()) => napi::Error::from_status(Status::PendingException),
+        Err(e) => e,
+    }
+}
+
+fn parse_dtype(name: &str, what: &str) -> std::result::Result<DType, MechaError> {
+    DType::parse_user(name).filter(|d| d.is_numeric()).ok_or_else(|| {
+        MechaError::recipe(format!(
+            "{what} \"{name}\" is not a dtype; use f16, bf16, f32, f64, f8_e4m3, f8_e5m2 or a torch name like float16"
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+#[napi(object)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    /// Byte offsets from the start of the file.
+    pub start: i64,
+    pub bytes: i64,
+}
+
+#[napi(object)]
+pub struct FileInfo {
+    pub path: String,
+    pub file_bytes: i64,
+    pub header_bytes: i64,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads and validates a safetensors header.
+#[napi]
+pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
+    let file = SafetensorsFile::open(std::path::Path::new(&path)).map_err(|e| throw(&env, &e))?;
+    Ok(FileInfo {
+        path,
+        file_bytes: file.file_len() as i64,
+        header_bytes: file.header_len() as i64,
+        tensors: file
+            .tensors()
+            .iter()
+            .map(|(name, e)| TensorInfo {
+                name: name.clone(),
+                dtype: e.dtype.safetensors_name().to_string(),
+                shape: e.shape.iter().map(|&d| d as i64).collect(),
+                start: e.start as i64,
+                bytes: e.byte_len as i64,
+            })
+            .collect(),
+        metadata: file.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Method registry
+
+#[napi(object)]
+pub struct SpaceInfo {
+    /// True when the method's own merge-space variable is used (shared with the return value).
+    pub symbol: bool,
+    /// Allowed spaces.
+    pub spaces: Vec<String>,
+}
+
+fn space_info(spec: &SpaceSpec) -> SpaceInfo {
+    match spec {
+        SpaceSpec::Symbol => SpaceInfo {
+            symbol: true,
+            spaces: mecha_core::recipe::spaces::SPACES.iter().map(|s| s.to_string()).collect(),
+        },
+        SpaceSpec::Fixed(v) => SpaceInfo { symbol: false, spaces: v.clone() },
+    }
+}
+
+#[napi(object)]
+pub struct ParamInfo {
+    pub name: String,
+    /// `Tensor`, `float`, `int`, `bool`, `str` or `T` (any).
+    #[napi(js_name = "type")]
+    pub value_type: String,
+    pub state_dict: bool,
+    pub merge_space: SpaceInfo,
+    pub model_config: Option<String>,
+    /// `positional`, `varargs` or `keyword`.
+    pub kind: String,
+    pub has_default: bool,
+    #[napi(ts_type = "number | boolean | string | null | undefined")]
+    pub default: Option<serde_json::Value>,
+}
+
+#[napi(object)]
+pub struct MethodInfo {
+    pub id: String,
+    pub description: String,
+    pub params: Vec<ParamInfo>,
+    pub return_type: String,
+    pub return_merge_space: SpaceInfo,
+    pub return_model_config: Option<String>,
+    pub is_conversion: bool,
+    pub elementwise: bool,
+}
+
+fn method_info(m: &MethodSpec) -> MethodInfo {
+    MethodInfo {
+        id: m.id.clone(),
+        description: m.description.clone(),
+        params: m
+            .params
+            .iter()
+            .map(|p| ParamInfo {
+                name: p.name.clone(),
+                value_type: p.value_type.name().to_string(),
+                state_dict: p.state_dict,
+                merge_space: space_info(&p.space),
+                model_config: p.config.clone(),
+                kind: match p.kind {
+                    ParamKind::Positional => "positional",
+                    ParamKind::VarPositional => "varargs",
+                    ParamKind::KeywordOnly => "keyword",
+                }
+                .to_string(),
+                has_default: p.default.is_some(),
+                default: p.default.as_ref().map(|d| match d {
+                    DefaultValue::Null => serde_json::Value::Null,
+                    DefaultValue::Bool(b) => (*b).into(),
+                    DefaultValue::Int(i) => (*i).into(),
+                    DefaultValue::Float(f) => (*f).into(),
+                    DefaultValue::Str(s) => s.clone().into(),
+                }),
+            })
+            .collect(),
+        return_type: m.returns.value_type.name().to_string(),
+        return_merge_space: space_info(&m.returns.space),
+        return_model_config: m.returns.config.clone(),
+        is_conversion: m.is_conversion,
+        elementwise: m.is_elementwise(),
+    }
+}
+
+/// Every registered merge method with its signature, for builders, docs and UIs.
+#[napi]
+pub fn methods() -> Vec<MethodInfo> {
+    registry().list().iter().map(|m| method_info(m)).collect()
+}
+
+/// Which f16 conversion path this machine uses (`f16c` or `scalar`).
+#[napi]
+pub fn simd_path() -> String {
+    mecha_core::kernels::convert::f16_path().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merging
+
+fn root_space(strict: Option<String>) -> RootSpace {
+    match strict.as_deref() {
+        None => RootSpace::default(),
+        Some("any") => RootSpace::Preferred,
+        Some(s) => RootSpace::Strict(s.to_string()),
+    }
+}
+
+/// Serializes a JSON recipe to `.mecha` text (absolute paths, solved merge spaces).
+#[napi]
+pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<String>) -> napi::Result<String> {
+    let run = || -> mecha_core::Result<String> {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        mecha_core::recipe::finalized_text(&recipe, &root_space(strict_merge_space))
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// Cancels a running merge; checked between keys and chunks.
+#[napi]
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[napi]
+impl CancelToken {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        CancelToken { flag: Arc::new(AtomicBool::new(false)) }
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    #[napi(getter)]
+    pub fn cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
+#[napi(object)]
+pub struct NativeMergeOptions {
+    /// Output file; absent → tensors are returned in memory.
+    pub output: Option<String>,
+    /// Worker threads; 0 or absent = one per CPU.
+    pub threads: Option<u32>,
+    pub merge_dtype: Option<String>,
+    pub output_dtype: Option<String>,
+    /// Space the result must have; `"any"` accepts any (preferring weight); absent = weight.
+    pub strict_merge_space: Option<String>,
+    /// Elements per work chunk (tuning and tests).
+    pub chunk: Option<u32>,
+    /// Minimum milliseconds between progress callbacks.
+    pub progress_interval_ms: Option<u32>,
+}
+
+#[napi(object)]
+#[derive(Clone)]
+pub struct ProgressInfo {
+    pub keys_done: u32,
+    pub keys_total: u32,
+    pub bytes_done: f64,
+    pub bytes_total: f64,
+    pub elapsed_seconds: f64,
+    pub key: String,
+}
+
+#[napi(object)]
+pub struct SkippedKeyInfo {
+    pub key: String,
+    pub reason: String,
+}
+
+#[napi(object)]
+pub struct MergeReportInfo {
+    pub output: Option<String>,
+    pub keys_written: u32,
+    pub keys_skipped: Vec<SkippedKeyInfo>,
+    pub bytes_read: f64,
+    pub bytes_written: f64,
+    pub seconds: f64,
+    pub peak_rss_bytes: f64,
+    pub threads: u32,
+    pub recipe: String,
+}
+
+impl From<MergeReport> for MergeReportInfo {
+    fn from(r: MergeReport) -> Self {
+        MergeReportInfo {
+            output: r.output.map(|p| p.display().to_string()),
+            keys_written: r.keys_written as u32,
+            keys_skipped: r.keys_skipped.into_iter().map(|s| SkippedKeyInfo { key: s.key, reason: s.reason }).collect(),
+            bytes_read: r.bytes_read as f64,
+            bytes_written: r.bytes_written as f64,
+            seconds: r.seconds,
+            peak_rss_bytes: r.peak_rss_bytes as f64,
+            threads: r.threads as u32,
+            recipe: r.recipe,
+        }
+    }
+}
+
+#[napi(object)]
+pub struct OutputTensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub data: Buffer,
+}
+
+/// A finished merge: `report` (and `tensors` for in-memory output), or `error`.
+#[napi(object)]
+pub struct MergeOutcome {
+    pub report: Option<MergeReportInfo>,
+    pub tensors: Option<Vec<OutputTensorInfo>>,
+    pub error: Option<ErrorInfo>,
+}
+
+type ProgressFn = ThreadsafeFunction<ProgressInfo, (), ProgressInfo, Status, false, false, 4>;
+
+struct JsProgress(ProgressFn);
+
+impl ProgressSink for JsProgress {
+    fn report(&self, p: &Progress) {
+        // Non-blocking: when the JS side lags, the queue is full and this update is dropped.
+        let _ = self.0.call(
+            ProgressInfo {
+                keys_done: p.keys_done as u32,
+                keys_total: p.keys_total as u32,
+                bytes_done: p.bytes_done as f64,
+                bytes_total: p.bytes_total as f64,
+                elapsed_seconds: p.elapsed_seconds,
+                key: p.key.clone(),
+            },
+            ThreadsafeFunctionCallMode::NonBlocking,
+        );
+    }
+}
+
+fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions> {
+    let defaults = MergeOptions::default();
+    Ok(MergeOptions {
+        plan: PlanOptions {
+            merge_dtype: match &options.merge_dtype {
+                Some(d) => MergeDtype::parse(d)?,
+                None => MergeDtype::F32,
+            },
+            output_dtype: match &options.output_dtype {
+                Some(d) => parse_dtype(d, "outputDtype")?,
+                None => DType::F16,
+            },
+            root_space: root_space(options.strict_merge_space),
+        },
+        output: match options.output {
+            Some(p) => OutputTarget::File(PathBuf::from(p)),
+            None => OutputTarget::Memory,
+        },
+        threads: options.threads.unwrap_or(0) as usize,
+        chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
+        progress_interval: options
+            .progress_interval_ms
+            .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),
+    })
+}
+
+type Resolver = Box<dyn FnOnce(Env) -> napi::Result<MergeOutcome> + Send>;
+
+/// Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
+/// it, so the TypeScript layer can raise its typed error classes).
+#[napi(ts_return_type = "Promise<MergeOutcome>")]
+pub fn merge<'env>(
+    env: &'env Env,
+    recipe_json: String,
+    options: NativeMergeOptions,
+    cancel: &CancelToken,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
+) -> napi::Result<Object<'env>> {
+    let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
+    let flag = cancel.flag.clone();
+    let progress = on_progress.map(JsProgress);
+    std::thread::Builder::new()
+        .name("mecha-merge".into())
+        .spawn(move || {
+            let result = (|| {
+                let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+                let options = merge_options(options)?;
+                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+            })();
+            drop(progress); // release the callback so it no longer holds the event loop
+            deferred.resolve(Box::new(move |_env| {
+                Ok(match result {
+                    Ok(r) => MergeOutcome {
+                        tensors: (r.report.output.is_none()).then(|| {
+                            r.tensors
+                                .into_iter()
+                                .map(|t| OutputTensorInfo {
+                                    name: t.name,
+                                    dtype: t.dtype.safetensors_name().to_string(),
+                                    shape: t.shape.iter().map(|&d| d as i64).collect(),
+                                    data: t.data.into(),
+                                })
+                                .collect()
+                        }),
+                        report: Some(r.report.into()),
+                        error: None,
+                    },
+                    Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
+                })
+            }));
+        })
+        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
+    Ok(promise)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic models (demo, benchmarks, tests)
+
+#[napi(object)]
+pub struct TensorSpec {
+    pub name: String,
+    /// safetensors or torch dtype name.
+    pub dtype: String,
+    pub shape: Vec<i64>,
+}
+
+pub struct RandomModelTask {
+    path: PathBuf,
+    tensors: Vec<mecha_core::io::writer::PlannedTensor>,
+    seed: u64,
+}
+
+impl Task for RandomModelTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> napi::Result<()> {
+        mecha_core::synthetic::write_random_model(&self.path, &self.tensors, self.seed, &[])
+            .map_err(|e| napi::Error::new(Status::GenericFailure, e.to_string()))
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a safetensors file of deterministic pseudo-random values with the given layout.
+#[napi]
+pub fn write_random_model(env: Env, path: String, tensors: Vec<TensorSpec>, seed: i64) -> napi::Result<AsyncTask<RandomModelTask>> {
+    let planned = tensors
+        .into_iter()
+        .map(|t| {
+            let dtype = parse_dtype(&t.dtype, "dtype").map_err(|e| throw(&env, &e))?;
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d.max(0) as usize).collect();
+            Ok(mecha_core::io::writer::PlannedTensor { name: t.name, dtype, shape })
+        })
+        .collect::<napi::Result<Vec<_>>>()?;
+    Ok(AsyncTask::new(RandomModelTask { path: PathBuf::from(path), tensors: planned, seed: seed as u64 }))
+}

@@ -3,7 +3,7 @@
 //! before any tensor data is read. Keys that cannot be built are listed with the reason.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::dtype::DType;
@@ -13,7 +13,7 @@ use crate::methods::linear::{Kernel, Shortcut};
 use crate::methods::{Implementation, ValueType};
 use crate::recipe::mecha::{self, Annotations};
 use crate::recipe::spaces::{self, RootSpace};
-use crate::recipe::{NodeId, NodeKind, Recipe, Scalar, Value};
+use crate::recipe::{absolute_path, NodeId, NodeKind, Recipe, Scalar, Value};
 
 pub type ExprId = usize;
 
@@ -140,12 +140,6 @@ impl Plan {
     }
 }
 
-/// Absolute form of a model path, without requiring the file to exist.
-fn absolute(path: &str) -> PathBuf {
-    let p = Path::new(path);
-    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
-}
-
 pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let spaces = spaces::infer(&recipe, &options.root_space)?;
 
@@ -156,7 +150,7 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let mut paths: Vec<Option<String>> = vec![None; recipe.nodes.len()];
     for n in recipe.models() {
         let NodeKind::Model { path } = &recipe.node(n).kind else { unreachable!() };
-        let abs = absolute(path);
+        let abs = absolute_path(path);
         let index = match by_path.get(&abs) {
             Some(&i) => i,
             None => {

@@ -151,21 +151,23 @@ impl Tracker<'_> {
     }
 
     /// Reports at most once per interval; a worker that finds the lock taken just moves on, so
-    /// a slow consumer never holds up computation.
+    /// a slow consumer never holds up computation. Reporting under the lock keeps the reported
+    /// counts monotonic.
     fn report(&self, last: bool, name: &str) {
         let Some(sink) = self.sink else { return };
         let now = Instant::now();
-        {
-            let mut guard = match (last, self.last_report.try_lock()) {
-                (true, _) => self.last_report.lock().expect("progress lock"),
-                (false, Ok(g)) => g,
-                (false, Err(_)) => return,
-            };
-            if !last && guard.is_some_and(|t| now.duration_since(t) < self.interval) {
-                return;
+        let mut guard = if last {
+            self.last_report.lock().expect("progress lock")
+        } else {
+            match self.last_report.try_lock() {
+                Ok(g) => g,
+                Err(_) => return,
             }
-            *guard = Some(now);
+        };
+        if !last && guard.is_some_and(|t| now.duration_since(t) < self.interval) {
+            return;
         }
+        *guard = Some(now);
         sink.report(&Progress {
             keys_done: self.keys_done.load(Ordering::Relaxed),
             keys_total: self.keys_total,

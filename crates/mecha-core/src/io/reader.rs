@@ -54,8 +54,8 @@ impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| {
             let problem = if e.kind() == std::io::ErrorKind::NotFound {
-                "file not found; check the path (relative paths are resolved against the model \
-                 directories, then the current directory)"
+                "file not found; check the path (relative paths are resolved against the \
+                 current directory)"
                     .to_string()
             } else {
                 format!("cannot open: {e}")

@@ -239,7 +239,7 @@ fn e8m0_decode(byte: u8) -> f32 {
 /// Rounds to the nearest power of two (in linear distance, ties upward); NaN, non-positive
 /// values and overflow map to the NaN code 0xFF, as the format has no sign and no zero.
 fn e8m0_encode(x: f32) -> u8 {
-    if !(x > 0.0) || !x.is_finite() {
+    if x.is_nan() || x <= 0.0 || x.is_infinite() {
         return 0xFF;
     }
     let e = (x as f64).log2().floor() as i32;

@@ -45,8 +45,10 @@ pub fn f32_tensor(dtype: DType, shape: &[usize], values: &[f32]) -> Raw {
     Raw { dtype, shape: shape.to_vec(), data }
 }
 
+pub type Tensors = HashMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
 /// Reads a file with the safetensors crate: name → (dtype, shape, bytes), plus metadata.
-pub fn read_file(path: &Path) -> (HashMap<String, (DType, Vec<usize>, Vec<u8>)>, HashMap<String, String>) {
+pub fn read_file(path: &Path) -> (Tensors, HashMap<String, String>) {
     let bytes = std::fs::read(path).expect("read output");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("metadata");

@@ -1,0 +1,197 @@
+#!/usr/bin/env node
+/** The `mecha` command line. */
+import { readFileSync } from 'node:fs'
+import { basename, extname } from 'node:path'
+import { MechaError } from './errors'
+import { inspect } from './inspect'
+import { mergeWire, type MergeReport, type Progress } from './merge'
+import type { DtypeName } from './dtypes'
+import type { MergeSpace } from './recipe'
+
+const HELP = `mecha: merge and convert safetensors models with sd-mecha recipes
+
+Usage:
+  mecha merge <recipe.json> -o <out.safetensors> [options]
+  mecha info <file.safetensors> [--json] [--keys]
+  mecha --help | --version
+
+merge options:
+  -o, --output <path>          output safetensors file (required)
+  -t, --threads <n>            worker threads (default: one per CPU)
+      --merge-dtype <dtype>    f32 (default), f64, f16, bf16
+      --output-dtype <dtype>   f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2
+      --strict-merge-space <s> weight (default), delta, param, or any
+      --json                   print the report as JSON
+  -q, --quiet                  no progress bar
+
+A JSON recipe lists nodes; arguments refer to earlier nodes by index:
+  {"nodes": [{"model": "a.safetensors"}, {"model": "b.safetensors"},
+             {"merge": "weighted_sum", "args": [{"node": 0}, {"node": 1}], "kwargs": {"alpha": 0.3}}]}
+Relative model paths are resolved against the current directory.
+`
+
+type Flags = Record<string, string | true>
+
+function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
+  const aliases: Record<string, string> = { o: 'output', t: 'threads', q: 'quiet', h: 'help', v: 'version' }
+  const valued = new Set(['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space'])
+  const positional: string[] = []
+  const flags: Flags = {}
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]
+    if (!arg.startsWith('-') || arg === '-') {
+      positional.push(arg)
+      continue
+    }
+    let [name, value] = arg.replace(/^--?/, '').split(/=(.*)/s, 2) as [string, string | undefined]
+    name = aliases[name] ?? name
+    if (valued.has(name)) {
+      value ??= argv[++i]
+      if (value === undefined) throw new UsageError(`--${name} needs a value`)
+      flags[name] = value
+    } else {
+      flags[name] = true
+    }
+  }
+  return { positional, flags }
+}
+
+class UsageError extends Error {}
+
+const GB = 1e9
+const fmtBytes = (b: number) => (b >= GB ? `${(b / GB).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`)
+
+function progressBar(): (p: Progress) => void {
+  return (p) => {
+    const frac = p.bytesTotal ? p.bytesDone / p.bytesTotal : p.keysDone / Math.max(1, p.keysTotal)
+    const width = 24
+    const filled = Math.round(frac * width)
+    const rate = p.elapsedSeconds > 0 ? p.bytesDone / p.elapsedSeconds : 0
+    const eta = rate > 0 ? Math.max(0, (p.bytesTotal - p.bytesDone) / rate) : 0
+    const line =
+      `[${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${(frac * 100).toFixed(1).padStart(5)}%  ` +
+      `${p.keysDone}/${p.keysTotal} keys  ${fmtBytes(p.bytesDone)}/${fmtBytes(p.bytesTotal)}  ` +
+      `${fmtBytes(rate)}/s  eta ${eta.toFixed(0)}s`
+    process.stderr.write(`\r${line.padEnd(process.stderr.columns ? process.stderr.columns - 1 : line.length)}`)
+  }
+}
+
+function printReport(report: MergeReport) {
+  const rate = report.seconds > 0 ? report.bytesWritten / report.seconds : 0
+  console.log(`wrote ${report.output}`)
+  console.log(
+    `  ${report.keysWritten} keys, ${fmtBytes(report.bytesWritten)} in ${report.seconds.toFixed(2)} s ` +
+      `(${fmtBytes(rate)}/s written, ${fmtBytes(report.bytesRead)} read), ${report.threads} threads, ` +
+      `peak memory ${fmtBytes(report.peakRssBytes)}`,
+  )
+  if (report.keysSkipped.length) {
+    console.log(`  ${report.keysSkipped.length} keys skipped:`)
+    for (const s of report.keysSkipped.slice(0, 20)) console.log(`    ${s.key}: ${s.reason}`)
+    if (report.keysSkipped.length > 20) console.log(`    … and ${report.keysSkipped.length - 20} more (see --json)`)
+  }
+}
+
+function readRecipe(path: string): string {
+  const ext = extname(path).toLowerCase()
+  if (ext !== '.json') throw new UsageError(`cannot read recipe ${basename(path)}: use a .json recipe file`)
+  return readFileSync(path, 'utf8')
+}
+
+async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
+  const [recipePath] = positional
+  if (!recipePath) throw new UsageError('merge needs a recipe file')
+  const output = flags.output
+  if (typeof output !== 'string') throw new UsageError('merge needs -o <out.safetensors>')
+  const threads = flags.threads === undefined ? 0 : Number(flags.threads)
+  if (!Number.isInteger(threads) || threads < 0) throw new UsageError('--threads must be a non-negative integer')
+  const strict = flags['strict-merge-space'] as string | undefined
+  const showProgress = process.stderr.isTTY && !flags.quiet && !flags.json
+  const controller = new AbortController()
+  const onSigint = () => {
+    if (controller.signal.aborted) process.exit(130)
+    process.stderr.write('\ncancelling…\n')
+    controller.abort()
+  }
+  process.on('SIGINT', onSigint)
+  try {
+    const report = (await mergeWire(readRecipe(recipePath), {
+      output,
+      threads,
+      mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
+      outputDtype: flags['output-dtype'] as DtypeName | undefined,
+      strictMergeSpace: strict === 'any' ? null : (strict as MergeSpace | undefined),
+      onProgress: showProgress ? progressBar() : undefined,
+      signal: controller.signal,
+    })) as MergeReport
+    if (showProgress) process.stderr.write('\n')
+    if (flags.json) console.log(JSON.stringify(report, null, 2))
+    else printReport(report)
+    return 0
+  } finally {
+    process.off('SIGINT', onSigint)
+  }
+}
+
+function cmdInfo(positional: string[], flags: Flags): number {
+  const [path] = positional
+  if (!path) throw new UsageError('info needs a safetensors file')
+  const info = inspect(path)
+  if (flags.json) {
+    console.log(JSON.stringify(flags.keys ? info : { ...info, tensors: info.tensors.length }, null, 2))
+    return 0
+  }
+  const { recipe, ...rest } = info
+  console.log(info.path)
+  console.log(`  ${info.tensors.length} tensors, ${fmtBytes(info.fileBytes)} (header ${info.headerBytes} bytes)`)
+  console.log(
+    `  dtypes: ${Object.entries(info.dtypes)
+      .map(([d, n]) => `${d}×${n}`)
+      .join(', ')}`,
+  )
+  const meta = Object.entries(rest.metadata).filter(([k]) => k !== 'mecha_recipe')
+  if (meta.length) {
+    console.log('  metadata:')
+    for (const [k, v] of meta) console.log(`    ${k}: ${v.length > 200 ? `${v.slice(0, 200)}…` : v}`)
+  }
+  if (recipe) console.log(`  recipe:\n${recipe.replace(/^/gm, '    ')}`)
+  if (flags.keys) for (const t of info.tensors) console.log(`  ${t.name}  ${t.dtype}  [${t.shape.join(', ')}]`)
+  return 0
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { positional, flags } = parseArgs(argv)
+  const [command, ...rest] = positional
+  if (flags.version) {
+    console.log(JSON.parse(readFileSync(`${__dirname}/../package.json`, 'utf8')).version)
+    return 0
+  }
+  if (flags.help || !command) {
+    console.log(HELP)
+    return command || flags.help ? 0 : 1
+  }
+  switch (command) {
+    case 'merge':
+      return cmdMerge(rest, flags)
+    case 'info':
+      return cmdInfo(rest, flags)
+    default:
+      throw new UsageError(`unknown command "${command}"`)
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    if (process.stderr.isTTY) process.stderr.write('\n')
+    if (e instanceof UsageError) {
+      console.error(`mecha: ${e.message}\nRun \`mecha --help\` for usage.`)
+      process.exit(2)
+    }
+    if (e instanceof MechaError) {
+      console.error(`mecha: ${e.name}: ${e.message}`)
+      process.exit(e.name === 'AbortError' ? 130 : 1)
+    }
+    console.error(e)
+    process.exit(1)
+  },
+)

@@ -1,0 +1,39 @@
+/**
+ * sd-mecha for Node: merge and convert model state dicts stored as safetensors, one key at a
+ * time, with sd-mecha's recipes and `.mecha` format. Recipes are built here and run natively.
+ */
+import native = require('./native')
+
+export { model, literal, int, Int, callMethod, RecipeNode, ModelNode, LiteralNode, MergeNode } from './recipe'
+export type { MergeSpace, Scalar, LiteralDict, RecipeInput, NodeOptions } from './recipe'
+export * from './methods.generated'
+export { merge, MergedModel } from './merge'
+export type { MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
+export { serialize } from './serialize'
+export type { SerializeOptions } from './serialize'
+export { inspect } from './inspect'
+export type { FileInfo, TensorInfo } from './inspect'
+export { toFloat32, typedArray } from './dtypes'
+export type { DtypeName, SafetensorsDtype, Tensor, TensorData } from './dtypes'
+export {
+  MechaError,
+  SafetensorsError,
+  RecipeError,
+  MergeSpaceError,
+  ConfigError,
+  ShapeError,
+  OutputError,
+  IoError,
+  ParseError,
+  AbortError,
+} from './errors'
+export type { ErrorDetails } from './errors'
+
+export type MethodInfo = ReturnType<typeof native.methods>[number]
+
+/** Introspection of the merge-method registry (e.g. to generate a node-based UI). */
+export const methods = {
+  /** Every method: id, inputs (type, merge space, config, varargs), hyper-parameters with defaults, return space. */
+  list: (): MethodInfo[] => native.methods(),
+  get: (id: string): MethodInfo | undefined => native.methods().find((m) => m.id === id),
+}

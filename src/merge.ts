@@ -1,0 +1,128 @@
+/** Running recipes: `merge()` streams a recipe to a safetensors file or into memory. */
+import native = require('./native')
+import { AbortError, errorFromNative, native as callNative } from './errors'
+import { typedArray, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
+import { toWire, type MergeSpace, type RecipeInput } from './recipe'
+
+export interface Progress {
+  keysDone: number
+  keysTotal: number
+  bytesDone: number
+  bytesTotal: number
+  elapsedSeconds: number
+  /** The key that just finished. */
+  key: string
+}
+
+export interface MergeOptions {
+  /** Output safetensors path. Omit to get the tensors back in memory. */
+  output?: string
+  /** Worker threads; 0 (default) = one per CPU. Output is identical for any count. */
+  threads?: number
+  /** Precision arithmetic runs in: `'f32'` (default), `'f64'`, or `'f16'`/`'bf16'` (rounded after every step). */
+  mergeDtype?: DtypeName
+  /** Dtype floating-point outputs are stored in (default `'f16'`). Integer tensors keep their dtype. */
+  outputDtype?: DtypeName
+  /** The merge space the result must be in (default `'weight'`); `null` accepts any, preferring weight. */
+  strictMergeSpace?: MergeSpace | null
+  /** Called with progress, at most every `progressIntervalMs` (default 100), never blocking the merge. */
+  onProgress?: (progress: Progress) => void
+  progressIntervalMs?: number
+  /** Cancels the merge; no output file is left behind. Checked between keys and chunks. */
+  signal?: AbortSignal
+  /** Elements per work chunk (advanced tuning). */
+  chunkElements?: number
+}
+
+export interface SkippedKey {
+  key: string
+  reason: string
+}
+
+export interface MergeReport {
+  /** The output file, or `undefined` for an in-memory merge. */
+  output?: string
+  keysWritten: number
+  /** Keys present in some input but not produced, and why (e.g. missing from one model). */
+  keysSkipped: SkippedKey[]
+  bytesRead: number
+  bytesWritten: number
+  seconds: number
+  /** Peak resident memory of the process while merging (Linux: of this merge only). */
+  peakRssBytes: number
+  threads: number
+  /** The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata. */
+  recipe: string
+}
+
+/** The result of an in-memory merge: key → tensor, in output order, plus the report. */
+export class MergedModel extends Map<string, Tensor> {
+  constructor(readonly report: MergeReport) {
+    super()
+  }
+}
+
+function strictSpace(s: MergeSpace | null | undefined): string | undefined {
+  return s === null ? 'any' : s
+}
+
+/**
+ * Merges a recipe, streaming key by key. With `output`, writes a safetensors file (atomically:
+ * nothing appears at the path unless the merge completes) and resolves with the report; without,
+ * resolves with the tensors in memory.
+ */
+export function merge(recipe: RecipeInput, options: MergeOptions & { output: string }): Promise<MergeReport>
+export function merge(recipe: RecipeInput, options?: MergeOptions & { output?: undefined }): Promise<MergedModel>
+export function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<MergeReport | MergedModel> {
+  return mergeWire(JSON.stringify(toWire(recipe)), options)
+}
+
+/** `merge()` for a recipe already in its JSON form (as the CLI reads it from a file). */
+export async function mergeWire(wire: string, options: MergeOptions): Promise<MergeReport | MergedModel> {
+  const { signal, onProgress } = options
+  if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
+  const token = new native.CancelToken()
+  const onAbort = () => token.cancel()
+  signal?.addEventListener('abort', onAbort, { once: true })
+  const progress = onProgress
+    ? (p: Progress) => {
+        try {
+          onProgress(p)
+        } catch (e) {
+          // A throwing progress callback must not take down the merge thread's callback queue.
+          queueMicrotask(() => {
+            throw e
+          })
+        }
+      }
+    : undefined
+  try {
+    const outcome = await callNative(() =>
+      native.merge(
+        wire,
+        {
+          output: options.output,
+          threads: options.threads,
+          mergeDtype: options.mergeDtype,
+          outputDtype: options.outputDtype,
+          strictMergeSpace: strictSpace(options.strictMergeSpace),
+          chunk: options.chunkElements,
+          progressIntervalMs: options.progressIntervalMs,
+        },
+        token,
+        progress,
+      ),
+    )
+    if (outcome.error) throw errorFromNative(outcome.error)
+    const report = outcome.report as MergeReport
+    if (options.output !== undefined) return report
+    const result = new MergedModel(report)
+    for (const t of outcome.tensors ?? []) {
+      const dtype = t.dtype as SafetensorsDtype
+      result.set(t.name, { dtype, shape: t.shape, data: typedArray(dtype, t.data) })
+    }
+    return result
+  } finally {
+    signal?.removeEventListener('abort', onAbort)
+  }
+}

@@ -1,0 +1,171 @@
+/**
+ * Recipe graphs: models, literals and merge nodes. Building a recipe reads nothing; the native
+ * core validates it (methods, arity, merge spaces) and streams it when you `merge()` or `serialize()`.
+ */
+
+export type MergeSpace = 'weight' | 'delta' | 'param'
+
+/** Marks a number to be written as an integer (`3`), not a float (`3.0`), in `.mecha` text. */
+export class Int {
+  constructor(readonly value: number) {
+    if (!Number.isSafeInteger(value)) throw new RangeError(`int(${value}): not a safe integer`)
+  }
+}
+
+/** An integer hyper-parameter value, e.g. `truncateRank(d, { rank: int(8) })`. */
+export const int = (value: number): Int => new Int(value)
+
+export type Scalar = number | boolean | string | null | Int
+/** Per-key values (e.g. one per block) or per-key sub-recipes. */
+export type LiteralDict = { [key: string]: Scalar | RecipeNode }
+/** Anything a merge method accepts: a node, a number/string/bool broadcast to every key, or a dict. */
+export type RecipeInput = RecipeNode | Scalar | LiteralDict
+
+export interface NodeOptions {
+  /** Model config id, e.g. `'sdxl-sgm'`; inferred from the file when omitted. */
+  config?: string
+  mergeSpace?: MergeSpace
+}
+
+export abstract class RecipeNode {
+  /** `add_difference(this, delta, alpha)`: adds a delta (e.g. `b.sub(c)`) to this node. */
+  add(delta: RecipeInput, options: { alpha?: RecipeInput } = {}): MergeNode {
+    return callMethod('add_difference', [this, delta], options)
+  }
+
+  /** `subtract(this, other)`: the difference of two weights, a delta. */
+  sub(other: RecipeInput): MergeNode {
+    return callMethod('subtract', [this, other], {})
+  }
+
+  /** `scale(this, alpha)`: multiplies a delta. */
+  mul(alpha: RecipeInput): MergeNode {
+    return callMethod('scale', [this, alpha], {})
+  }
+
+  /** `fallback(this, other)`: this node's value where it has the key, otherwise `other`'s. */
+  or(other: RecipeInput): MergeNode {
+    return callMethod('fallback', [this, other], {})
+  }
+
+  /** `cast(this, device, dtype)`: rounds values to a dtype such as `'float16'` or `'bfloat16'`. */
+  to(options: { dtype?: string | null; device?: string | null }): MergeNode {
+    return callMethod('cast', [this], { device: options.device ?? null, dtype: options.dtype ?? null })
+  }
+}
+
+export class ModelNode extends RecipeNode {
+  constructor(
+    readonly path: string,
+    readonly config: string | undefined,
+    readonly mergeSpace: MergeSpace,
+  ) {
+    super()
+  }
+}
+
+export class LiteralNode extends RecipeNode {
+  constructor(
+    readonly value: Scalar | LiteralDict,
+    readonly config: string | undefined,
+    readonly mergeSpace: MergeSpace | undefined,
+  ) {
+    super()
+  }
+}
+
+export class MergeNode extends RecipeNode {
+  constructor(
+    /** sd-mecha method id, e.g. `weighted_sum`. */
+    readonly method: string,
+    readonly args: readonly RecipeInput[],
+    readonly kwargs: Readonly<Record<string, RecipeInput>>,
+  ) {
+    super()
+  }
+}
+
+/** A safetensors model. `mergeSpace` defaults to `'weight'` (use `'delta'` for a difference file). */
+export function model(path: string, options: NodeOptions = {}): ModelNode {
+  if (typeof path !== 'string' || path === '') throw new TypeError('model(path): path must be a non-empty string')
+  return new ModelNode(path, options.config, options.mergeSpace ?? 'weight')
+}
+
+/** A literal value: a number/string/bool broadcast to every key, or a dict of per-key values. */
+export function literal(value: Scalar | LiteralDict, options: NodeOptions = {}): LiteralNode {
+  return new LiteralNode(value, options.config, options.mergeSpace)
+}
+
+/** Calls a merge method by its sd-mecha id. Arguments are checked when the recipe is used. */
+export function callMethod(
+  method: string,
+  args: readonly RecipeInput[],
+  kwargs: Readonly<Record<string, RecipeInput | undefined>>,
+): MergeNode {
+  const given: Record<string, RecipeInput> = {}
+  for (const [k, v] of Object.entries(kwargs)) if (v !== undefined) given[k] = v
+  return new MergeNode(method, args, given)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JSON form the native core reads (see crates/mecha-core/src/recipe/wire.rs).
+
+type WireValue = number | boolean | string | null | { int: number } | { node: number }
+type WireNode =
+  | { model: string; config?: string; mergeSpace?: string }
+  | { literal: WireValue | Record<string, WireValue>; config?: string; mergeSpace?: string }
+  | { merge: string; args: WireValue[]; kwargs: Record<string, WireValue> }
+
+export interface WireRecipe {
+  nodes: WireNode[]
+  root: number
+}
+
+function isDict(v: unknown): v is LiteralDict {
+  return typeof v === 'object' && v !== null && !(v instanceof RecipeNode) && !(v instanceof Int)
+}
+
+export function toWire(root: RecipeInput): WireRecipe {
+  const nodes: WireNode[] = []
+  const ids = new Map<RecipeNode, number>()
+
+  const scalar = (v: Scalar): WireValue => {
+    if (v instanceof Int) return { int: v.value }
+    if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v === null) return v
+    throw new TypeError(`unsupported recipe value: ${String(v)}`)
+  }
+  const dict = (d: LiteralDict): Record<string, WireValue> =>
+    Object.fromEntries(Object.entries(d).map(([k, v]) => [k, v instanceof RecipeNode ? { node: visit(v) } : scalar(v)]))
+  const push = (n: WireNode) => nodes.push(n) - 1
+  const value = (v: RecipeInput): WireValue => {
+    if (v instanceof RecipeNode) return { node: visit(v) }
+    if (isDict(v)) return { node: push({ literal: dict(v) }) }
+    return scalar(v)
+  }
+  const visit = (node: RecipeNode): number => {
+    const known = ids.get(node)
+    if (known !== undefined) return known
+    let wire: WireNode
+    if (node instanceof ModelNode) {
+      wire = { model: node.path, config: node.config, mergeSpace: node.mergeSpace }
+    } else if (node instanceof LiteralNode) {
+      wire = {
+        literal: isDict(node.value) ? dict(node.value) : scalar(node.value),
+        config: node.config,
+        mergeSpace: node.mergeSpace,
+      }
+    } else if (node instanceof MergeNode) {
+      const args = node.args.map(value)
+      const kwargs = Object.fromEntries(Object.entries(node.kwargs).map(([k, v]) => [k, value(v)]))
+      wire = { merge: node.method, args, kwargs }
+    } else {
+      throw new TypeError('unknown recipe node')
+    }
+    const id = push(wire)
+    ids.set(node, id)
+    return id
+  }
+
+  const top = root instanceof RecipeNode ? root : literal(isDict(root) ? root : (root as Scalar))
+  return { nodes, root: visit(top) }
+}
