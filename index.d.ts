@@ -16,6 +16,32 @@ export declare class CancelToken {
   get cancelled(): boolean
 }
 
+export interface ConfigInfo {
+  id: string
+  architecture: string
+  implementation: string
+  /** Component name → number of keys, in config order. */
+  components: Record<string, number>
+  keyCount: number
+}
+
+export interface ConfigKeyInfo {
+  key: string
+  component: string
+  /** `null` when the config does not fix it. */
+  shape?: Array<number>
+  /** safetensors dtype name, `null` when unknown. */
+  dtype?: string
+  optional: boolean
+  aliases: Array<string>
+}
+
+/** The keys of a model config in order, with their component and metadata. */
+export declare function configKeys(id: string): Array<ConfigKeyInfo>
+
+/** Every model config (builtin and registered), in sd-mecha's order (reverse-sorted ids). */
+export declare function configList(): Array<ConfigInfo>
+
 /** Details of a core error, as plain data. */
 export interface ErrorInfo {
   /** The TypeScript error class: `SafetensorsError`, `RecipeError`, `MergeSpaceError`, ... */

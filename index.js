@@ -836,6 +836,8 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelToken = nativeBinding.CancelToken
+module.exports.configKeys = nativeBinding.configKeys
+module.exports.configList = nativeBinding.configList
 module.exports.inspect = nativeBinding.inspect
 module.exports.merge = nativeBinding.merge
 module.exports.methods = nativeBinding.methods

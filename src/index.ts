@@ -14,6 +14,8 @@ export type { SerializeOptions } from './serialize'
 export { inspect } from './inspect'
 export type { FileInfo, TensorInfo } from './inspect'
 export { toFloat32, typedArray } from './dtypes'
+export { modelLayout, writeRandomModel } from './synthetic'
+export type { LayoutName, TensorSpec } from './synthetic'
 export type { DtypeName, SafetensorsDtype, Tensor, TensorData } from './dtypes'
 export {
   MechaError,

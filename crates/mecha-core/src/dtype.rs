@@ -111,7 +111,9 @@ impl DType {
 
     /// Parses a safetensors name exactly as written in a header.
     pub fn from_safetensors_name(name: &str) -> Option<DType> {
-        ALL_DTYPES.into_iter().find(|d| d.safetensors_name() == name)
+        ALL_DTYPES
+            .into_iter()
+            .find(|d| d.safetensors_name() == name)
     }
 
     /// Parses what users write: safetensors names in any case (`f16`, `BF16`), torch names

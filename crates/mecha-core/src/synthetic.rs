@@ -33,20 +33,34 @@ fn fill(t: &PlannedTensor, index: usize, seed: u64, start: usize, out: &mut [f32
         let last = t.shape.last().copied().unwrap_or(1).max(1);
         for (i, o) in out.iter_mut().enumerate() {
             let v = ((start + i) % last) as f32;
-            *o = if t.dtype == crate::DType::Bool { v % 2.0 } else { v };
+            *o = if t.dtype == crate::DType::Bool {
+                v % 2.0
+            } else {
+                v
+            };
         }
         return;
     }
-    let mut rng = SplitMix(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (start as u64).rotate_left(32));
+    let mut rng = SplitMix(
+        seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (start as u64).rotate_left(32),
+    );
     for o in out.iter_mut() {
         let unit = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
         *o = (unit * 2.0 - 1.0) * 0.05;
     }
 }
 
-pub fn write_random_model(path: &Path, tensors: &[PlannedTensor], seed: u64, metadata: &[(String, String)]) -> Result<()> {
+pub fn write_random_model(
+    path: &Path,
+    tensors: &[PlannedTensor],
+    seed: u64,
+    metadata: &[(String, String)],
+) -> Result<()> {
     if let Some(t) = tensors.iter().find(|t| !t.dtype.is_numeric()) {
-        return Err(MechaError::recipe(format!("cannot generate values of dtype {} (tensor {})", t.dtype, t.name)));
+        return Err(MechaError::recipe(format!(
+            "cannot generate values of dtype {} (tensor {})",
+            t.dtype, t.name
+        )));
     }
     let writer = SafetensorsWriter::create(path, FileLayout::new(tensors, metadata))?;
     let pieces: Vec<(usize, usize)> = tensors
@@ -78,8 +92,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mecha-synth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let tensors = vec![
-            PlannedTensor { name: "w".into(), dtype: DType::F16, shape: vec![3, CHUNK + 5] },
-            PlannedTensor { name: "position_ids".into(), dtype: DType::I64, shape: vec![1, 77] },
+            PlannedTensor {
+                name: "w".into(),
+                dtype: DType::F16,
+                shape: vec![3, CHUNK + 5],
+            },
+            PlannedTensor {
+                name: "position_ids".into(),
+                dtype: DType::I64,
+                shape: vec![1, 77],
+            },
         ];
         let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
         write_random_model(&a, &tensors, 7, &[]).unwrap();

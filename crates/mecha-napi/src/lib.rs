@@ -53,7 +53,10 @@ impl From<&MechaError> for ErrorInfo {
 fn throw(env: &Env, err: &MechaError) -> napi::Error {
     let info = ErrorInfo::from(err);
     let thrown = (|| -> napi::Result<()> {
-        let mut obj = env.create_error(napi::Error::new(Status::GenericFailure, info.message.clone()))?;
+        let mut obj = env.create_error(napi::Error::new(
+            Status::GenericFailure,
+            info.message.clone(),
+        ))?;
         obj.set_named_property("code", info.kind.as_str())?;
         obj.set_named_property("mecha", info)?;
         env.throw(obj)
@@ -114,7 +117,11 @@ pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
                 bytes: e.byte_len as i64,
             })
             .collect(),
-        metadata: file.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: file
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -133,9 +140,15 @@ fn space_info(spec: &SpaceSpec) -> SpaceInfo {
     match spec {
         SpaceSpec::Symbol => SpaceInfo {
             symbol: true,
-            spaces: mecha_core::recipe::spaces::SPACES.iter().map(|s| s.to_string()).collect(),
+            spaces: mecha_core::recipe::spaces::SPACES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         },
-        SpaceSpec::Fixed(v) => SpaceInfo { symbol: false, spaces: v.clone() },
+        SpaceSpec::Fixed(v) => SpaceInfo {
+            symbol: false,
+            spaces: v.clone(),
+        },
     }
 }
 
@@ -217,6 +230,73 @@ pub fn simd_path() -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Model configs
+
+#[napi(object)]
+pub struct ConfigKeyInfo {
+    pub key: String,
+    pub component: String,
+    /// `null` when the config does not fix it.
+    pub shape: Option<Vec<i64>>,
+    /// safetensors dtype name, `null` when unknown.
+    pub dtype: Option<String>,
+    pub optional: bool,
+    pub aliases: Vec<String>,
+}
+
+#[napi(object)]
+pub struct ConfigInfo {
+    pub id: String,
+    pub architecture: String,
+    pub implementation: String,
+    /// Component name → number of keys, in config order.
+    pub components: HashMap<String, u32>,
+    pub key_count: u32,
+}
+
+/// Every model config (builtin and registered), in sd-mecha's order (reverse-sorted ids).
+#[napi]
+pub fn config_list() -> Vec<ConfigInfo> {
+    mecha_core::configs::list()
+        .iter()
+        .map(|c| ConfigInfo {
+            id: c.id.clone(),
+            architecture: c.architecture().to_string(),
+            implementation: c.implementation().to_string(),
+            components: c
+                .components()
+                .iter()
+                .map(|(n, comp)| (n.clone(), comp.keys.len() as u32))
+                .collect(),
+            key_count: c.key_count() as u32,
+        })
+        .collect()
+}
+
+/// The keys of a model config in order, with their component and metadata.
+#[napi]
+pub fn config_keys(env: Env, id: String) -> napi::Result<Vec<ConfigKeyInfo>> {
+    let config = mecha_core::configs::resolve(&id).map_err(|e| throw(&env, &e))?;
+    Ok(config
+        .components()
+        .iter()
+        .flat_map(|(component, comp)| {
+            comp.keys.iter().map(move |(key, meta)| ConfigKeyInfo {
+                key: key.clone(),
+                component: component.clone(),
+                shape: meta
+                    .shape
+                    .as_ref()
+                    .map(|s| s.iter().map(|&d| d as i64).collect()),
+                dtype: meta.dtype.map(|d| d.safetensors_name().to_string()),
+                optional: meta.optional,
+                aliases: meta.aliases.clone(),
+            })
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Merging
 
 fn root_space(strict: Option<String>) -> RootSpace {
@@ -229,7 +309,11 @@ fn root_space(strict: Option<String>) -> RootSpace {
 
 /// Serializes a JSON recipe to `.mecha` text (absolute paths, solved merge spaces).
 #[napi]
-pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<String>) -> napi::Result<String> {
+pub fn serialize(
+    env: Env,
+    recipe_json: String,
+    strict_merge_space: Option<String>,
+) -> napi::Result<String> {
     let run = || -> mecha_core::Result<String> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
         mecha_core::recipe::finalized_text(&recipe, &root_space(strict_merge_space))
@@ -253,7 +337,9 @@ impl Default for CancelToken {
 impl CancelToken {
     #[napi(constructor)]
     pub fn new() -> Self {
-        CancelToken { flag: Arc::new(AtomicBool::new(false)) }
+        CancelToken {
+            flag: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     #[napi]
@@ -318,7 +404,14 @@ impl From<MergeReport> for MergeReportInfo {
         MergeReportInfo {
             output: r.output.map(|p| p.display().to_string()),
             keys_written: r.keys_written as u32,
-            keys_skipped: r.keys_skipped.into_iter().map(|s| SkippedKeyInfo { key: s.key, reason: s.reason }).collect(),
+            keys_skipped: r
+                .keys_skipped
+                .into_iter()
+                .map(|s| SkippedKeyInfo {
+                    key: s.key,
+                    reason: s.reason,
+                })
+                .collect(),
             bytes_read: r.bytes_read as f64,
             bytes_written: r.bytes_written as f64,
             seconds: r.seconds,
@@ -388,7 +481,9 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
         chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
         progress_interval: options
             .progress_interval_ms
-            .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),
+            .map_or(defaults.progress_interval, |ms| {
+                std::time::Duration::from_millis(ms as u64)
+            }),
     })
 }
 
@@ -402,7 +497,8 @@ pub fn merge<'env>(
     recipe_json: String,
     options: NativeMergeOptions,
     cancel: &CancelToken,
-    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")]
+    on_progress: Option<ProgressFn>,
 ) -> napi::Result<Object<'env>> {
     let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
     let flag = cancel.flag.clone();
@@ -413,7 +509,12 @@ pub fn merge<'env>(
             let result = (|| {
                 let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
                 let options = merge_options(options)?;
-                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+                mecha_core::exec::merge(
+                    recipe,
+                    &options,
+                    &flag,
+                    progress.as_ref().map(|p| p as &dyn ProgressSink),
+                )
             })();
             drop(progress); // release the callback so it no longer holds the event loop
             deferred.resolve(Box::new(move |_env| {
@@ -433,7 +534,11 @@ pub fn merge<'env>(
                         report: Some(r.report.into()),
                         error: None,
                     },
-                    Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
+                    Err(e) => MergeOutcome {
+                        report: None,
+                        tensors: None,
+                        error: Some(ErrorInfo::from(&e)),
+                    },
                 })
             }));
         })
@@ -474,14 +579,27 @@ impl Task for RandomModelTask {
 
 /// Writes a safetensors file of deterministic pseudo-random values with the given layout.
 #[napi]
-pub fn write_random_model(env: Env, path: String, tensors: Vec<TensorSpec>, seed: i64) -> napi::Result<AsyncTask<RandomModelTask>> {
+pub fn write_random_model(
+    env: Env,
+    path: String,
+    tensors: Vec<TensorSpec>,
+    seed: i64,
+) -> napi::Result<AsyncTask<RandomModelTask>> {
     let planned = tensors
         .into_iter()
         .map(|t| {
             let dtype = parse_dtype(&t.dtype, "dtype").map_err(|e| throw(&env, &e))?;
             let shape: Vec<usize> = t.shape.iter().map(|&d| d.max(0) as usize).collect();
-            Ok(mecha_core::io::writer::PlannedTensor { name: t.name, dtype, shape })
+            Ok(mecha_core::io::writer::PlannedTensor {
+                name: t.name,
+                dtype,
+                shape,
+            })
         })
         .collect::<napi::Result<Vec<_>>>()?;
-    Ok(AsyncTask::new(RandomModelTask { path: PathBuf::from(path), tensors: planned, seed: seed as u64 }))
+    Ok(AsyncTask::new(RandomModelTask {
+        path: PathBuf::from(path),
+        tensors: planned,
+        seed: seed as u64,
+    }))
 }

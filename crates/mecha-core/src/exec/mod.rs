@@ -94,7 +94,11 @@ impl TensorSink for MemorySink {
 pub fn planned_tensors(plan: &Plan) -> Vec<PlannedTensor> {
     plan.keys
         .iter()
-        .map(|k| PlannedTensor { name: k.name.clone(), dtype: k.dtype, shape: k.shape.clone() })
+        .map(|k| PlannedTensor {
+            name: k.name.clone(),
+            dtype: k.dtype,
+            shape: k.shape.clone(),
+        })
         .collect()
 }
 
@@ -127,7 +131,11 @@ pub fn merge(
         }
         OutputTarget::Memory => {
             let sink = MemorySink {
-                buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect(),
+                buffers: plan
+                    .keys
+                    .iter()
+                    .map(|k| Mutex::new(vec![0u8; k.byte_len()]))
+                    .collect(),
             };
             let stats = run::run(&plan, &sink, &run_options)?;
             let tensors = plan
@@ -155,7 +163,11 @@ pub fn merge(
         bytes_written: stats.bytes_written,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_bytes: memory::peak_rss_bytes(),
-        threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
+        threads: if options.threads == 0 {
+            run::auto_threads()
+        } else {
+            options.threads
+        },
         recipe: plan.serialized.clone(),
     };
     Ok(MergeResult { report, tensors })

@@ -20,12 +20,21 @@ pub type ExprId = usize;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A tensor read from input file `input`.
-    Source { input: usize, entry: TensorEntry },
+    Source {
+        input: usize,
+        entry: TensorEntry,
+    },
     /// A number, broadcast (or, with a shape, filling a tensor).
     Constant(f64),
-    Apply { kernel: Kernel, args: Vec<ExprId> },
+    Apply {
+        kernel: Kernel,
+        args: Vec<ExprId>,
+    },
     /// Values rounded to `dtype` (toward zero for integer dtypes, as torch's `.to()` does).
-    Round { dtype: DType, arg: ExprId },
+    Round {
+        dtype: DType,
+        arg: ExprId,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -85,7 +94,9 @@ impl KeyPlan {
     }
 
     pub fn byte_len(&self) -> usize {
-        self.dtype.byte_len(self.numel()).expect("planned dtypes have whole-byte sizes")
+        self.dtype
+            .byte_len(self.numel())
+            .expect("planned dtypes have whole-byte sizes")
     }
 
     /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
@@ -149,12 +160,15 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let mut model_input: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
     let mut paths: Vec<Option<String>> = vec![None; recipe.nodes.len()];
     for n in recipe.models() {
-        let NodeKind::Model { path } = &recipe.node(n).kind else { unreachable!() };
+        let NodeKind::Model { path } = &recipe.node(n).kind else {
+            unreachable!()
+        };
         let abs = absolute_path(path);
         let index = match by_path.get(&abs) {
             Some(&i) => i,
             None => {
-                let file = SafetensorsFile::open(&abs).map_err(|e| e.within_node(&recipe.trace(n)))?;
+                let file =
+                    SafetensorsFile::open(&abs).map_err(|e| e.within_node(&recipe.trace(n)))?;
                 inputs.push(Arc::new(file));
                 by_path.insert(abs.clone(), inputs.len() - 1);
                 inputs.len() - 1
@@ -164,7 +178,9 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
         paths[n] = Some(abs.to_string_lossy().into_owned());
     }
     if inputs.is_empty() {
-        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
+        return Err(MechaError::recipe(
+            "the recipe has no model inputs, so there are no keys to merge",
+        ));
     }
 
     // Candidate keys: every key of every input, first appearance wins the order.
@@ -173,19 +189,41 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
         candidates.extend(file.tensors().keys().map(String::as_str));
     }
 
-    let ctx = Context { recipe: &recipe, inputs: &inputs, model_input: &model_input, options };
+    let ctx = Context {
+        recipe: &recipe,
+        inputs: &inputs,
+        model_input: &model_input,
+        options,
+    };
     let mut keys = vec![];
     let mut skipped = vec![];
     for key in candidates {
         match ctx.plan_key(key)? {
             Ok(k) => keys.push(k),
-            Err(reason) => skipped.push(SkippedKey { key: key.to_string(), reason }),
+            Err(reason) => skipped.push(SkippedKey {
+                key: key.to_string(),
+                reason,
+            }),
         }
     }
 
     let none = vec![None; recipe.nodes.len()];
-    let serialized = mecha::serialize(&recipe, &Annotations { configs: &none, spaces: &spaces, paths: &paths });
-    Ok(Plan { recipe, spaces, inputs, keys, skipped, serialized })
+    let serialized = mecha::serialize(
+        &recipe,
+        &Annotations {
+            configs: &none,
+            spaces: &spaces,
+            paths: &paths,
+        },
+    );
+    Ok(Plan {
+        recipe,
+        spaces,
+        inputs,
+        keys,
+        skipped,
+        serialized,
+    })
 }
 
 struct Context<'a> {
@@ -215,26 +253,52 @@ struct KeyBuilder<'a> {
 
 impl Context<'_> {
     fn plan_key(&self, key: &str) -> Result<std::result::Result<KeyPlan, String>> {
-        let mut b = KeyBuilder { ctx: self, key, exprs: vec![], dedup: HashMap::new(), memo: HashMap::new() };
+        let mut b = KeyBuilder {
+            ctx: self,
+            key,
+            exprs: vec![],
+            dedup: HashMap::new(),
+            memo: HashMap::new(),
+        };
         let root = match b.build(self.recipe.root, key)? {
             Err(reason) => return Ok(Err(reason)),
             Ok(Planned::Text(_)) => {
-                return Err(MechaError::recipe("the recipe's result is a text value, not tensors")
-                    .within_node(&self.recipe.node(self.recipe.root).label()))
+                return Err(
+                    MechaError::recipe("the recipe's result is a text value, not tensors")
+                        .within_node(&self.recipe.node(self.recipe.root).label()),
+                )
             }
             Ok(Planned::Expr(e)) => b.in_merge_precision(e),
         };
         let Some(shape) = b.exprs[root].shape.clone() else {
-            return Ok(Err("no model input provides this key; the result would be a bare number".into()));
+            return Ok(Err(
+                "no model input provides this key; the result would be a bare number".into(),
+            ));
         };
         let natural = b.exprs[root].dtype;
         let dtype = match natural {
             Some(d) if !d.is_float() => d, // integers, bools and raw-only dtypes keep their dtype
             _ => self.options.output_dtype,
         };
-        let wide_ints = b.exprs.iter().any(|e| matches!(e.dtype, Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)));
-        let compute = if self.options.merge_dtype == MergeDtype::F64 || wide_ints { Compute::F64 } else { Compute::F32 };
-        Ok(Ok(KeyPlan { name: key.to_string(), shape, dtype, compute, exprs: b.exprs, root }))
+        let wide_ints = b.exprs.iter().any(|e| {
+            matches!(
+                e.dtype,
+                Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)
+            )
+        });
+        let compute = if self.options.merge_dtype == MergeDtype::F64 || wide_ints {
+            Compute::F64
+        } else {
+            Compute::F32
+        };
+        Ok(Ok(KeyPlan {
+            name: key.to_string(),
+            shape,
+            dtype,
+            compute,
+            exprs: b.exprs,
+            root,
+        }))
     }
 }
 
@@ -253,20 +317,34 @@ impl KeyBuilder<'_> {
     fn in_merge_precision(&mut self, id: ExprId) -> ExprId {
         let e = &self.exprs[id];
         let exact = match &e.op {
-            Op::Round { dtype, .. } | Op::Source { entry: TensorEntry { dtype, .. }, .. } => Some(*dtype),
+            Op::Round { dtype, .. }
+            | Op::Source {
+                entry: TensorEntry { dtype, .. },
+                ..
+            } => Some(*dtype),
             _ => None,
         };
         match self.ctx.options.merge_dtype {
             MergeDtype::Rounded(dtype) if e.shape.is_some() && exact != Some(dtype) => {
                 let (shape, natural, origin) = (e.shape.clone(), e.dtype, e.origin.clone());
-                self.push(Expr { op: Op::Round { dtype, arg: id }, shape, dtype: natural, origin })
+                self.push(Expr {
+                    op: Op::Round { dtype, arg: id },
+                    shape,
+                    dtype: natural,
+                    origin,
+                })
             }
             _ => id,
         }
     }
 
     fn constant(&mut self, v: f64, origin: &str) -> ExprId {
-        self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into() })
+        self.push(Expr {
+            op: Op::Constant(v),
+            shape: None,
+            dtype: None,
+            origin: origin.into(),
+        })
     }
 
     fn build(&mut self, node: NodeId, key: &str) -> Result<Built> {
@@ -275,8 +353,16 @@ impl KeyBuilder<'_> {
             return Ok(b.clone());
         }
         let built = self.build_uncached(node, key).map_err(|e| {
-            let e = if e.key.is_none() { e.with_key(self.key) } else { e };
-            if e.node.is_none() { e.within_node(&self.ctx.recipe.trace(node)) } else { e }
+            let e = if e.key.is_none() {
+                e.with_key(self.key)
+            } else {
+                e
+            };
+            if e.node.is_none() {
+                e.within_node(&self.ctx.recipe.trace(node))
+            } else {
+                e
+            }
         })?;
         self.memo.insert(memo_key, built.clone());
         Ok(built)
@@ -293,7 +379,10 @@ impl KeyBuilder<'_> {
                     return Ok(Err(format!("missing from {}", file.path().display())));
                 };
                 let id = self.push(Expr {
-                    op: Op::Source { input, entry: entry.clone() },
+                    op: Op::Source {
+                        input,
+                        entry: entry.clone(),
+                    },
                     shape: Some(entry.shape.clone()),
                     dtype: Some(entry.dtype),
                     origin: file.path().display().to_string(),
@@ -317,7 +406,9 @@ impl KeyBuilder<'_> {
                     Err(_) => self.build(inputs[1][0], key),
                 },
                 Implementation::Cast => self.build_cast(inputs, key),
-                Implementation::Elementwise(kernel) => self.build_elementwise(node, kernel, inputs, key),
+                Implementation::Elementwise(kernel) => {
+                    self.build_elementwise(node, kernel, inputs, key)
+                }
             },
         }
     }
@@ -325,7 +416,11 @@ impl KeyBuilder<'_> {
     fn build_cast(&mut self, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
         let a = match self.build(inputs[0][0], key)? {
             Err(why) => return Ok(Err(why)),
-            Ok(Planned::Text(_)) => return Err(MechaError::recipe("cast: input \"a\" must be tensors, not text")),
+            Ok(Planned::Text(_)) => {
+                return Err(MechaError::recipe(
+                    "cast: input \"a\" must be tensors, not text",
+                ))
+            }
             Ok(Planned::Expr(a)) => a,
         };
         // `device` is accepted for compatibility with sd-mecha recipes; the engine picks devices.
@@ -348,11 +443,24 @@ impl KeyBuilder<'_> {
             return Ok(Ok(Planned::Expr(a))); // a broadcast number is not stored, so nothing to round
         }
         let (shape, origin) = (e.shape.clone(), format!("cast({})", e.origin));
-        Ok(Ok(Planned::Expr(self.push(Expr { op: Op::Round { dtype, arg: a }, shape, dtype: Some(dtype), origin }))))
+        Ok(Ok(Planned::Expr(self.push(Expr {
+            op: Op::Round { dtype, arg: a },
+            shape,
+            dtype: Some(dtype),
+            origin,
+        }))))
     }
 
-    fn build_elementwise(&mut self, node: NodeId, kernel: Kernel, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.recipe.node(node).kind else { unreachable!() };
+    fn build_elementwise(
+        &mut self,
+        node: NodeId,
+        kernel: Kernel,
+        inputs: &[Vec<NodeId>],
+        key: &str,
+    ) -> Result<Built> {
+        let NodeKind::Merge { method, .. } = &self.ctx.recipe.node(node).kind else {
+            unreachable!()
+        };
         let mut operands = vec![];
         for (param, children) in method.params.iter().zip(inputs) {
             for &child in children {
@@ -363,7 +471,11 @@ impl KeyBuilder<'_> {
                             "{}: \"{}\" expects {}, but received a text value",
                             method.id,
                             param.name,
-                            if param.value_type == ValueType::Tensor { "tensors or numbers" } else { param.value_type.name() }
+                            if param.value_type == ValueType::Tensor {
+                                "tensors or numbers"
+                            } else {
+                                param.value_type.name()
+                            }
                         )))
                     }
                     Ok(Planned::Expr(e)) => {
@@ -391,7 +503,12 @@ impl KeyBuilder<'_> {
             Some(Shortcut::Zeros) => {
                 let e = &self.exprs[operands[0]];
                 let (shape, dtype) = (e.shape.clone(), e.dtype);
-                let id = self.push(Expr { op: Op::Constant(0.0), shape, dtype, origin: method.id.clone() });
+                let id = self.push(Expr {
+                    op: Op::Constant(0.0),
+                    shape,
+                    dtype,
+                    origin: method.id.clone(),
+                });
                 return Ok(Ok(Planned::Expr(id)));
             }
             None => {}
@@ -401,7 +518,9 @@ impl KeyBuilder<'_> {
         let shaped = kernel.shaped_operands(operands.len());
         let mut shape: Option<(Vec<usize>, ExprId)> = None;
         for (i, &e) in operands.iter().enumerate() {
-            let Some(s) = &self.exprs[e].shape else { continue };
+            let Some(s) = &self.exprs[e].shape else {
+                continue;
+            };
             if !shaped.contains(&i) && s.iter().product::<usize>() == 1 {
                 continue;
             }
@@ -412,7 +531,12 @@ impl KeyBuilder<'_> {
                         ErrorKind::Shape,
                         format!(
                             "{}: shapes differ for key \"{}\": {} has {:?} but {} has {:?}",
-                            method.id, self.key, self.exprs[*first_e].origin, first, self.exprs[e].origin, s
+                            method.id,
+                            self.key,
+                            self.exprs[*first_e].origin,
+                            first,
+                            self.exprs[e].origin,
+                            s
                         ),
                     ))
                 }
@@ -421,7 +545,10 @@ impl KeyBuilder<'_> {
         }
         let natural = operands.iter().find_map(|&e| self.exprs[e].dtype);
         let id = self.push(Expr {
-            op: Op::Apply { kernel, args: operands },
+            op: Op::Apply {
+                kernel,
+                args: operands,
+            },
             shape: shape.map(|(s, _)| s),
             dtype: natural,
             origin: method.id.clone(),

@@ -91,7 +91,11 @@ pub fn auto_threads() -> usize {
 }
 
 pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<RunStats> {
-    let threads = if options.threads == 0 { auto_threads() } else { options.threads };
+    let threads = if options.threads == 0 {
+        auto_threads()
+    } else {
+        options.threads
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("mecha-merge-{i}"))
@@ -111,21 +115,40 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         interval: options.progress_interval,
     };
     pool.install(|| {
-        units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
-            for (k, range) in unit {
-                if options.cancel.load(Ordering::Relaxed) {
-                    return Err(MechaError::aborted());
+        units
+            .par_iter()
+            .try_for_each_init(Scratch::default, |scratch, unit| {
+                for (k, range) in unit {
+                    if options.cancel.load(Ordering::Relaxed) {
+                        return Err(MechaError::aborted());
+                    }
+                    let key = &plan.keys[*k];
+                    let written = compute_piece(
+                        plan,
+                        key,
+                        *k,
+                        range.clone(),
+                        sink,
+                        scratch,
+                        &tracker.bytes_read,
+                    )
+                    .map_err(|e| {
+                        if e.key.is_none() {
+                            e.with_key(&key.name)
+                        } else {
+                            e
+                        }
+                    })?;
+                    tracker.piece_done(*k, &key.name, written);
                 }
-                let key = &plan.keys[*k];
-                let written = compute_piece(plan, key, *k, range.clone(), sink, scratch, &tracker.bytes_read)
-                    .map_err(|e| if e.key.is_none() { e.with_key(&key.name) } else { e })?;
-                tracker.piece_done(*k, &key.name, written);
-            }
-            Ok(())
-        })
+                Ok(())
+            })
     })?;
     tracker.report(true, plan.keys.last().map_or("", |k| k.name.as_str()));
-    Ok(RunStats { bytes_read: tracker.bytes_read.into_inner(), bytes_written: tracker.bytes_done.into_inner() })
+    Ok(RunStats {
+        bytes_read: tracker.bytes_read.into_inner(),
+        bytes_written: tracker.bytes_done.into_inner(),
+    })
 }
 
 struct Tracker<'a> {
@@ -289,7 +312,10 @@ where
 
     let mut vals: Vec<Option<Val<T>>> = (0..key.exprs.len()).map(|_| None).collect();
     for (i, e) in key.exprs.iter().enumerate() {
-        let broadcast = e.shape.as_ref().is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
+        let broadcast = e
+            .shape
+            .as_ref()
+            .is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
         let val = match &e.op {
             Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
             Op::Source { input, entry } => {
@@ -309,7 +335,8 @@ where
                     Val::Buf(buf)
                 }
             }
-            Op::Round { dtype, arg } => match vals[*arg].as_ref().expect("children evaluate first") {
+            Op::Round { dtype, arg } => match vals[*arg].as_ref().expect("children evaluate first")
+            {
                 Val::Scalar(v) => {
                     let mut one = [*v];
                     round_to(*dtype, &mut one);
@@ -327,10 +354,12 @@ where
                 {
                     let operands: Vec<Operand<T>> = args
                         .iter()
-                        .map(|&a| match vals[a].as_ref().expect("children evaluate first") {
-                            Val::Scalar(v) => Operand::Scalar(*v),
-                            Val::Buf(b) => Operand::Slice(b.as_slice()),
-                        })
+                        .map(
+                            |&a| match vals[a].as_ref().expect("children evaluate first") {
+                                Val::Scalar(v) => Operand::Scalar(*v),
+                                Val::Buf(b) => Operand::Slice(b.as_slice()),
+                            },
+                        )
                         .collect();
                     with_best_simd(|| kernel.apply(&operands, &mut result));
                 }

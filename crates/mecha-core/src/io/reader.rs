@@ -86,13 +86,17 @@ impl SafetensorsFile {
         let mut tensors = IndexMap::with_capacity(infos.len());
         for name in meta.offset_keys() {
             let info = infos[&name];
-            let dtype = DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
-                MechaError::safetensors(
-                    path,
-                    format!("tensor '{name}' has dtype {} which this version cannot read", info.dtype),
-                )
-                .with_key(&name)
-            })?;
+            let dtype =
+                DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
+                    MechaError::safetensors(
+                        path,
+                        format!(
+                            "tensor '{name}' has dtype {} which this version cannot read",
+                            info.dtype
+                        ),
+                    )
+                    .with_key(&name)
+                })?;
             let (begin, end) = info.data_offsets;
             tensors.insert(
                 name,
@@ -231,20 +235,32 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
             .as_array()?
             .iter()
             .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize));
-        entries.push((begin, end, name.clone(), numel.and_then(|n| dtype.byte_len(n)), dtype));
+        entries.push((
+            begin,
+            end,
+            name.clone(),
+            numel.and_then(|n| dtype.byte_len(n)),
+            dtype,
+        ));
     }
     entries.sort();
     let mut expected_begin = 0;
     for (begin, end, name, size, dtype) in &entries {
         if *begin != expected_begin {
-            let what = if *begin < expected_begin { "overlaps the previous tensor" } else { "leaves a hole after the previous tensor" };
+            let what = if *begin < expected_begin {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a hole after the previous tensor"
+            };
             return Some(format!(
                 "tensor '{name}' starts at data offset {begin} but the previous tensor ends at \
                  {expected_begin}: it {what}; the header lies about offsets"
             ));
         }
         if end < begin {
-            return Some(format!("tensor '{name}' ends (offset {end}) before it begins ({begin})"));
+            return Some(format!(
+                "tensor '{name}' ends (offset {end}) before it begins ({begin})"
+            ));
         }
         match size {
             Some(size) if end - begin != *size => {

@@ -24,7 +24,9 @@ impl PlannedTensor {
     }
 
     pub fn byte_len(&self) -> usize {
-        self.dtype.byte_len(self.numel()).expect("planned tensors have whole-byte sizes")
+        self.dtype
+            .byte_len(self.numel())
+            .expect("planned tensors have whole-byte sizes")
     }
 }
 
@@ -126,8 +128,11 @@ pub struct SafetensorsWriter {
 impl SafetensorsWriter {
     pub fn create(target: &Path, layout: FileLayout) -> Result<Self> {
         let output_error = |problem: String| {
-            MechaError::new(ErrorKind::Output, format!("cannot write {}: {problem}", target.display()))
-                .with_file(target)
+            MechaError::new(
+                ErrorKind::Output,
+                format!("cannot write {}: {problem}", target.display()),
+            )
+            .with_file(target)
         };
         let file_name = target
             .file_name()
@@ -195,7 +200,10 @@ impl SafetensorsWriter {
             .sync_all()
             .map_err(|e| MechaError::io(format!("flushing {}", self.temp.display()), e))?;
         std::fs::rename(&self.temp, &self.target).map_err(|e| {
-            MechaError::io(format!("renaming the finished file onto {}", self.target.display()), e)
+            MechaError::io(
+                format!("renaming the finished file onto {}", self.target.display()),
+                e,
+            )
         })?;
         self.committed = true;
         #[cfg(unix)]

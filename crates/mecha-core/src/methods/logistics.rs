@@ -22,9 +22,10 @@ pub fn methods() -> Vec<MethodSpec> {
         },
         MethodSpec {
             id: "cast".into(),
-            description: "Rounds values to a dtype (torch names such as \"float16\", \"bfloat16\"). \
+            description:
+                "Rounds values to a dtype (torch names such as \"float16\", \"bfloat16\"). \
                           device is accepted for compatibility; computation stays on the CPU."
-                .into(),
+                    .into(),
             params: vec![
                 same_space("a", Tensor),
                 hyper("device", Str, DefaultValue::Null),
@@ -36,8 +37,11 @@ pub fn methods() -> Vec<MethodSpec> {
         },
         MethodSpec {
             id: "convert_singleton".into(),
-            description: "Broadcasts the single value of a singleton-mecha literal to every key.".into(),
-            params: vec![same_space("singleton", Any).state_dict().config(SINGLETON_CONFIG)],
+            description: "Broadcasts the single value of a singleton-mecha literal to every key."
+                .into(),
+            params: vec![same_space("singleton", Any)
+                .state_dict()
+                .config(SINGLETON_CONFIG)],
             returns: returns(Any, SpaceSpec::Symbol),
             implementation: Implementation::ConvertSingleton,
             is_conversion: true,

@@ -117,7 +117,9 @@ impl MethodSpec {
     }
 
     pub fn varargs(&self) -> Option<usize> {
-        self.params.iter().position(|p| p.kind == ParamKind::VarPositional)
+        self.params
+            .iter()
+            .position(|p| p.kind == ParamKind::VarPositional)
     }
 
     pub fn is_elementwise(&self) -> bool {
@@ -174,7 +176,11 @@ pub(crate) mod decl {
     }
 
     pub fn returns(value_type: ValueType, space: SpaceSpec) -> ReturnSpec {
-        ReturnSpec { value_type, space, config: None }
+        ReturnSpec {
+            value_type,
+            space,
+            config: None,
+        }
     }
 }
 
@@ -236,7 +242,11 @@ mod tests {
                 }
             }
             if m.returns.space == SpaceSpec::Symbol {
-                assert!(m.params.iter().any(|p| p.space == SpaceSpec::Symbol), "{}", m.id);
+                assert!(
+                    m.params.iter().any(|p| p.space == SpaceSpec::Symbol),
+                    "{}",
+                    m.id
+                );
             }
         }
     }

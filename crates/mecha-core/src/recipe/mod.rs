@@ -19,7 +19,8 @@ pub type NodeId = usize;
 /// paths into finalized recipes.
 pub fn absolute_path(path: &str) -> std::path::PathBuf {
     let p = std::path::Path::new(path);
-    std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
 }
 
 /// The recipe as finalized `.mecha` text: merge spaces solved, model paths absolute.
@@ -34,7 +35,14 @@ pub fn finalized_text(recipe: &Recipe, root_space: &spaces::RootSpace) -> Result
         })
         .collect();
     let configs = vec![None; recipe.nodes.len()];
-    Ok(mecha::serialize(recipe, &mecha::Annotations { configs: &configs, spaces: &spaces, paths: &paths }))
+    Ok(mecha::serialize(
+        recipe,
+        &mecha::Annotations {
+            configs: &configs,
+            spaces: &spaces,
+            paths: &paths,
+        },
+    ))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -88,10 +96,17 @@ pub enum Value {
 
 #[derive(Clone, Debug)]
 pub enum NodeKind {
-    Model { path: String },
-    Literal { entries: IndexMap<String, Value> },
+    Model {
+        path: String,
+    },
+    Literal {
+        entries: IndexMap<String, Value>,
+    },
     /// `inputs[i]` holds the argument nodes of parameter `i` (several for varargs).
-    Merge { method: Arc<MethodSpec>, inputs: Vec<Vec<NodeId>> },
+    Merge {
+        method: Arc<MethodSpec>,
+        inputs: Vec<Vec<NodeId>>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -143,7 +158,9 @@ impl RecipeBuilder {
 
     pub fn model(&mut self, path: &str, config: Option<&str>, merge_space: Option<&str>) -> NodeId {
         self.push(Node {
-            kind: NodeKind::Model { path: path.to_string() },
+            kind: NodeKind::Model {
+                path: path.to_string(),
+            },
             config: config.map(str::to_string),
             merge_space: merge_space.map(str::to_string),
         })
@@ -194,7 +211,10 @@ impl RecipeBuilder {
         });
         let method = registry().get("convert_singleton").expect("builtin");
         self.push(Node {
-            kind: NodeKind::Merge { method, inputs: vec![vec![literal]] },
+            kind: NodeKind::Merge {
+                method,
+                inputs: vec![vec![literal]],
+            },
             config: None,
             merge_space: None,
         })
@@ -209,7 +229,12 @@ impl RecipeBuilder {
 
     /// Calls a merge method with Python's binding rules: positional arguments fill positional
     /// parameters then varargs, keywords match any non-varargs parameter, defaults fill the rest.
-    pub fn merge(&mut self, method_id: &str, args: Vec<Arg>, kwargs: Vec<(String, Arg)>) -> Result<NodeId> {
+    pub fn merge(
+        &mut self,
+        method_id: &str,
+        args: Vec<Arg>,
+        kwargs: Vec<(String, Arg)>,
+    ) -> Result<NodeId> {
         let method = registry().resolve(method_id)?;
         let call = |msg: String| MechaError::recipe(format!("{method_id}(): {msg}"));
         let mut bound: Vec<Option<Vec<Arg>>> = vec![None; method.params.len()];
@@ -238,9 +263,10 @@ impl RecipeBuilder {
         }
         for (name, arg) in kwargs {
             let Some((i, p)) = method.param(&name) else {
-                let hint = crate::util::nearest(&name, method.params.iter().map(|p| p.name.as_str()))
-                    .map(|n| format!(" (did you mean \"{n}\"?)"))
-                    .unwrap_or_default();
+                let hint =
+                    crate::util::nearest(&name, method.params.iter().map(|p| p.name.as_str()))
+                        .map(|n| format!(" (did you mean \"{n}\"?)"))
+                        .unwrap_or_default();
                 return Err(call(format!("unknown parameter \"{name}\"{hint}")));
             };
             if p.kind == ParamKind::VarPositional {
@@ -260,7 +286,10 @@ impl RecipeBuilder {
                     None => return Err(call(format!("missing required argument \"{}\"", p.name))),
                 },
             };
-            let ids = args.into_iter().map(|a| self.arg_node(a)).collect::<Result<Vec<_>>>()?;
+            let ids = args
+                .into_iter()
+                .map(|a| self.arg_node(a))
+                .collect::<Result<Vec<_>>>()?;
             inputs.push(ids);
         }
         Ok(self.push(Node {
@@ -278,7 +307,10 @@ impl RecipeBuilder {
         if root >= self.nodes.len() {
             return Err(MechaError::recipe("the recipe has no root node"));
         }
-        Ok(Recipe { nodes: self.nodes, root })
+        Ok(Recipe {
+            nodes: self.nodes,
+            root,
+        })
     }
 }
 
@@ -323,7 +355,10 @@ impl Recipe {
             NodeKind::Merge { method, inputs } => inputs
                 .iter()
                 .enumerate()
-                .flat_map(|(i, ids)| ids.iter().map(move |n| (*n, Some(method.params[i].name.as_str()))))
+                .flat_map(|(i, ids)| {
+                    ids.iter()
+                        .map(move |n| (*n, Some(method.params[i].name.as_str())))
+                })
                 .collect(),
         }
     }
@@ -368,7 +403,10 @@ impl Recipe {
 
     /// Model nodes reachable from the root, in post-order (the order sd-mecha visits them).
     pub fn models(&self) -> Vec<NodeId> {
-        self.post_order().into_iter().filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. })).collect()
+        self.post_order()
+            .into_iter()
+            .filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. }))
+            .collect()
     }
 
     /// Nodes reachable from the root, children before parents, each once.
@@ -398,21 +436,66 @@ mod tests {
         let mut b = RecipeBuilder::new();
         let a = b.model("a", None, Some("weight"));
         let c = b.model("c", None, Some("weight"));
-        let ws = b.merge("weighted_sum", vec![Arg::Node(a), Arg::Node(c)], vec![("alpha".into(), Arg::Value(Scalar::Float(0.3)))]).unwrap();
-        let NodeKind::Merge { inputs, .. } = &b.node(ws).unwrap().kind else { panic!() };
+        let ws = b
+            .merge(
+                "weighted_sum",
+                vec![Arg::Node(a), Arg::Node(c)],
+                vec![("alpha".into(), Arg::Value(Scalar::Float(0.3)))],
+            )
+            .unwrap();
+        let NodeKind::Merge { inputs, .. } = &b.node(ws).unwrap().kind else {
+            panic!()
+        };
         assert_eq!(inputs.len(), 3);
         assert_eq!(inputs[0], vec![a]);
 
-        let err = b.merge("weighted_sum", vec![Arg::Node(a)], vec![]).unwrap_err();
-        assert!(err.message.contains("missing required argument \"b\""), "{}", err.message);
-        let err = b.merge("subtract", vec![Arg::Node(a), Arg::Node(c), Arg::Node(c)], vec![]).unwrap_err();
-        assert!(err.message.contains("takes 2 positional arguments but 3 were given"), "{}", err.message);
-        let err = b.merge("weighted_sum", vec![Arg::Node(a), Arg::Node(c)], vec![("alpah".into(), Arg::Value(Scalar::Float(0.1)))]).unwrap_err();
-        assert!(err.message.contains("did you mean \"alpha\""), "{}", err.message);
-        let err = b.merge("weighted_sum", vec![Arg::Node(a), Arg::Node(99)], vec![]).unwrap_err();
+        let err = b
+            .merge("weighted_sum", vec![Arg::Node(a)], vec![])
+            .unwrap_err();
+        assert!(
+            err.message.contains("missing required argument \"b\""),
+            "{}",
+            err.message
+        );
+        let err = b
+            .merge(
+                "subtract",
+                vec![Arg::Node(a), Arg::Node(c), Arg::Node(c)],
+                vec![],
+            )
+            .unwrap_err();
+        assert!(
+            err.message
+                .contains("takes 2 positional arguments but 3 were given"),
+            "{}",
+            err.message
+        );
+        let err = b
+            .merge(
+                "weighted_sum",
+                vec![Arg::Node(a), Arg::Node(c)],
+                vec![("alpah".into(), Arg::Value(Scalar::Float(0.1)))],
+            )
+            .unwrap_err();
+        assert!(
+            err.message.contains("did you mean \"alpha\""),
+            "{}",
+            err.message
+        );
+        let err = b
+            .merge("weighted_sum", vec![Arg::Node(a), Arg::Node(99)], vec![])
+            .unwrap_err();
         assert!(err.message.contains("node 99"), "{}", err.message);
-        let avg = b.merge("n_average", vec![Arg::Node(a), Arg::Node(c), Arg::Node(a)], vec![]).unwrap();
-        let NodeKind::Merge { inputs, .. } = &b.node(avg).unwrap().kind else { panic!() };
+        let avg = b
+            .merge(
+                "n_average",
+                vec![Arg::Node(a), Arg::Node(c), Arg::Node(a)],
+                vec![],
+            )
+            .unwrap();
+        let NodeKind::Merge { inputs, .. } = &b.node(avg).unwrap().kind else {
+            panic!()
+        };
         assert_eq!(inputs[0], vec![a, c, a]);
     }
 

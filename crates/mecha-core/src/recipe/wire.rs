@@ -32,12 +32,20 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
     Ok(match v {
         Json::Null => Parsed::Scalar(Scalar::Null),
         Json::Bool(b) => Parsed::Scalar(Scalar::Bool(*b)),
-        Json::Number(n) => Parsed::Scalar(Scalar::Float(n.as_f64().ok_or_else(|| parse_error(format!("{at}: number out of range")))?)),
+        Json::Number(n) => Parsed::Scalar(Scalar::Float(
+            n.as_f64()
+                .ok_or_else(|| parse_error(format!("{at}: number out of range")))?,
+        )),
         Json::String(s) => Parsed::Scalar(Scalar::Str(s.clone())),
         Json::Object(o) if o.len() == 1 && o.contains_key("node") => {
-            let i = o["node"].as_u64().ok_or_else(|| parse_error(format!("{at}: \"node\" must be a node index")))? as usize;
+            let i = o["node"]
+                .as_u64()
+                .ok_or_else(|| parse_error(format!("{at}: \"node\" must be a node index")))?
+                as usize;
             Parsed::Node(*ids.get(i).ok_or_else(|| {
-                parse_error(format!("{at}: reference to node {i}, which is not defined before this point"))
+                parse_error(format!(
+                    "{at}: reference to node {i}, which is not defined before this point"
+                ))
             })?)
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("int") => {
@@ -46,13 +54,19 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
                 Json::String(s) => s.parse().ok(),
                 _ => None,
             };
-            Parsed::Scalar(Scalar::Int(i.ok_or_else(|| parse_error(format!("{at}: \"int\" must hold an integer")))?))
+            Parsed::Scalar(Scalar::Int(i.ok_or_else(|| {
+                parse_error(format!("{at}: \"int\" must hold an integer"))
+            })?))
         }
         other => return Err(parse_error(format!("{at}: unsupported value {other}"))),
     })
 }
 
-fn opt_str<'a>(o: &'a serde_json::Map<String, Json>, key: &str, at: &str) -> Result<Option<&'a str>> {
+fn opt_str<'a>(
+    o: &'a serde_json::Map<String, Json>,
+    key: &str,
+    at: &str,
+) -> Result<Option<&'a str>> {
     match o.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::String(s)) => Ok(Some(s)),
@@ -62,7 +76,8 @@ fn opt_str<'a>(o: &'a serde_json::Map<String, Json>, key: &str, at: &str) -> Res
 
 /// Reads the JSON form into a bound recipe.
 pub fn from_json(text: &str) -> Result<Recipe> {
-    let json: Json = serde_json::from_str(text).map_err(|e| parse_error(format!("recipe JSON is invalid: {e}")))?;
+    let json: Json = serde_json::from_str(text)
+        .map_err(|e| parse_error(format!("recipe JSON is invalid: {e}")))?;
     from_json_value(&json)
 }
 
@@ -78,16 +93,22 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
     let mut ids: Vec<NodeId> = Vec::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
         let at = format!("nodes[{i}]");
-        let o = node.as_object().ok_or_else(|| parse_error(format!("{at} must be an object")))?;
+        let o = node
+            .as_object()
+            .ok_or_else(|| parse_error(format!("{at} must be an object")))?;
         let config = opt_str(o, "config", &at)?;
         let space = opt_str(o, "mergeSpace", &at)?;
         let id = if let Some(path) = o.get("model") {
-            let path = path.as_str().ok_or_else(|| parse_error(format!("{at}: \"model\" must be a path string")))?;
+            let path = path
+                .as_str()
+                .ok_or_else(|| parse_error(format!("{at}: \"model\" must be a path string")))?;
             b.model(path, config, space)
         } else if let Some(value) = o.get("literal") {
             literal(&mut b, value, config, space, &ids, &at)?
         } else if let Some(method) = o.get("merge") {
-            let method = method.as_str().ok_or_else(|| parse_error(format!("{at}: \"merge\" must be a method id")))?;
+            let method = method
+                .as_str()
+                .ok_or_else(|| parse_error(format!("{at}: \"merge\" must be a method id")))?;
             let to_arg = |v: &Json, at: String| -> Result<Arg> {
                 Ok(match parse_value(v, &ids, &at)? {
                     Parsed::Node(n) => Arg::Node(n),
@@ -96,7 +117,11 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
             };
             let args = match o.get("args") {
                 None => vec![],
-                Some(Json::Array(a)) => a.iter().enumerate().map(|(j, v)| to_arg(v, format!("{at}.args[{j}]"))).collect::<Result<_>>()?,
+                Some(Json::Array(a)) => a
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| to_arg(v, format!("{at}.args[{j}]")))
+                    .collect::<Result<_>>()?,
                 Some(_) => return Err(parse_error(format!("{at}: \"args\" must be an array"))),
             };
             let kwargs = match o.get("kwargs") {
@@ -107,17 +132,28 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
                     .collect::<Result<_>>()?,
                 Some(_) => return Err(parse_error(format!("{at}: \"kwargs\" must be an object"))),
             };
-            b.merge(method, args, kwargs).map_err(|e| e.within_node(&at))?
+            b.merge(method, args, kwargs)
+                .map_err(|e| e.within_node(&at))?
         } else {
-            return Err(parse_error(format!("{at} must have one of \"model\", \"literal\" or \"merge\"")));
+            return Err(parse_error(format!(
+                "{at} must have one of \"model\", \"literal\" or \"merge\""
+            )));
         };
         ids.push(id);
     }
     let root = match json.get("root") {
         None | Some(Json::Null) => *ids.last().expect("non-empty"),
         Some(r) => {
-            let i = r.as_u64().ok_or_else(|| parse_error("\"root\" must be a node index"))? as usize;
-            *ids.get(i).ok_or_else(|| parse_error(format!("\"root\" refers to node {i}, but there are {} nodes", ids.len())))?
+            let i = r
+                .as_u64()
+                .ok_or_else(|| parse_error("\"root\" must be a node index"))?
+                as usize;
+            *ids.get(i).ok_or_else(|| {
+                parse_error(format!(
+                    "\"root\" refers to node {i}, but there are {} nodes",
+                    ids.len()
+                ))
+            })?
         }
     };
     b.finish(root)
@@ -144,14 +180,20 @@ fn literal(
                 };
                 entries.insert(k.clone(), v);
             }
-            return b.literal(entries, config, space).map_err(|e| e.within_node(at));
+            return b
+                .literal(entries, config, space)
+                .map_err(|e| e.within_node(at));
         }
     }
     let entry = match parse_value(value, ids, &format!("{at}.literal"))? {
         Parsed::Node(n) => Value::Node(n),
         Parsed::Scalar(s) => Value::Scalar(s),
     };
-    let node = b.literal(IndexMap::from([("key".to_string(), entry)]), Some(SINGLETON_CONFIG), space)?;
+    let node = b.literal(
+        IndexMap::from([("key".to_string(), entry)]),
+        Some(SINGLETON_CONFIG),
+        space,
+    )?;
     if config == Some(SINGLETON_CONFIG) {
         Ok(node)
     } else {

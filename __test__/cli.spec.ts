@@ -1,0 +1,71 @@
+import test from 'ava'
+import { spawnSync } from 'node:child_process'
+import { existsSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+import { inspect, merge, model, toFloat32, weightedSum } from '../dist/index.js'
+import { tempDir, writeSafetensors } from './helpers.ts'
+
+const cli = fileURLToPath(new URL('../dist/cli.js', import.meta.url))
+const mecha = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' })
+
+function setup() {
+  const dir = tempDir()
+  const a = join(dir, 'a.safetensors')
+  const b = join(dir, 'b.safetensors')
+  writeSafetensors(a, { w: { dtype: 'F16', shape: [2, 2], values: [0, 1, 2, 3] } }, { note: 'hello' })
+  writeSafetensors(b, { w: { dtype: 'F16', shape: [2, 2], values: [4, 5, 6, 7] } })
+  const recipe = join(dir, 'recipe.json')
+  writeFileSync(
+    recipe,
+    JSON.stringify({
+      nodes: [
+        { model: a },
+        { model: b },
+        { merge: 'weighted_sum', args: [{ node: 0 }, { node: 1 }], kwargs: { alpha: 0.25 } },
+      ],
+    }),
+  )
+  return { dir, a, b, recipe }
+}
+
+test('mecha merge runs a JSON recipe and records it in the output', async (t) => {
+  const { dir, a, b, recipe } = setup()
+  const out = join(dir, 'out.safetensors')
+  const r = mecha('merge', recipe, '-o', out, '--json')
+  t.is(r.status, 0, r.stderr)
+  const report = JSON.parse(r.stdout)
+  t.is(report.keysWritten, 1)
+  const info = inspect(out)
+  t.regex(info.recipe!, /merge "weighted_sum" &0 &1 &4/)
+  // Same result as the library call.
+  const mem = await merge(weightedSum(model(a), model(b), { alpha: 0.25 }))
+  t.deepEqual(Array.from(toFloat32(mem.get('w')!)), [1, 2, 3, 4])
+})
+
+test('mecha info prints the header summary and metadata', (t) => {
+  const { a } = setup()
+  const r = mecha('info', a)
+  t.is(r.status, 0, r.stderr)
+  t.regex(r.stdout, /1 tensors/)
+  t.regex(r.stdout, /F16×1/)
+  t.regex(r.stdout, /note: hello/)
+  const json = JSON.parse(mecha('info', a, '--json').stdout)
+  t.is(json.tensors, 1)
+})
+
+test('mecha reports errors with their type and a non-zero exit', (t) => {
+  const { dir, recipe } = setup()
+  const out = join(dir, 'out.safetensors')
+  const bad = mecha('info', join(dir, 'nope.safetensors'))
+  t.is(bad.status, 1)
+  t.regex(bad.stderr, /SafetensorsError: .*nope\.safetensors: file not found/)
+  const usage = mecha('merge', recipe)
+  t.is(usage.status, 2)
+  t.regex(usage.stderr, /needs -o/)
+  t.false(existsSync(out))
+  const help = mecha('--help')
+  t.is(help.status, 0)
+  t.regex(help.stdout, /mecha merge <recipe\.json> -o <out\.safetensors>/)
+})

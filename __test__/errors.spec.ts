@@ -1,0 +1,163 @@
+import test from 'ava'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+
+import {
+  AbortError,
+  MechaError,
+  MergeSpaceError,
+  OutputError,
+  RecipeError,
+  SafetensorsError,
+  ShapeError,
+  callMethod,
+  inspect,
+  merge,
+  model,
+  weightedSum,
+  writeRandomModel,
+} from '../dist/index.js'
+import { files, randomValues, tempDir, writeSafetensors } from './helpers.ts'
+
+function twoModels() {
+  const dir = tempDir()
+  const a = join(dir, 'a.safetensors')
+  const b = join(dir, 'b.safetensors')
+  writeSafetensors(a, { w: { dtype: 'F16', shape: [4, 8], values: randomValues(1, 32) } })
+  writeSafetensors(b, { w: { dtype: 'F16', shape: [4, 8], values: randomValues(2, 32) } })
+  return { dir, a, b, out: join(dir, 'out.safetensors') }
+}
+
+async function failsWith<T extends MechaError>(
+  t: import('ava').ExecutionContext,
+  promise: Promise<unknown>,
+  Class: new (...args: never[]) => T,
+): Promise<T> {
+  const err = await t.throwsAsync(promise)
+  t.true(err instanceof Class, `expected ${Class.name}, got ${err?.name}: ${err?.message}`)
+  t.true(err instanceof MechaError)
+  return err as T
+}
+
+test('a missing input file is a SafetensorsError naming it, and no output appears', async (t) => {
+  const { dir, a, out } = twoModels()
+  const missing = join(dir, 'missing.safetensors')
+  const err = await failsWith(t, merge(weightedSum(model(a), model(missing)), { output: out }), SafetensorsError)
+  t.is(err.file, missing)
+  t.regex(err.message, /missing\.safetensors: file not found/)
+  t.regex(err.node!, /b: model/)
+  t.deepEqual(files(dir), ['a.safetensors', 'b.safetensors'])
+})
+
+test('a truncated input is a SafetensorsError that says so', async (t) => {
+  const { dir, a, b, out } = twoModels()
+  const bytes = readFileSync(b)
+  writeFileSync(b, bytes.subarray(0, bytes.length - 10))
+  const err = await failsWith(t, merge(weightedSum(model(a), model(b)), { output: out }), SafetensorsError)
+  t.is(err.file, b)
+  t.regex(err.message, /truncated/)
+  t.deepEqual(files(dir), ['a.safetensors', 'b.safetensors'])
+})
+
+test('a header that lies about offsets is a SafetensorsError naming the tensor', async (t) => {
+  const { dir, a, out } = twoModels()
+  const liar = join(dir, 'liar.safetensors')
+  const header = Buffer.from(
+    JSON.stringify({
+      w: { dtype: 'F16', shape: [4, 8], data_offsets: [0, 64] },
+      x: { dtype: 'F16', shape: [2], data_offsets: [60, 64] },
+    }),
+  )
+  const len = Buffer.alloc(8)
+  len.writeBigUInt64LE(BigInt(header.length))
+  writeFileSync(liar, Buffer.concat([len, header, Buffer.alloc(64)]))
+  const err = await failsWith(t, merge(weightedSum(model(a), model(liar)), { output: out }), SafetensorsError)
+  t.regex(err.message, /liar\.safetensors: tensor 'x' starts at data offset 60 .* overlaps/)
+  t.throws(() => inspect(liar), { instanceOf: SafetensorsError })
+  t.false(files(dir).includes('out.safetensors'))
+})
+
+test('mismatched shapes are a ShapeError naming both files and the key', async (t) => {
+  const { dir, a, out } = twoModels()
+  const other = join(dir, 'other.safetensors')
+  writeSafetensors(other, { w: { dtype: 'F16', shape: [8, 4], values: randomValues(3, 32) } })
+  const err = await failsWith(t, merge(weightedSum(model(a), model(other)), { output: out }), ShapeError)
+  t.is(err.key, 'w')
+  t.regex(err.message, /a\.safetensors has \[4, 8\] but .*other\.safetensors has \[8, 4\]/)
+  t.false(files(dir).includes('out.safetensors'))
+})
+
+test('writing over an input is refused', async (t) => {
+  const { a, b } = twoModels()
+  const before = readFileSync(a)
+  const err = await failsWith(t, merge(weightedSum(model(a), model(b)), { output: a }), OutputError)
+  t.regex(err.message, /one of the merge's inputs/)
+  t.true(readFileSync(a).equals(before))
+})
+
+test('merge-space violations are MergeSpaceErrors with the node path', async (t) => {
+  const { a, b } = twoModels()
+  const err = await failsWith(t, merge(model(a).add(model(b))), MergeSpaceError)
+  t.regex(err.message, /add_difference input "b" requires delta/)
+  t.is(err.node, `add_difference > b: model "${b}"`)
+  // a delta at the root needs permission
+  await failsWith(t, merge(model(a).sub(model(b))), MergeSpaceError)
+  await t.notThrowsAsync(merge(model(a).sub(model(b)), { strictMergeSpace: 'delta' }))
+})
+
+test('unknown methods and bad arguments are RecipeErrors', async (t) => {
+  const { a, b } = twoModels()
+  const unknown = await failsWith(t, merge(callMethod('weighted_summ', [model(a), model(b)], {})), RecipeError)
+  t.regex(unknown.message, /unknown merge method "weighted_summ"\. Did you mean "weighted_sum"\?/)
+  const arity = await failsWith(t, merge(callMethod('subtract', [model(a)], {})), RecipeError)
+  t.regex(arity.message, /subtract\(\): missing required argument "b"/)
+  const kw = await failsWith(t, merge(callMethod('weighted_sum', [model(a), model(b)], { alfa: 0.5 })), RecipeError)
+  t.regex(kw.message, /unknown parameter "alfa" \(did you mean "alpha"\?\)/)
+  const dtype = await failsWith(t, merge(model(a).to({ dtype: 'float17' })), RecipeError)
+  t.regex(dtype.message, /unknown dtype "float17"/)
+})
+
+test('an already aborted signal fails fast', async (t) => {
+  const { a, b, out } = twoModels()
+  await failsWith(t, merge(weightedSum(model(a), model(b)), { output: out, signal: AbortSignal.abort() }), AbortError)
+})
+
+test('cancelling mid-merge leaves no file at the output path', async (t) => {
+  const dir = tempDir()
+  const specs = Array.from({ length: 8 }, (_, i) => ({ name: `layer.${i}.weight`, dtype: 'F16', shape: [1024, 4096] }))
+  const [a, b] = [join(dir, 'a.safetensors'), join(dir, 'b.safetensors')]
+  await Promise.all([writeRandomModel(a, specs, 1), writeRandomModel(b, specs, 2)])
+  const out = join(dir, 'out.safetensors')
+  const controller = new AbortController()
+  let progressSeen = 0
+  const err = await failsWith(
+    t,
+    merge(weightedSum(model(a), model(b)), {
+      output: out,
+      threads: 1,
+      chunkElements: 4096,
+      progressIntervalMs: 0,
+      signal: controller.signal,
+      onProgress: (p) => {
+        progressSeen++
+        if (p.keysDone >= 1) controller.abort()
+      },
+    }),
+    AbortError,
+  )
+  t.regex(err.message, /cancelled/)
+  t.true(progressSeen >= 1)
+  t.deepEqual(files(dir), ['a.safetensors', 'b.safetensors'])
+})
+
+test('progress is reported and reaches the total', async (t) => {
+  const { a, b, out } = twoModels()
+  const seen: number[] = []
+  const report = await merge(weightedSum(model(a), model(b)), {
+    output: out,
+    progressIntervalMs: 0,
+    onProgress: (p) => seen.push(p.keysDone / p.keysTotal),
+  })
+  t.is(report.keysWritten, 1)
+  t.is(seen.at(-1), 1)
+})
