@@ -108,7 +108,9 @@ mod tests {
         write_random_model(&b, &tensors, 7, &[]).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         let file = SafetensorsFile::open(&a).unwrap();
-        let ids = file.bytes(file.entry("position_ids").unwrap());
+        let ids = file
+            .read_tensor(file.entry("position_ids").unwrap())
+            .unwrap();
         assert_eq!(i64::from_le_bytes(ids[8 * 76..].try_into().unwrap()), 76);
         std::fs::remove_dir_all(&dir).unwrap();
     }

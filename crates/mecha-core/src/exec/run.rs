@@ -1,8 +1,8 @@
 //! The streaming executor. Keys are split into work units — a batch of small keys, or one chunk
-//! of a large key — run in parallel on a dedicated thread pool. Each chunk decodes only its slice
-//! of every input, computes, encodes and writes straight to its final place, then releases the
-//! input pages it read. Memory is O(threads × chunk × inputs), whatever the model size, and the
-//! output bytes do not depend on the thread count.
+//! of a large key — run in parallel on a dedicated thread pool. Each chunk reads only its slice
+//! of every input, computes, encodes and writes straight to its final place. Memory is
+//! O(threads × chunk × inputs), whatever the model size, and the output bytes do not depend on
+//! the thread count.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -207,6 +207,9 @@ impl Tracker<'_> {
 struct Scratch {
     f32s: Vec<Vec<f32>>,
     f64s: Vec<Vec<f64>>,
+    /// Bytes read from an input.
+    raw: Vec<u8>,
+    /// Bytes encoded for the output.
     bytes: Vec<u8>,
 }
 
@@ -252,9 +255,13 @@ fn compute_piece(
         } else {
             (0, entry.byte_len) // sub-byte dtypes arrive as one whole piece
         };
-        let bytes = &file.bytes(entry)[start..start + len];
-        sink.write(k, start, bytes)?;
-        file.release(entry.start + start, len);
+        let mut raw = std::mem::take(&mut scratch.raw);
+        raw.resize(len, 0);
+        let result = file
+            .read(entry, start, &mut raw)
+            .and_then(|()| sink.write(k, start, &raw));
+        scratch.raw = raw;
+        result?;
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         return Ok(len as u64);
     }
@@ -322,11 +329,14 @@ where
                 let file = &plan.inputs[*input];
                 let width = entry.dtype.bits() / 8;
                 let r = if broadcast { 0..1 } else { range.clone() };
-                let bytes = &file.bytes(entry)[r.start * width..r.end * width];
+                let mut raw = std::mem::take(&mut scratch.raw);
+                raw.resize(r.len() * width, 0);
+                let read = file.read(entry, r.start * width, &mut raw);
                 let mut buf = scratch.take(r.len());
-                T::decode(entry.dtype, bytes, &mut buf);
-                file.release(entry.start + r.start * width, bytes.len());
-                bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                T::decode(entry.dtype, &raw, &mut buf);
+                bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
+                scratch.raw = raw;
+                read?;
                 if broadcast {
                     let v = buf[0];
                     scratch.give(buf);

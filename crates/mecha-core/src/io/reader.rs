@@ -1,6 +1,10 @@
-//! Memory-mapped safetensors reader. The header is validated before any tensor is exposed;
-//! tensors are lazy byte views into the map, and their pages can be released once consumed so
-//! resident memory does not grow with model size.
+//! safetensors reader. The header is validated before any tensor is exposed; tensor data is
+//! read on demand with positioned reads into the caller's buffers.
+//!
+//! Data is deliberately not memory-mapped: with the large page-cache folios of current kernels,
+//! one fault maps a whole folio, so pages released with `madvise` come back when a neighbouring
+//! range is touched and resident memory creeps up to the size of the inputs. Positioned reads
+//! cost one copy from the page cache and keep resident memory at the size of the buffers.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -34,7 +38,8 @@ impl TensorEntry {
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    file: File,
+    file_len: usize,
     header_len: usize,
     /// Tensors in data-offset order, which is also the order that reads the file sequentially.
     tensors: IndexMap<String, TensorEntry>,
@@ -75,12 +80,15 @@ impl SafetensorsFile {
                 ),
             ));
         }
-        // SAFETY: the map is read-only; if another process truncates the file while we read it
-        // the process can fault, which is the accepted contract of every mmap-based reader.
+        // The safetensors crate validates against the whole file as one buffer; a map lets it
+        // do so touching only the header pages. The map is dropped once the header is read.
+        // SAFETY: the map is read-only and only the header is read through it.
         let map = unsafe { Mmap::map(&file) }
             .map_err(|e| MechaError::safetensors(path, format!("cannot memory-map: {e}")))?;
         let (header_len, meta) = SafeTensors::read_metadata(&map)
             .map_err(|e| MechaError::safetensors(path, explain_header_error(&map, &e)))?;
+        drop(map);
+        advise_sequential(&file);
 
         let infos = meta.tensors();
         let mut tensors = IndexMap::with_capacity(infos.len());
@@ -115,7 +123,8 @@ impl SafetensorsFile {
             .unwrap_or_default();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            map,
+            file,
+            file_len,
             header_len,
             tensors,
             metadata,
@@ -131,7 +140,7 @@ impl SafetensorsFile {
     }
 
     pub fn file_len(&self) -> usize {
-        self.map.len()
+        self.file_len
     }
 
     pub fn tensors(&self) -> &IndexMap<String, TensorEntry> {
@@ -146,53 +155,54 @@ impl SafetensorsFile {
         &self.metadata
     }
 
-    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
-        &self.map[entry.start..entry.start + entry.byte_len]
+    /// Reads `out.len()` bytes of a tensor's data, starting `offset` bytes into it.
+    pub fn read(&self, entry: &TensorEntry, offset: usize, out: &mut [u8]) -> Result<()> {
+        debug_assert!(offset + out.len() <= entry.byte_len);
+        read_exact_at(&self.file, out, (entry.start + offset) as u64).map_err(|e| {
+            MechaError::safetensors(
+                &self.path,
+                format!("reading tensor data failed ({e}); was the file changed or truncated during the merge?"),
+            )
+        })
     }
 
-    /// Hints the kernel to read ahead a range we are about to consume.
-    pub fn prefetch(&self, start: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            let len = len.min(self.map.len().saturating_sub(start));
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, start, len);
-        }
-        #[cfg(not(unix))]
-        let _ = (start, len);
-    }
-
-    /// Drops the pages lying wholly inside `[start, start + len)` from this process's resident
-    /// set. Pages shared with neighbouring ranges stay, so concurrent readers never refault.
-    pub fn release(&self, start: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            let map = &self.map;
-            let page = page_size();
-            let base = map.as_ptr() as usize;
-            let first = (base + start).next_multiple_of(page) - base;
-            let last = ((base + start + len) / page) * page - base;
-            if last > first {
-                // SAFETY: the map is read-only and file-backed, so DONTNEED only drops clean
-                // pages; a later read refaults the same bytes from the page cache.
-                unsafe {
-                    let _ = map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        first,
-                        last - first,
-                    );
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = (start, len);
+    /// A whole tensor's bytes (for small tensors, tools and tests).
+    pub fn read_tensor(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; entry.byte_len];
+        self.read(entry, 0, &mut out)?;
+        Ok(out)
     }
 }
 
+/// Tells the kernel to read ahead more aggressively: tensors are consumed in file order.
+fn advise_sequential(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain advice on a file descriptor we own; failure is harmless.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
 #[cfg(unix)]
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize })
+fn read_exact_at(file: &File, out: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, out, at)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut out: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !out.is_empty() {
+        let n = file.seek_read(out, at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out = &mut out[n..];
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Turns the crate's terse validation errors into a sentence that says what is wrong with the

@@ -1,0 +1,178 @@
+// Benchmark: weighted_sum of two SDXL-layout fp16 models (real sdxl-sgm keys and shapes, random
+// values) into an fp16 file, measured side by side in one run:
+//   - the I/O floor: reading both inputs once (cat) and writing one output-sized file (dd, fsync);
+//   - this library (node, one process);
+//   - sd-mecha 1.1.8, when bench/setup-reference.sh has installed it in bench/.venv.
+// Each run starts from the same page-cache state: warm (inputs read beforehand, the default) or
+// cold (--cold: caches dropped, needs root). Outputs are compared tensor by tensor.
+//
+//   node bench/sdxl-weighted-sum.mjs [--cold] [--threads N] [--dir bench/out] [--layout sdxl]
+import { execFileSync, spawnSync } from 'node:child_process'
+import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+import { inspect, writeRandomModel } from '../dist/index.js'
+
+const here = dirname(fileURLToPath(import.meta.url))
+const arg = (name, fallback) => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? (process.argv[i + 1] ?? true) : fallback
+}
+const cold = process.argv.includes('--cold')
+const threads = String(arg('threads', '0'))
+const layout = String(arg('layout', 'sdxl'))
+const dir = resolve(String(arg('dir', join(here, 'out'))))
+const alpha = '0.3'
+mkdirSync(dir, { recursive: true })
+
+const inputs = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
+for (const [i, path] of inputs.entries()) {
+  if (!existsSync(path)) {
+    console.error(`generating ${path}`)
+    await writeRandomModel(path, layout, i + 1)
+  }
+}
+const inputBytes = inputs.reduce((s, p) => s + statSync(p).size, 0)
+
+function prepare(outputs) {
+  for (const o of outputs) rmSync(o, { force: true })
+  execFileSync('sync')
+  if (cold) writeFileSync('/proc/sys/vm/drop_caches', '3')
+  else execFileSync('cat', inputs, { stdio: ['ignore', 'ignore', 'inherit'] })
+}
+
+/** Runs a command under /usr/bin/time; returns wall seconds, peak RSS bytes and stdout. */
+function timed(cmd, args) {
+  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', cmd, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 })
+  if (r.status !== 0) throw new Error(`${cmd} failed:\n${r.stdout}\n${r.stderr}`)
+  const [wall, kb] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number)
+  return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout }
+}
+
+const results = []
+
+// I/O floor: read both inputs once, then write an output-sized file and flush it.
+const ourOut = join(dir, `${layout}-merged-mecha-node.safetensors`)
+const refOut = join(dir, `${layout}-merged-sd-mecha.safetensors`)
+const floorOut = join(dir, 'floor.bin')
+prepare([floorOut])
+const readFloor = timed('sh', ['-c', `cat "${inputs[0]}" "${inputs[1]}" > /dev/null`])
+const outputBytes = inputBytes / 2
+const writeFloor = timed('dd', [
+  'if=/dev/zero',
+  `of=${floorOut}`,
+  'bs=16M',
+  `count=${Math.ceil(outputBytes / 2 ** 24)}`,
+  'conv=fsync',
+  'status=none',
+])
+rmSync(floorOut, { force: true })
+results.push({
+  name: 'I/O floor (cat inputs + dd output, fsync)',
+  seconds: readFloor.seconds + writeFloor.seconds,
+  peakRss: Math.max(readFloor.peakRss, writeFloor.peakRss),
+})
+
+prepare([ourOut])
+const ours = timed(process.execPath, [join(here, 'merge-once.mjs'), ...inputs, ourOut, alpha, threads])
+const ourReport = JSON.parse(ours.stdout)
+results.push({
+  name: `sd-mecha for Node (${ourReport.threads} threads, fsync)`,
+  seconds: ours.seconds,
+  peakRss: ours.peakRss,
+})
+
+const python = join(here, '.venv', 'bin', 'python')
+let reference
+if (existsSync(python) && !process.argv.includes('--skip-reference')) {
+  prepare([refOut])
+  const ref = timed(python, [join(here, 'reference_merge.py'), ...inputs, refOut, alpha])
+  reference = JSON.parse(ref.stdout.trim().split('\n').at(-1))
+  results.push({
+    name: 'sd-mecha 1.1.8 (torch CPU, no fsync)',
+    seconds: ref.seconds,
+    peakRss: ref.peakRss,
+    inner: reference,
+  })
+}
+
+// Report.
+const gb = (b) => (b / 1e9).toFixed(2)
+console.log(
+  `\nweighted_sum of two ${layout} fp16 models (${gb(inputBytes)} GB in, ${gb(statSync(ourOut).size)} GB out), ${cold ? 'cold' : 'warm'} page cache`,
+)
+console.log(
+  `machine: ${cpus().length} × ${cpus()[0]?.model}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; node ${process.version}\n`,
+)
+console.log('| run | wall s | vs I/O floor | peak RSS MiB |')
+console.log('|---|---|---|---|')
+const floor = results[0].seconds
+for (const r of results) {
+  console.log(
+    `| ${r.name} | ${r.seconds.toFixed(2)} | ${(r.seconds / floor).toFixed(2)}× | ${(r.peakRss / 2 ** 20).toFixed(0)} |`,
+  )
+}
+if (reference) {
+  const ourRun = results[1]
+  const refRun = results[2]
+  console.log(
+    `\nsd-mecha / this library: ${(refRun.seconds / ourRun.seconds).toFixed(2)}× wall time, ${(refRun.peakRss / ourRun.peakRss).toFixed(1)}× peak RSS`,
+  )
+  console.log(
+    `(sd-mecha's own timer: merge ${reference.seconds.toFixed(2)} s, with fsync ${reference.seconds_with_fsync.toFixed(2)} s)`,
+  )
+  compareOutputs(ourOut, refOut)
+}
+console.log(
+  `\ncommand: node bench/sdxl-weighted-sum.mjs${process.argv.slice(2).length ? ` ${process.argv.slice(2).join(' ')}` : ''}`,
+)
+
+/** Compares the two outputs tensor by tensor (bytes, and f16 values where bytes differ). */
+function compareOutputs(a, b) {
+  const ia = inspect(a)
+  const ib = new Map(inspect(b).tensors.map((t) => [t.name, t]))
+  const fa = openSync(a, 'r')
+  const fb = openSync(b, 'r')
+  let identical = 0
+  let differentDtype = []
+  let maxDiff = 0
+  const read = (fd, t) => {
+    const buf = Buffer.alloc(t.bytes)
+    readSync(fd, buf, 0, t.bytes, t.start)
+    return buf
+  }
+  for (const t of ia.tensors) {
+    const u = ib.get(t.name)
+    if (!u) continue
+    if (u.dtype !== t.dtype) {
+      differentDtype.push(`${t.name} (${t.dtype} here, ${u.dtype} in sd-mecha)`)
+      continue
+    }
+    const x = read(fa, t)
+    const y = read(fb, u)
+    if (x.equals(y)) {
+      identical++
+      continue
+    }
+    for (let i = 0; i < x.length; i += 2) {
+      const d = Math.abs(f16(x.readUInt16LE(i)) - f16(y.readUInt16LE(i)))
+      if (d > maxDiff) maxDiff = d
+    }
+  }
+  closeSync(fa)
+  closeSync(fb)
+  console.log(`outputs: ${identical}/${ia.tensors.length} tensors bit-identical; max |difference| elsewhere ${maxDiff}`)
+  if (differentDtype.length)
+    console.log(`different dtypes (deliberate, see docs/differences.md): ${differentDtype.join(', ')}`)
+}
+
+function f16(h) {
+  const s = h & 0x8000 ? -1 : 1
+  const e = (h >> 10) & 0x1f
+  const m = h & 0x3ff
+  if (e === 0) return s * m * 2 ** -24
+  if (e === 31) return m ? NaN : s * Infinity
+  return s * (1 + m / 1024) * 2 ** (e - 15)
+}
