@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
 use crate::exec::plan::{Compute, KeyPlan, Op, Plan};
-use crate::kernels::{with_best_simd, Operand, Real};
+use crate::kernels::{Operand, Real};
 
 /// Elements per chunk: small enough that a chunk's buffers for several inputs stay in L2.
 pub const DEFAULT_CHUNK: usize = 1 << 15;
@@ -371,7 +371,7 @@ where
                             },
                         )
                         .collect();
-                    with_best_simd(|| kernel.apply(&operands, &mut result));
+                    kernel.apply(&operands, &mut result);
                 }
                 Val::Buf(result)
             }

@@ -167,27 +167,9 @@ pub fn map3<T: Real>(
     }
 }
 
-/// Runs `body` compiled for AVX2+FMA when the CPU has them, otherwise for the baseline.
-/// Results are identical either way: kernels only use operations that are correctly rounded
-/// (`mul_add` is a true fused multiply-add on both paths).
-#[inline(always)]
-pub fn with_best_simd<R>(body: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the enabled features (checked above).
-        return unsafe { avx2_fma(body) };
-    }
-    body()
-}
-
+/// Whether kernels can run their AVX2+FMA versions on this CPU.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_fma<R>(body: impl FnOnce() -> R) -> R {
-    body()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
         std::env::var_os("MECHA_NO_SIMD").is_none()
