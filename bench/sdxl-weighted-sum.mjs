@@ -51,52 +51,64 @@ function timed(cmd, args) {
   return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout }
 }
 
-const results = []
-
-// I/O floor: read both inputs once, then write an output-sized file and flush it.
+const rounds = Number(arg('rounds', 3))
 const ourOut = join(dir, `${layout}-merged-mecha-node.safetensors`)
 const refOut = join(dir, `${layout}-merged-sd-mecha.safetensors`)
 const floorOut = join(dir, 'floor.bin')
-prepare([floorOut])
-const readFloor = timed('sh', ['-c', `cat "${inputs[0]}" "${inputs[1]}" > /dev/null`])
-const outputBytes = inputBytes / 2
-const writeFloor = timed('dd', [
-  'if=/dev/zero',
-  `of=${floorOut}`,
-  'bs=16M',
-  `count=${Math.ceil(outputBytes / 2 ** 24)}`,
-  'conv=fsync',
-  'status=none',
-])
-rmSync(floorOut, { force: true })
-results.push({
-  name: 'I/O floor (cat inputs + dd output, fsync)',
-  seconds: readFloor.seconds + writeFloor.seconds,
-  peakRss: Math.max(readFloor.peakRss, writeFloor.peakRss),
-})
-
-prepare([ourOut])
-const ours = timed(process.execPath, [join(here, 'merge-once.mjs'), ...inputs, ourOut, alpha, threads])
-const ourReport = JSON.parse(ours.stdout)
-results.push({
-  name: `sd-mecha for Node (${ourReport.threads} threads, fsync)`,
-  seconds: ours.seconds,
-  peakRss: ours.peakRss,
-})
-
 const python = join(here, '.venv', 'bin', 'python')
-let reference
-if (existsSync(python) && !process.argv.includes('--skip-reference')) {
-  prepare([refOut])
-  const ref = timed(python, [join(here, 'reference_merge.py'), ...inputs, refOut, alpha])
-  reference = JSON.parse(ref.stdout.trim().split('\n').at(-1))
-  results.push({
-    name: 'sd-mecha 1.1.8 (torch CPU, no fsync)',
-    seconds: ref.seconds,
-    peakRss: ref.peakRss,
-    inner: reference,
+const withReference = existsSync(python) && !process.argv.includes('--skip-reference')
+const runs = { floor: [], ours: [], reference: [] }
+let ourReport
+
+// The disk of a shared machine is noisy: interleave the runs and report medians.
+for (let round = 0; round < rounds; round++) {
+  // I/O floor: read both inputs once, then write an output-sized file and flush it.
+  prepare([floorOut])
+  const read = timed('sh', ['-c', `cat "${inputs[0]}" "${inputs[1]}" > /dev/null`])
+  const outputBytes = inputBytes / 2
+  const write = timed('dd', [
+    'if=/dev/zero',
+    `of=${floorOut}`,
+    'bs=16M',
+    `count=${Math.ceil(outputBytes / 2 ** 24)}`,
+    'conv=fsync',
+    'status=none',
+  ])
+  rmSync(floorOut, { force: true })
+  runs.floor.push({
+    seconds: read.seconds + write.seconds,
+    peakRss: Math.max(read.peakRss, write.peakRss),
+    read: read.seconds,
+    write: write.seconds,
   })
+
+  prepare([ourOut])
+  const ours = timed(process.execPath, [join(here, 'merge-once.mjs'), ...inputs, ourOut, alpha, threads])
+  ourReport = JSON.parse(ours.stdout)
+  runs.ours.push(ours)
+
+  if (withReference) {
+    prepare([refOut])
+    const ref = timed(python, [join(here, 'reference_merge.py'), ...inputs, refOut, alpha])
+    runs.reference.push({ ...ref, inner: JSON.parse(ref.stdout.trim().split('\n').at(-1)) })
+  }
+  console.error(
+    `round ${round + 1}/${rounds}: floor ${runs.floor.at(-1).seconds.toFixed(2)} s, ours ${ours.seconds.toFixed(2)} s${withReference ? `, sd-mecha ${runs.reference.at(-1).seconds.toFixed(2)} s` : ''}`,
+  )
 }
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+const summary = (name, list) => ({
+  name,
+  seconds: median(list.map((r) => r.seconds)),
+  min: Math.min(...list.map((r) => r.seconds)),
+  peakRss: Math.max(...list.map((r) => r.peakRss)),
+})
+const results = [
+  summary('I/O floor (cat inputs + dd output, fsync)', runs.floor),
+  summary(`sd-mecha for Node (${ourReport.threads} threads, fsync)`, runs.ours),
+  ...(withReference ? [summary('sd-mecha 1.1.8 (torch CPU, no fsync)', runs.reference)] : []),
+]
 
 // Report.
 const gb = (b) => (b / 1e9).toFixed(2)
@@ -106,23 +118,27 @@ console.log(
 console.log(
   `machine: ${cpus().length} × ${cpus()[0]?.model}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; node ${process.version}\n`,
 )
+console.log(`${rounds} round(s), interleaved; wall time is the median (min in brackets)\n`)
 console.log('| run | wall s | vs I/O floor | peak RSS MiB |')
 console.log('|---|---|---|---|')
 const floor = results[0].seconds
 for (const r of results) {
-  console.log(
-    `| ${r.name} | ${r.seconds.toFixed(2)} | ${(r.seconds / floor).toFixed(2)}× | ${(r.peakRss / 2 ** 20).toFixed(0)} |`,
-  )
+  const wall = `${r.seconds.toFixed(2)} (${r.min.toFixed(2)})`
+  console.log(`| ${r.name} | ${wall} | ${(r.seconds / floor).toFixed(2)}× | ${(r.peakRss / 2 ** 20).toFixed(0)} |`)
 }
-if (reference) {
+const floorRead = median(runs.floor.map((r) => r.read))
+const floorWrite = median(runs.floor.map((r) => r.write))
+console.log(`\nI/O floor parts (median): read ${floorRead.toFixed(2)} s, write + fsync ${floorWrite.toFixed(2)} s`)
+if (withReference) {
   const ourRun = results[1]
   const refRun = results[2]
   console.log(
     `\nsd-mecha / this library: ${(refRun.seconds / ourRun.seconds).toFixed(2)}× wall time, ${(refRun.peakRss / ourRun.peakRss).toFixed(1)}× peak RSS`,
   )
-  console.log(
-    `(sd-mecha's own timer: merge ${reference.seconds.toFixed(2)} s, with fsync ${reference.seconds_with_fsync.toFixed(2)} s)`,
-  )
+  const inner = runs.reference.map((r) => r.inner)
+  const innerMerge = median(inner.map((r) => r.seconds)).toFixed(2)
+  const innerFsync = median(inner.map((r) => r.seconds_with_fsync)).toFixed(2)
+  console.log(`(sd-mecha's own timer, median: merge ${innerMerge} s, with fsync ${innerFsync} s)`)
   compareOutputs(ourOut, refOut)
 }
 console.log(
