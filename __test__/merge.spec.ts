@@ -139,3 +139,26 @@ test('the same recipe gives bit-identical files for any thread count', async (t)
   }
   t.true(outputs[0].equals(outputs[1]) && outputs[1].equals(outputs[2]))
 })
+
+test('output dtypes accept safetensors and torch names, fp8 included', async (t) => {
+  const io = inputs('F32')
+  const recipe = weightedSum(model(io.paths.a), model(io.paths.b), { alpha: 0.5 })
+  for (const [name, dtype] of [
+    ['f8_e4m3', 'F8_E4M3'],
+    ['float8_e5m2', 'F8_E5M2'],
+    ['bfloat16', 'BF16'],
+    ['float16', 'F16'],
+    ['float64', 'F64'],
+  ] as const) {
+    const result = await merge(recipe, { outputDtype: name })
+    const w = result.get('unet.weight')!
+    t.is(w.dtype, dtype, name)
+    t.is(w.data.byteLength, N * { F8_E4M3: 1, F8_E5M2: 1, BF16: 2, F16: 2, F64: 8 }[dtype])
+  }
+  // fp8 values are the nearest representable ones (checked on exact powers of two).
+  const dir = tempDir()
+  const p = join(dir, 'pow2.safetensors')
+  writeSafetensors(p, { w: { dtype: 'F32', shape: [4], values: [1, 0.5, -2, 0.25] } })
+  const fp8 = await merge(cast(model(p), { dtype: 'float32' }), { outputDtype: 'f8_e4m3' })
+  t.deepEqual(Array.from(fp8.get('w')!.data as Uint8Array), [0x38, 0x30, 0xc0, 0x28])
+})

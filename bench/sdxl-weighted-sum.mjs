@@ -13,7 +13,7 @@ import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { inspect, writeRandomModel } from '../dist/index.js'
+import { inspect, toFloat32, typedArray, writeRandomModel } from '../dist/index.js'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const arg = (name, fallback) => {
@@ -145,7 +145,7 @@ console.log(
   `\ncommand: node bench/sdxl-weighted-sum.mjs${process.argv.slice(2).length ? ` ${process.argv.slice(2).join(' ')}` : ''}`,
 )
 
-/** Compares the two outputs tensor by tensor (bytes, and f16 values where bytes differ). */
+/** Compares the two outputs tensor by tensor (bytes, and values where bytes differ). */
 function compareOutputs(a, b) {
   const ia = inspect(a)
   const ib = new Map(inspect(b).tensors.map((t) => [t.name, t]))
@@ -172,23 +172,12 @@ function compareOutputs(a, b) {
       identical++
       continue
     }
-    for (let i = 0; i < x.length; i += 2) {
-      const d = Math.abs(f16(x.readUInt16LE(i)) - f16(y.readUInt16LE(i)))
-      if (d > maxDiff) maxDiff = d
-    }
+    const [vx, vy] = [x, y].map((b) => toFloat32({ dtype: t.dtype, shape: t.shape, data: typedArray(t.dtype, b) }))
+    for (let i = 0; i < vx.length; i++) maxDiff = Math.max(maxDiff, Math.abs(vx[i] - vy[i]))
   }
   closeSync(fa)
   closeSync(fb)
   console.log(`outputs: ${identical}/${ia.tensors.length} tensors bit-identical; max |difference| elsewhere ${maxDiff}`)
   if (differentDtype.length)
     console.log(`different dtypes (deliberate, see docs/differences.md): ${differentDtype.join(', ')}`)
-}
-
-function f16(h) {
-  const s = h & 0x8000 ? -1 : 1
-  const e = (h >> 10) & 0x1f
-  const m = h & 0x3ff
-  if (e === 0) return s * m * 2 ** -24
-  if (e === 31) return m ? NaN : s * Infinity
-  return s * (1 + m / 1024) * 2 ** (e - 15)
 }

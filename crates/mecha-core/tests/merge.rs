@@ -44,6 +44,35 @@ fn options(out: &Path) -> MergeOptions {
     }
 }
 
+fn f32_options(out: &Path) -> MergeOptions {
+    MergeOptions {
+        plan: mecha_core::exec::plan::PlanOptions {
+            output_dtype: DType::F32,
+            ..Default::default()
+        },
+        ..options(out)
+    }
+}
+
+/// `weighted_sum(model(a), model(b), alpha)`.
+fn weighted(a: &Path, b: &Path, alpha: f64) -> Recipe {
+    let mut r = RecipeBuilder::new();
+    let na = r.model(a.to_str().unwrap(), None, Some("weight"));
+    let nb = r.model(b.to_str().unwrap(), None, Some("weight"));
+    let root = r
+        .merge(
+            "weighted_sum",
+            vec![
+                Arg::Node(na),
+                Arg::Node(nb),
+                Arg::Value(Scalar::Float(alpha)),
+            ],
+            vec![],
+        )
+        .unwrap();
+    r.finish(root).unwrap()
+}
+
 fn run(recipe: Recipe, opts: &MergeOptions) -> mecha_core::Result<mecha_core::exec::MergeResult> {
     merge(recipe, opts, &AtomicBool::new(false), None)
 }
@@ -73,18 +102,9 @@ fn weighted_sum_matches_a_hand_loop_for_each_input_dtype() {
         let dir = tempfile::tempdir().unwrap();
         let (pa, a) = model(dir.path(), "a.safetensors", dtype, 1);
         let (pb, b) = model(dir.path(), "b.safetensors", dtype, 2);
-        let mut r = RecipeBuilder::new();
-        let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-        let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
-        let root = r
-            .merge(
-                "weighted_sum",
-                vec![Arg::Node(na), Arg::Node(nb)],
-                vec![("alpha".into(), Arg::Value(Scalar::Float(0.3)))],
-            )
-            .unwrap();
+        let recipe = weighted(&pa, &pb, 0.3);
         let out = dir.path().join("out.safetensors");
-        let result = run(r.finish(root).unwrap(), &options(&out)).unwrap();
+        let result = run(recipe, &options(&out)).unwrap();
         assert_eq!(result.report.keys_written, 3);
 
         let (got_dtype, got) = output_values(&out, "model.w");
@@ -145,17 +165,7 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
         )
         .unwrap();
     let out = dir.path().join("ad.safetensors");
-    run(
-        r.finish(root).unwrap(),
-        &MergeOptions {
-            plan: mecha_core::exec::plan::PlanOptions {
-                output_dtype: DType::F32,
-                ..Default::default()
-            },
-            ..options(&out)
-        },
-    )
-    .unwrap();
+    run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
     let (_, got) = output_values(&out, "model.w");
     for i in 0..n {
         assert_eq!(got[i], a[i] + (b[i] - c[i]) * 0.5, "element {i}");
@@ -169,17 +179,7 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
         .collect();
     let root = r.merge("n_average", ids, vec![]).unwrap();
     let out = dir.path().join("avg.safetensors");
-    run(
-        r.finish(root).unwrap(),
-        &MergeOptions {
-            plan: mecha_core::exec::plan::PlanOptions {
-                output_dtype: DType::F32,
-                ..Default::default()
-            },
-            ..options(&out)
-        },
-    )
-    .unwrap();
+    run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
     let (_, got) = output_values(&out, "model.w");
     for i in 0..n {
         let want = torch_lerp(torch_lerp(a[i], b[i], 0.5), c[i], 1.0 / 3.0);
@@ -207,17 +207,7 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
         )
         .unwrap();
     let out = dir.path().join("fb.safetensors");
-    run(
-        r.finish(root).unwrap(),
-        &MergeOptions {
-            plan: mecha_core::exec::plan::PlanOptions {
-                output_dtype: DType::F32,
-                ..Default::default()
-            },
-            ..options(&out)
-        },
-    )
-    .unwrap();
+    run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
     assert_eq!(output_values(&out, "model.b").1, vec![9.0, 8.0, 7.0]);
     let (_, w) = output_values(&out, "model.w");
     for i in 0..n {
@@ -230,19 +220,7 @@ fn output_is_identical_for_any_thread_count_and_chunk_size() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
     let (pb, _) = model(dir.path(), "b.safetensors", DType::BF16, 2);
-    let recipe = || {
-        let mut r = RecipeBuilder::new();
-        let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-        let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
-        let root = r
-            .merge(
-                "weighted_sum",
-                vec![Arg::Node(na), Arg::Node(nb), Arg::Value(Scalar::Float(0.7))],
-                vec![],
-            )
-            .unwrap();
-        r.finish(root).unwrap()
-    };
+    let recipe = || weighted(&pa, &pb, 0.7);
     let mut outputs = vec![];
     for (threads, chunk) in [(1, 1 << 15), (2, 4096), (4, 1000), (3, 7)] {
         let out = dir
@@ -272,20 +250,7 @@ fn in_memory_output_and_merge_dtypes() {
         MergeDtype::F64,
         MergeDtype::Rounded(DType::F16),
     ] {
-        let mut r = RecipeBuilder::new();
-        let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-        let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
-        let root = r
-            .merge(
-                "weighted_sum",
-                vec![
-                    Arg::Node(na),
-                    Arg::Node(nb),
-                    Arg::Value(Scalar::Float(0.25)),
-                ],
-                vec![],
-            )
-            .unwrap();
+        let recipe = weighted(&pa, &pb, 0.25);
         let opts = MergeOptions {
             output: OutputTarget::Memory,
             plan: mecha_core::exec::plan::PlanOptions {
@@ -295,7 +260,7 @@ fn in_memory_output_and_merge_dtypes() {
             },
             ..MergeOptions::default()
         };
-        let result = run(r.finish(root).unwrap(), &opts).unwrap();
+        let result = run(recipe, &opts).unwrap();
         let w = result.tensors.iter().find(|t| t.name == "model.w").unwrap();
         assert_eq!(w.shape, SHAPE.to_vec());
         let got = decode(w.dtype, &w.data);
@@ -323,14 +288,9 @@ fn shape_mismatch_is_a_typed_error_and_leaves_no_file() {
         &odd,
         &[("model.w", f32_tensor(DType::F16, &[2, 2], &[0.0; 4]))],
     );
-    let mut r = RecipeBuilder::new();
-    let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-    let nb = r.model(odd.to_str().unwrap(), None, Some("weight"));
-    let root = r
-        .merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![])
-        .unwrap();
+    let recipe = weighted(&pa, &odd, 0.5);
     let out = dir.path().join("out.safetensors");
-    let err = run(r.finish(root).unwrap(), &options(&out)).err().unwrap();
+    let err = run(recipe, &options(&out)).err().unwrap();
     assert_eq!(err.kind, ErrorKind::Shape);
     assert!(
         err.message.contains("a.safetensors")
@@ -356,14 +316,9 @@ fn missing_and_corrupt_inputs_name_the_file() {
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
     for bad in [dir.path().join("nope.safetensors"), cut] {
-        let mut r = RecipeBuilder::new();
-        let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-        let nb = r.model(bad.to_str().unwrap(), None, Some("weight"));
-        let root = r
-            .merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![])
-            .unwrap();
+        let recipe = weighted(&pa, &bad, 0.5);
         let out = dir.path().join("out.safetensors");
-        let err = run(r.finish(root).unwrap(), &options(&out)).err().unwrap();
+        let err = run(recipe, &options(&out)).err().unwrap();
         assert_eq!(err.kind, ErrorKind::Safetensors);
         assert!(
             err.message
@@ -385,21 +340,11 @@ fn cancelling_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
     let (pb, _) = model(dir.path(), "b.safetensors", DType::F16, 2);
-    let mut r = RecipeBuilder::new();
-    let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-    let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
-    let root = r
-        .merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![])
-        .unwrap();
+    let recipe = weighted(&pa, &pb, 0.5);
     let out = dir.path().join("out.safetensors");
-    let err = merge(
-        r.finish(root).unwrap(),
-        &options(&out),
-        &AtomicBool::new(true),
-        None,
-    )
-    .err()
-    .unwrap();
+    let err = merge(recipe, &options(&out), &AtomicBool::new(true), None)
+        .err()
+        .unwrap();
     assert_eq!(err.kind, ErrorKind::Aborted);
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
@@ -417,13 +362,8 @@ fn keys_missing_from_an_input_are_reported() {
         &partial,
         &[("model.b", f32_tensor(DType::F16, &[3], &[1.0, 2.0, 3.0]))],
     );
-    let mut r = RecipeBuilder::new();
-    let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-    let nb = r.model(partial.to_str().unwrap(), None, Some("weight"));
-    let root = r
-        .merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![])
-        .unwrap();
-    let result = run(r.finish(root).unwrap(), &MergeOptions::default()).unwrap();
+    let recipe = weighted(&pa, &partial, 0.5);
+    let result = run(recipe, &MergeOptions::default()).unwrap();
     assert_eq!(result.report.keys_written, 1);
     let mut skipped: Vec<_> = result
         .report
@@ -448,12 +388,7 @@ fn progress_is_reported_and_ends_complete() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
     let (pb, _) = model(dir.path(), "b.safetensors", DType::F16, 2);
-    let mut r = RecipeBuilder::new();
-    let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-    let nb = r.model(pb.to_str().unwrap(), None, Some("weight"));
-    let root = r
-        .merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb)], vec![])
-        .unwrap();
+    let recipe = weighted(&pa, &pb, 0.5);
     let sink = Collect(Mutex::new(vec![]));
     let opts = MergeOptions {
         threads: 2,
@@ -461,13 +396,7 @@ fn progress_is_reported_and_ends_complete() {
         progress_interval: std::time::Duration::ZERO,
         ..MergeOptions::default()
     };
-    let result = merge(
-        r.finish(root).unwrap(),
-        &opts,
-        &AtomicBool::new(false),
-        Some(&sink),
-    )
-    .unwrap();
+    let result = merge(recipe, &opts, &AtomicBool::new(false), Some(&sink)).unwrap();
     let reports = sink.0.into_inner().unwrap();
     assert!(reports.len() >= 2, "{reports:?}");
     let last = reports.last().unwrap();
