@@ -149,7 +149,10 @@ export interface ProgressInfo {
   key: string
 }
 
-/** Serializes a JSON recipe to `.mecha` text (absolute paths, solved merge spaces). */
+/**
+ * Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved
+ * model configs and merge spaces (model headers are read).
+ */
 export declare function serialize(recipeJson: string, strictMergeSpace?: string | undefined | null): string
 
 /** Which f16 conversion path this machine uses (`f16c` or `scalar`). */

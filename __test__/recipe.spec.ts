@@ -39,8 +39,8 @@ test('serialize writes sd-mecha 0.1.0 text with defaults, singleton broadcast an
     text,
     [
       'version 0.1.0',
-      `model "${a}" model_config=null merge_space="weight"`,
-      `model "${b}" model_config=null merge_space="weight"`,
+      `model "${a}" model_config="structural" merge_space="weight"`,
+      `model "${b}" model_config="structural" merge_space="weight"`,
       'dict key=0.3',
       'literal &2 model_config="singleton-mecha" merge_space="param"',
       'merge "convert_singleton" &3',

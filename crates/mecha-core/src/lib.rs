@@ -9,6 +9,7 @@ pub mod exec;
 pub mod io;
 pub mod kernels;
 pub mod methods;
+pub mod model_dirs;
 pub mod recipe;
 pub mod synthetic;
 pub mod util;

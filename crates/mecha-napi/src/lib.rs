@@ -307,7 +307,8 @@ fn root_space(strict: Option<String>) -> RootSpace {
     }
 }
 
-/// Serializes a JSON recipe to `.mecha` text (absolute paths, solved merge spaces).
+/// Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved
+/// model configs and merge spaces (model headers are read).
 #[napi]
 pub fn serialize(
     env: Env,
@@ -316,7 +317,7 @@ pub fn serialize(
 ) -> napi::Result<String> {
     let run = || -> mecha_core::Result<String> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
-        mecha_core::recipe::finalized_text(&recipe, &root_space(strict_merge_space))
+        Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
     };
     run().map_err(|e| throw(&env, &e))
 }

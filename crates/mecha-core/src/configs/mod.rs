@@ -3,6 +3,7 @@
 //! YAML files (`configs/`, MIT, see `configs/LICENSE-sd-mecha.txt`), which build.rs converts into
 //! compact text embedded in the binary. More configs can be registered at run time.
 
+mod lycoris;
 mod registry;
 #[cfg(test)]
 mod tests;

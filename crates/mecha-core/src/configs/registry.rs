@@ -21,6 +21,22 @@ pub fn builtin(id: &str) -> Option<Arc<ModelConfig>> {
     builtins().iter().find(|c| c.id == id).cloned()
 }
 
+/// The LoRA/LyCORIS configs derived from the kohya builtins (sd-mecha's "aux" configs).
+fn auxiliary() -> &'static [Arc<ModelConfig>] {
+    static AUX: OnceLock<Vec<Arc<ModelConfig>>> = OnceLock::new();
+    AUX.get_or_init(|| {
+        super::lycoris::derived_configs(builtin)
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+    })
+}
+
+/// Builtin and derived configs: what every process knows without registering anything.
+fn known() -> impl Iterator<Item = &'static Arc<ModelConfig>> {
+    builtins().iter().chain(auxiliary())
+}
+
 /// Builtin identifiers in file-name order.
 pub fn builtin_ids() -> Vec<&'static str> {
     builtins().iter().map(|c| c.id.as_str()).collect()
@@ -30,7 +46,7 @@ pub fn builtin_ids() -> Vec<&'static str> {
 pub fn register(config: ModelConfig) -> Result<()> {
     check_identifier(&config.id)?;
     let mut user = USER.write().expect("config registry lock");
-    if builtin(&config.id).is_some() || user.iter().any(|c| c.id == config.id) {
+    if known().any(|c| c.id == config.id) || user.iter().any(|c| c.id == config.id) {
         return Err(config_error(format!(
             "a model config \"{}\" is already registered; choose another identifier",
             config.id
@@ -42,17 +58,18 @@ pub fn register(config: ModelConfig) -> Result<()> {
 
 /// Looks a config up, or fails with the closest known identifier as a suggestion.
 pub fn resolve(id: &str) -> Result<Arc<ModelConfig>> {
-    if let Some(config) = builtin(id) {
-        return Ok(config);
+    if let Some(config) = known().find(|c| c.id == id) {
+        return Ok(config.clone());
     }
     let user = USER.read().expect("config registry lock");
     if let Some(config) = user.iter().find(|c| c.id == id) {
         return Ok(config.clone());
     }
-    let known = builtins().iter().chain(user.iter()).map(|c| c.id.as_str());
-    let hint = match crate::util::nearest(id, known.clone()) {
+    let mut names: Vec<&str> = known().map(|c| c.id.as_str()).collect();
+    names.extend(user.iter().map(|c| c.id.as_str()));
+    let hint = match crate::util::nearest(id, names.iter().copied()) {
         Some(near) => format!("did you mean \"{near}\"?"),
-        None => format!("known configs: {}", known.collect::<Vec<_>>().join(", ")),
+        None => format!("known configs: {}", names.join(", ")),
     };
     Err(config_error(format!(
         "unknown model config \"{id}\"; {hint}"
@@ -62,7 +79,7 @@ pub fn resolve(id: &str) -> Result<Arc<ModelConfig>> {
 /// Every config, sorted by identifier in reverse, the order in which sd-mecha's `get_all()`
 /// returns them and so the order that breaks ties when inferring a config.
 pub fn list() -> Vec<Arc<ModelConfig>> {
-    let mut all = builtins().to_vec();
+    let mut all: Vec<Arc<ModelConfig>> = known().cloned().collect();
     all.extend(USER.read().expect("config registry lock").iter().cloned());
     all.sort_by(|a, b| b.id.cmp(&a.id));
     all

@@ -304,3 +304,56 @@ fn resolve_suggests_the_nearest_identifier() {
         err.message
     );
 }
+
+#[test]
+fn lycoris_configs_are_derived_like_sd_mecha() {
+    for (id, count) in [
+        ("sdxl-kohya_kohya_lora", 12485),
+        ("sdxl-kohya_lycoris_lora", 12485),
+        ("sdxl-kohya_but_diffusers_kohya_lora", 12485),
+        ("sdxl-kohya_but_diffusers_lycoris_lora", 12485),
+        ("sd1-kohya_kohya_lora", 4708),
+        ("sd1-kohya_lycoris_lora", 4708),
+    ] {
+        let config = resolve(id).unwrap();
+        assert_eq!(config.key_count(), count, "{id}");
+        assert!(config.keys().all(|(_, m)| m.optional), "{id}");
+    }
+    let lora = resolve("sdxl-kohya_kohya_lora").unwrap();
+    let key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.lora_up.weight";
+    assert!(lora.get(key).is_some());
+    assert_eq!(
+        lora.get("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.alpha")
+            .unwrap()
+            .shape,
+        Some(vec![])
+    );
+
+    let ids: Vec<String> = list()
+        .iter()
+        .map(|c| c.id.clone())
+        .filter(|id| !id.starts_with("test"))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "singleton-mecha",
+            "sdxl-supermerger_blocks",
+            "sdxl-sgm",
+            "sdxl-kohya_lycoris_lora",
+            "sdxl-kohya_kohya_lora",
+            "sdxl-kohya_but_diffusers_lycoris_lora",
+            "sdxl-kohya_but_diffusers_kohya_lora",
+            "sdxl-kohya_but_diffusers",
+            "sdxl-kohya",
+            "sdxl-diffusers_unet_only",
+            "sd3-comfyui",
+            "sd1-supermerger_blocks",
+            "sd1-ldm",
+            "sd1-kohya_lycoris_lora",
+            "sd1-kohya_kohya_lora",
+            "sd1-kohya",
+            "flux-flux",
+        ]
+    );
+}

@@ -2,7 +2,9 @@
 //! recipe into one small expression per output key, with shapes, dtypes and shortcuts decided
 //! before any tensor data is read. Keys that cannot be built are listed with the reason.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use indexmap::IndexSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,10 +12,13 @@ use crate::dtype::DType;
 use crate::error::{ErrorKind, MechaError, Result};
 use crate::io::reader::{SafetensorsFile, TensorEntry};
 use crate::methods::linear::{Kernel, Shortcut};
+use crate::methods::logistics::SINGLETON_CONFIG;
 use crate::methods::{Implementation, ValueType};
+use crate::model_dirs;
+use crate::recipe::inference::{self, ConfigSolution, ModelKeys, SolvedConfig};
 use crate::recipe::mecha::{self, Annotations};
 use crate::recipe::spaces::{self, RootSpace};
-use crate::recipe::{absolute_path, NodeId, NodeKind, Recipe, Scalar, Value};
+use crate::recipe::{NodeId, NodeKind, Recipe, Scalar, Value};
 
 pub type ExprId = usize;
 
@@ -132,94 +137,178 @@ impl Default for PlanOptions {
 }
 
 pub struct Plan {
-    pub recipe: Recipe,
-    pub spaces: Vec<Option<String>>,
-    pub inputs: Vec<Arc<SafetensorsFile>>,
+    pub finalized: Finalized,
     pub keys: Vec<KeyPlan>,
     pub skipped: Vec<SkippedKey>,
-    /// The recipe as `.mecha` text, with absolute paths and solved spaces.
+    /// The recipe as `.mecha` text, with absolute paths, solved configs and spaces.
     pub serialized: String,
 }
 
 impl Plan {
+    pub fn inputs(&self) -> &[Arc<SafetensorsFile>] {
+        &self.finalized.inputs
+    }
+
     pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.inputs.iter().map(|f| f.path().to_path_buf()).collect()
+        self.inputs()
+            .iter()
+            .map(|f| f.path().to_path_buf())
+            .collect()
     }
 
     pub fn output_bytes(&self) -> u64 {
         self.keys.iter().map(|k| k.byte_len() as u64).sum()
     }
+
+    /// Peak working memory of the executor, from the plan: per thread, the buffers of the
+    /// largest work unit (every intermediate of a chunk, the bytes read and written).
+    pub fn estimated_working_bytes(&self, threads: usize, chunk: usize) -> u64 {
+        let per_unit = self
+            .keys
+            .iter()
+            .map(|k| {
+                let n = k.numel().min(chunk) as u64;
+                let width = match k.compute {
+                    Compute::F32 => 4,
+                    Compute::F64 => 8,
+                };
+                k.exprs.len() as u64 * n * width
+                    + n * 8
+                    + k.dtype.byte_len(n as usize).unwrap_or(0) as u64
+            })
+            .max()
+            .unwrap_or(0);
+        per_unit * threads as u64
+    }
 }
 
-pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
-    let spaces = spaces::infer(&recipe, &options.root_space)?;
+/// A recipe with every node's merge space and model config solved and its inputs opened
+/// (headers only). Serialization and planning both start here.
+pub struct Finalized {
+    pub recipe: Recipe,
+    pub spaces: Vec<Option<String>>,
+    pub configs: ConfigSolution,
+    pub inputs: Vec<Arc<SafetensorsFile>>,
+    /// Input file of each model node.
+    pub model_input: Vec<Option<usize>>,
+}
 
-    // Open each distinct file once, in the order sd-mecha visits models.
+impl Finalized {
+    pub fn root_config(&self) -> &SolvedConfig {
+        self.configs.configs[self.recipe.root]
+            .as_ref()
+            .expect("the root is solved")
+    }
+
+    /// The recipe as `.mecha` text, as sd-mecha serializes a finalized recipe.
+    pub fn to_mecha(&self) -> String {
+        let n = self.recipe.nodes.len();
+        let mut configs = vec![None; n];
+        let mut paths = vec![None; n];
+        for (i, node) in self.recipe.nodes.iter().enumerate() {
+            if matches!(node.kind, NodeKind::Model { .. } | NodeKind::Literal { .. }) {
+                configs[i] = self.configs.configs[i].as_ref().map(|c| c.id().to_string());
+            }
+            if let Some(input) = self.model_input[i] {
+                paths[i] = Some(self.inputs[input].path().to_string_lossy().into_owned());
+            }
+        }
+        mecha::serialize(
+            &self.recipe,
+            &Annotations {
+                configs: &configs,
+                spaces: &self.spaces,
+                paths: &paths,
+            },
+        )
+    }
+}
+
+/// Solves merge spaces, opens each distinct input once and infers model configs.
+pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
+    let spaces = spaces::infer(&recipe, root_space)?;
     let mut inputs: Vec<Arc<SafetensorsFile>> = vec![];
     let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
     let mut model_input: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
-    let mut paths: Vec<Option<String>> = vec![None; recipe.nodes.len()];
+    let mut model_keys: ModelKeys = HashMap::new();
+    let mut key_sets: Vec<Arc<IndexSet<String>>> = vec![];
     for n in recipe.models() {
         let NodeKind::Model { path } = &recipe.node(n).kind else {
             unreachable!()
         };
-        let abs = absolute_path(path);
-        let index = match by_path.get(&abs) {
+        let resolved = model_dirs::resolve(path);
+        let index = match by_path.get(&resolved) {
             Some(&i) => i,
             None => {
-                let file =
-                    SafetensorsFile::open(&abs).map_err(|e| e.within_node(&recipe.trace(n)))?;
+                let file = SafetensorsFile::open(&resolved)
+                    .map_err(|e| e.within_node(&recipe.trace(n)))?;
+                key_sets.push(Arc::new(file.tensors().keys().cloned().collect()));
                 inputs.push(Arc::new(file));
-                by_path.insert(abs.clone(), inputs.len() - 1);
+                by_path.insert(resolved, inputs.len() - 1);
                 inputs.len() - 1
             }
         };
         model_input[n] = Some(index);
-        paths[n] = Some(abs.to_string_lossy().into_owned());
+        model_keys.insert(n, key_sets[index].clone());
     }
-    if inputs.is_empty() {
+    let configs = inference::infer(&recipe, &model_keys, &[SINGLETON_CONFIG])?;
+    Ok(Finalized {
+        recipe,
+        spaces,
+        configs,
+        inputs,
+        model_input,
+    })
+}
+
+pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
+    let finalized = finalize(recipe, &options.root_space)?;
+    if finalized.inputs.is_empty() {
         return Err(MechaError::recipe(
             "the recipe has no model inputs, so there are no keys to merge",
         ));
     }
-
-    // Candidate keys: every key of every input, first appearance wins the order.
-    let mut candidates: indexmap::IndexSet<&str> = indexmap::IndexSet::new();
-    for file in &inputs {
-        candidates.extend(file.tensors().keys().map(String::as_str));
-    }
-
+    let root_config = finalized.root_config();
     let ctx = Context {
-        recipe: &recipe,
-        inputs: &inputs,
-        model_input: &model_input,
+        f: &finalized,
         options,
     };
     let mut keys = vec![];
-    let mut skipped = vec![];
-    for key in candidates {
+    let mut failures: HashMap<String, String> = HashMap::new();
+    // sd-mecha writes the root config's keys that can be built, in config order.
+    for key in root_config.keys() {
         match ctx.plan_key(key)? {
             Ok(k) => keys.push(k),
-            Err(reason) => skipped.push(SkippedKey {
-                key: key.to_string(),
-                reason,
-            }),
+            Err(reason) => {
+                failures.insert(key.to_string(), reason);
+            }
         }
     }
-
-    let none = vec![None; recipe.nodes.len()];
-    let serialized = mecha::serialize(
-        &recipe,
-        &Annotations {
-            configs: &none,
-            spaces: &spaces,
-            paths: &paths,
-        },
-    );
+    // Report what an input has that the output lacks: missing elsewhere, or outside the config.
+    let written: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    let mut skipped = vec![];
+    let mut reported: HashSet<String> = HashSet::new();
+    for file in &finalized.inputs {
+        for name in file.tensors().keys() {
+            let canonical = match root_config.as_named() {
+                Some(c) => c.resolve_alias(name).unwrap_or(name),
+                None => name.as_str(),
+            };
+            if written.contains(canonical) || !reported.insert(canonical.to_string()) {
+                continue;
+            }
+            let reason = failures.get(canonical).cloned().unwrap_or_else(|| {
+                format!("not a key of the model config \"{}\"", root_config.id())
+            });
+            skipped.push(SkippedKey {
+                key: canonical.to_string(),
+                reason,
+            });
+        }
+    }
+    let serialized = finalized.to_mecha();
     Ok(Plan {
-        recipe,
-        spaces,
-        inputs,
+        finalized,
         keys,
         skipped,
         serialized,
@@ -227,9 +316,7 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
 }
 
 struct Context<'a> {
-    recipe: &'a Recipe,
-    inputs: &'a [Arc<SafetensorsFile>],
-    model_input: &'a [Option<usize>],
+    f: &'a Finalized,
     options: &'a PlanOptions,
 }
 
@@ -260,12 +347,12 @@ impl Context<'_> {
             dedup: HashMap::new(),
             memo: HashMap::new(),
         };
-        let root = match b.build(self.recipe.root, key)? {
+        let root = match b.build(self.f.recipe.root, key)? {
             Err(reason) => return Ok(Err(reason)),
             Ok(Planned::Text(_)) => {
                 return Err(
                     MechaError::recipe("the recipe's result is a text value, not tensors")
-                        .within_node(&self.recipe.node(self.recipe.root).label()),
+                        .within_node(&self.f.recipe.node(self.f.recipe.root).label()),
                 )
             }
             Ok(Planned::Expr(e)) => b.in_merge_precision(e),
@@ -359,7 +446,7 @@ impl KeyBuilder<'_> {
                 e
             };
             if e.node.is_none() {
-                e.within_node(&self.ctx.recipe.trace(node))
+                e.within_node(&self.ctx.f.recipe.trace(node))
             } else {
                 e
             }
@@ -369,13 +456,26 @@ impl KeyBuilder<'_> {
     }
 
     fn build_uncached(&mut self, node: NodeId, key: &str) -> Result<Built> {
-        let recipe = self.ctx.recipe;
+        let recipe = &self.ctx.f.recipe;
         let n = recipe.node(node);
+        let config = self.ctx.f.configs.configs[node]
+            .as_ref()
+            .expect("reachable nodes are solved");
+        let in_domain = self.ctx.f.configs.domains[node]
+            .as_ref()
+            .is_some_and(|d| d.contains(key));
+        // The names a key may have in this node's inputs: itself, then its aliases.
+        let names = || std::iter::once(key).chain(config.aliases(key).iter().map(String::as_str));
         match &n.kind {
             NodeKind::Model { .. } => {
-                let input = self.ctx.model_input[node].expect("every model was opened");
-                let file = &self.ctx.inputs[input];
-                let Some(entry) = file.entry(key) else {
+                let input = self.ctx.f.model_input[node].expect("every model was opened");
+                let file = &self.ctx.f.inputs[input];
+                let found = if in_domain {
+                    names().find_map(|name| file.entry(name))
+                } else {
+                    None
+                };
+                let Some(entry) = found else {
                     return Ok(Err(format!("missing from {}", file.path().display())));
                 };
                 let id = self.push(Expr {
@@ -389,27 +489,44 @@ impl KeyBuilder<'_> {
                 });
                 Ok(Ok(Planned::Expr(id)))
             }
-            NodeKind::Literal { entries } => match entries.get(key) {
-                None => Ok(Err(format!("missing from {}", n.label()))),
-                Some(Value::Node(child)) => self.build(*child, key),
-                Some(Value::Scalar(Scalar::Str(s))) => Ok(Ok(Planned::Text(Some(s.clone())))),
-                Some(Value::Scalar(Scalar::Null)) => Ok(Ok(Planned::Text(None))),
-                Some(Value::Scalar(s)) => {
-                    let v = s.as_f64().expect("numbers and bools convert");
-                    Ok(Ok(Planned::Expr(self.constant(v, &n.label()))))
+            NodeKind::Literal { entries } => {
+                let found = if in_domain {
+                    names().find_map(|name| entries.get(name))
+                } else {
+                    None
+                };
+                match found {
+                    None => Ok(Err(format!("missing from {}", n.label()))),
+                    Some(Value::Node(child)) => self.build(*child, key),
+                    Some(Value::Scalar(Scalar::Str(s))) => Ok(Ok(Planned::Text(Some(s.clone())))),
+                    Some(Value::Scalar(Scalar::Null)) => Ok(Ok(Planned::Text(None))),
+                    Some(Value::Scalar(s)) => {
+                        let v = s.as_f64().expect("numbers and bools convert");
+                        Ok(Ok(Planned::Expr(self.constant(v, &n.label()))))
+                    }
                 }
-            },
-            NodeKind::Merge { method, inputs } => match method.implementation {
-                Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
-                Implementation::Fallback => match self.build(inputs[0][0], key)? {
-                    Ok(p) => Ok(Ok(p)),
-                    Err(_) => self.build(inputs[1][0], key),
-                },
-                Implementation::Cast => self.build_cast(inputs, key),
-                Implementation::Elementwise(kernel) => {
-                    self.build_elementwise(node, kernel, inputs, key)
+            }
+            NodeKind::Merge { method, inputs } => {
+                // A method maps the keys of its result's config (sd-mecha's key map).
+                if !in_domain || !config.contains(key) {
+                    return Ok(Err(format!(
+                        "{} produces no key \"{key}\" for config \"{}\"",
+                        method.id,
+                        config.id()
+                    )));
                 }
-            },
+                match method.implementation {
+                    Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
+                    Implementation::Fallback => match self.build(inputs[0][0], key)? {
+                        Ok(p) => Ok(Ok(p)),
+                        Err(_) => self.build(inputs[1][0], key),
+                    },
+                    Implementation::Cast => self.build_cast(inputs, key),
+                    Implementation::Elementwise(kernel) => {
+                        self.build_elementwise(node, kernel, inputs, key)
+                    }
+                }
+            }
         }
     }
 
@@ -458,7 +575,7 @@ impl KeyBuilder<'_> {
         inputs: &[Vec<NodeId>],
         key: &str,
     ) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.recipe.node(node).kind else {
+        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else {
             unreachable!()
         };
         let mut operands = vec![];

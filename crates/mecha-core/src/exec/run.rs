@@ -248,7 +248,7 @@ fn compute_piece(
     let out_width = key.dtype.bits() / 8;
     if let Some((input, entry)) = key.passthrough() {
         // Same dtype in and out: copy bytes, no decoding.
-        let file = &plan.inputs[input];
+        let file = &plan.inputs()[input];
         let (start, len) = if entry.dtype.bits() % 8 == 0 {
             let width = entry.dtype.bits() / 8;
             (range.start * width, range.len() * width)
@@ -326,7 +326,7 @@ where
         let val = match &e.op {
             Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
             Op::Source { input, entry } => {
-                let file = &plan.inputs[*input];
+                let file = &plan.inputs()[*input];
                 let width = entry.dtype.bits() / 8;
                 let r = if broadcast { 0..1 } else { range.clone() };
                 let mut raw = std::mem::take(&mut scratch.raw);

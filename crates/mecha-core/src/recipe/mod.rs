@@ -1,6 +1,7 @@
 //! The recipe graph: models, literals and merge nodes, bound to method signatures with defaults
 //! materialised (as sd-mecha does, so serialized text lists every parameter).
 
+pub mod inference;
 pub mod mecha;
 pub mod spaces;
 pub mod wire;
@@ -14,36 +15,6 @@ use crate::methods::logistics::SINGLETON_CONFIG;
 use crate::methods::{registry, DefaultValue, MethodSpec, ParamKind};
 
 pub type NodeId = usize;
-
-/// Absolute form of a model path (symlinks resolved when the file exists), as sd-mecha writes
-/// paths into finalized recipes.
-pub fn absolute_path(path: &str) -> std::path::PathBuf {
-    let p = std::path::Path::new(path);
-    std::fs::canonicalize(p)
-        .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
-}
-
-/// The recipe as finalized `.mecha` text: merge spaces solved, model paths absolute.
-pub fn finalized_text(recipe: &Recipe, root_space: &spaces::RootSpace) -> Result<String> {
-    let spaces = spaces::infer(recipe, root_space)?;
-    let paths: Vec<Option<String>> = recipe
-        .nodes
-        .iter()
-        .map(|n| match &n.kind {
-            NodeKind::Model { path } => Some(absolute_path(path).to_string_lossy().into_owned()),
-            _ => None,
-        })
-        .collect();
-    let configs = vec![None; recipe.nodes.len()];
-    Ok(mecha::serialize(
-        recipe,
-        &mecha::Annotations {
-            configs: &configs,
-            spaces: &spaces,
-            paths: &paths,
-        },
-    ))
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Scalar {
