@@ -42,6 +42,12 @@ export declare function configKeys(id: string): Array<ConfigKeyInfo>
 /** Every model config (builtin and registered), in sd-mecha's order (reverse-sorted ids). */
 export declare function configList(): Array<ConfigInfo>
 
+/**
+ * Parses `.mecha` text into the JSON recipe form (node ids are the instruction order, children
+ * first). Throws `ParseError` / `RecipeError` naming the line and column.
+ */
+export declare function deserialize(text: string): string
+
 /** Details of a core error, as plain data. */
 export interface ErrorInfo {
   /** The TypeScript error class: `SafetensorsError`, `RecipeError`, `MergeSpaceError`, ... */
@@ -62,6 +68,9 @@ export interface FileInfo {
   tensors: Array<TensorInfo>
   metadata: Record<string, string>
 }
+
+/** The model config sd-mecha's rules infer for a file, or `null` for an unknown architecture. */
+export declare function inferConfig(path: string): string | null
 
 /** Reads and validates a safetensors header. */
 export declare function inspect(path: string): FileInfo
@@ -138,6 +147,29 @@ export interface ParamInfo {
   kind: string
   hasDefault: boolean
   default?: number | boolean | string | null | undefined
+}
+
+/** Plans a merge without reading tensor data: configs, spaces, kept and skipped keys, memory. */
+export declare function plan(recipeJson: string, options: NativeMergeOptions): PlanInfo
+
+/** What a merge would do, decided from headers only. */
+export interface PlanInfo {
+  /** Solved config of the result (`structural` for unknown architectures). */
+  config: string
+  mergeSpace: string
+  inputs: Array<PlanInput>
+  keys: number
+  outputBytes: number
+  keysSkipped: Array<SkippedKeyInfo>
+  threads: number
+  /** Working memory of the merge threads (buffers), excluding the process itself. */
+  estimatedWorkingBytes: number
+  recipe: string
+}
+
+export interface PlanInput {
+  path: string
+  config: string
 }
 
 export interface ProgressInfo {

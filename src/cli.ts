@@ -1,17 +1,21 @@
 #!/usr/bin/env node
 /** The `mecha` command line. */
-import { readFileSync } from 'node:fs'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { basename, extname } from 'node:path'
-import { MechaError } from './errors'
+import native = require('./native')
+import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
 import { mergeWire, type MergeReport, type Progress } from './merge'
+import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
 import type { MergeSpace } from './recipe'
 
 const HELP = `mecha: merge and convert safetensors models with sd-mecha recipes
 
 Usage:
-  mecha merge <recipe.json> -o <out.safetensors> [options]
+  mecha merge <recipe.mecha|recipe.json> -o <out.safetensors> [options]
+  mecha plan <recipe> [--json]              dry run: configs, spaces, keys kept/skipped, memory
+  mecha serialize <recipe> [-o out.mecha]   finalized .mecha text (configs inferred, paths absolute)
   mecha info <file.safetensors> [--json] [--keys]
   mecha --help | --version
 
@@ -24,10 +28,12 @@ merge options:
       --json                   print the report as JSON
   -q, --quiet                  no progress bar
 
-A JSON recipe lists nodes; arguments refer to earlier nodes by index:
+Recipes are .mecha files (sd-mecha's format) or JSON, which lists nodes; arguments refer to
+earlier nodes by index:
   {"nodes": [{"model": "a.safetensors"}, {"model": "b.safetensors"},
              {"merge": "weighted_sum", "args": [{"node": 0}, {"node": 1}], "kwargs": {"alpha": 0.3}}]}
 Relative model paths are resolved against the current directory.
+
 `
 
 type Flags = Record<string, string | true>
@@ -91,10 +97,18 @@ function printReport(report: MergeReport) {
   }
 }
 
+/** A recipe file in the JSON form the native layer reads. */
 function readRecipe(path: string): string {
   const ext = extname(path).toLowerCase()
-  if (ext !== '.json') throw new UsageError(`cannot read recipe ${basename(path)}: use a .json recipe file`)
-  return readFileSync(path, 'utf8')
+  const text = readFileSync(path, 'utf8')
+  if (ext === '.mecha') return callNative(() => native.deserialize(text))
+  if (ext === '.json') return text
+  throw new UsageError(`cannot read recipe ${basename(path)}: use a .mecha or .json file`)
+}
+
+function strictSpace(flags: Flags): MergeSpace | null | undefined {
+  const strict = flags['strict-merge-space'] as string | undefined
+  return strict === 'any' ? null : (strict as MergeSpace | undefined)
 }
 
 async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
@@ -104,7 +118,6 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   if (typeof output !== 'string') throw new UsageError('merge needs -o <out.safetensors>')
   const threads = flags.threads === undefined ? 0 : Number(flags.threads)
   if (!Number.isInteger(threads) || threads < 0) throw new UsageError('--threads must be a non-negative integer')
-  const strict = flags['strict-merge-space'] as string | undefined
   const showProgress = process.stderr.isTTY && !flags.quiet && !flags.json
   const controller = new AbortController()
   const onSigint = () => {
@@ -119,7 +132,7 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
       threads,
       mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
       outputDtype: flags['output-dtype'] as DtypeName | undefined,
-      strictMergeSpace: strict === 'any' ? null : (strict as MergeSpace | undefined),
+      strictMergeSpace: strictSpace(flags),
       onProgress: showProgress ? progressBar() : undefined,
       signal: controller.signal,
     })) as MergeReport
@@ -130,6 +143,42 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   } finally {
     process.off('SIGINT', onSigint)
   }
+}
+
+function cmdPlan(positional: string[], flags: Flags): number {
+  const [recipePath] = positional
+  if (!recipePath) throw new UsageError('plan needs a recipe file')
+  const threads = flags.threads === undefined ? 0 : Number(flags.threads)
+  const report = planWire(readRecipe(recipePath), {
+    threads,
+    mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
+    outputDtype: flags['output-dtype'] as DtypeName | undefined,
+    strictMergeSpace: strictSpace(flags),
+  })
+  if (flags.json) {
+    console.log(JSON.stringify(report, null, 2))
+    return 0
+  }
+  console.log(`result: model config ${report.config}, merge space ${report.mergeSpace}`)
+  for (const input of report.inputs) console.log(`  input ${input.path} (${input.config})`)
+  console.log(`keys: ${report.keys} written (${fmtBytes(report.outputBytes)}), ${report.keysSkipped.length} skipped`)
+  for (const s of report.keysSkipped.slice(0, 20)) console.log(`    ${s.key}: ${s.reason}`)
+  if (report.keysSkipped.length > 20) console.log(`    … and ${report.keysSkipped.length - 20} more (see --json)`)
+  console.log(
+    `estimated working memory: ${fmtBytes(report.estimatedWorkingBytes)} with ${report.threads} threads (plus the process)`,
+  )
+  console.log(`recipe:\n${report.recipe.replace(/^/gm, '  ')}`)
+  return 0
+}
+
+function cmdSerialize(positional: string[], flags: Flags): number {
+  const [recipePath] = positional
+  if (!recipePath) throw new UsageError('serialize needs a recipe file')
+  const strict = strictSpace(flags)
+  const text = callNative(() => native.serialize(readRecipe(recipePath), strict === null ? 'any' : strict))
+  if (typeof flags.output === 'string') writeFileSync(flags.output, text)
+  else console.log(text)
+  return 0
 }
 
 function cmdInfo(positional: string[], flags: Flags): number {
@@ -174,6 +223,10 @@ async function main(argv: string[]): Promise<number> {
       return cmdMerge(rest, flags)
     case 'info':
       return cmdInfo(rest, flags)
+    case 'plan':
+      return cmdPlan(rest, flags)
+    case 'serialize':
+      return cmdSerialize(rest, flags)
     default:
       throw new UsageError(`unknown command "${command}"`)
   }

@@ -23,6 +23,8 @@ export interface FileInfo {
   dtypes: Partial<Record<SafetensorsDtype, number>>
   /** The `.mecha` recipe that produced the file, when it was made by sd-mecha or this library. */
   recipe?: string
+  /** The model config sd-mecha's rules infer from the keys; `null` for an unknown architecture. */
+  config: string | null
 }
 
 /** Reads and validates a safetensors header. Throws `SafetensorsError` for invalid files. */
@@ -31,5 +33,6 @@ export function inspect(path: string): FileInfo {
   const tensors = info.tensors as TensorInfo[]
   const dtypes: Partial<Record<SafetensorsDtype, number>> = {}
   for (const t of tensors) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1
-  return { ...info, tensors, dtypes, recipe: info.metadata['mecha_recipe'] }
+  const config = callNative(() => native.inferConfig(path)) ?? null
+  return { ...info, tensors, dtypes, recipe: info.metadata['mecha_recipe'], config }
 }

@@ -110,7 +110,7 @@ export function callMethod(
 // ---------------------------------------------------------------------------------------------
 // The JSON form the native core reads (see crates/mecha-core/src/recipe/wire.rs).
 
-type WireValue = number | boolean | string | null | { int: number } | { node: number }
+type WireValue = number | boolean | string | null | { int: number } | { float: string } | { node: number }
 type WireNode =
   | { model: string; config?: string; mergeSpace?: string }
   | { literal: WireValue | Record<string, WireValue>; config?: string; mergeSpace?: string }
@@ -168,4 +168,31 @@ export function toWire(root: RecipeInput): WireRecipe {
 
   const top = root instanceof RecipeNode ? root : literal(isDict(root) ? root : (root as Scalar))
   return { nodes, root: visit(top) }
+}
+
+/** Rebuilds node objects from the JSON form (as `deserialize` returns it). */
+export function fromWire(wire: WireRecipe): RecipeNode {
+  const built: RecipeNode[] = []
+  const value = (v: WireValue): Scalar | RecipeNode => {
+    if (v === null || typeof v !== 'object') return v
+    if ('node' in v) return built[v.node]
+    if ('int' in v) return new Int(v.int)
+    return Number(v.float === 'inf' ? Infinity : v.float === '-inf' ? -Infinity : NaN)
+  }
+  for (const n of wire.nodes) {
+    if ('model' in n) {
+      built.push(new ModelNode(n.model, n.config, (n.mergeSpace ?? 'weight') as MergeSpace))
+    } else if ('literal' in n) {
+      const v = n.literal
+      const dict: LiteralDict | Scalar =
+        v !== null && typeof v === 'object' && !('node' in v || 'int' in v || 'float' in v)
+          ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, value(x)]))
+          : (value(v as WireValue) as Scalar)
+      built.push(new LiteralNode(dict, n.config, n.mergeSpace as MergeSpace | undefined))
+    } else {
+      const kwargs = Object.fromEntries(Object.entries(n.kwargs).map(([k, x]) => [k, value(x)]))
+      built.push(new MergeNode(n.merge, n.args.map(value), kwargs))
+    }
+  }
+  return built[wire.root]
 }

@@ -125,6 +125,18 @@ pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
     })
 }
 
+/// The model config sd-mecha's rules infer for a file, or `null` for an unknown architecture.
+#[napi]
+pub fn infer_config(env: Env, path: String) -> napi::Result<Option<String>> {
+    let run = || -> mecha_core::Result<Option<String>> {
+        let mut b = mecha_core::recipe::RecipeBuilder::new();
+        let node = b.model(&path, None, Some("weight"));
+        let f = mecha_core::exec::plan::finalize(b.finish(node)?, &RootSpace::default())?;
+        Ok(f.root_config().as_named().map(|c| c.id.clone()))
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Method registry
 
@@ -318,6 +330,67 @@ pub fn serialize(
     let run = || -> mecha_core::Result<String> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
         Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// Parses `.mecha` text into the JSON recipe form (node ids are the instruction order, children
+/// first). Throws `ParseError` / `RecipeError` naming the line and column.
+#[napi]
+pub fn deserialize(env: Env, text: String) -> napi::Result<String> {
+    let recipe = mecha_core::recipe::parse::parse(&text).map_err(|e| throw(&env, &e))?;
+    Ok(mecha_core::recipe::wire::to_json(&recipe).to_string())
+}
+
+#[napi(object)]
+pub struct PlanInput {
+    pub path: String,
+    pub config: String,
+}
+
+/// What a merge would do, decided from headers only.
+#[napi(object)]
+pub struct PlanInfo {
+    /// Solved config of the result (`structural` for unknown architectures).
+    pub config: String,
+    pub merge_space: String,
+    pub inputs: Vec<PlanInput>,
+    pub keys: u32,
+    pub output_bytes: f64,
+    pub keys_skipped: Vec<SkippedKeyInfo>,
+    pub threads: u32,
+    /// Working memory of the merge threads (buffers), excluding the process itself.
+    pub estimated_working_bytes: f64,
+    pub recipe: String,
+}
+
+/// Plans a merge without reading tensor data: configs, spaces, kept and skipped keys, memory.
+#[napi]
+pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi::Result<PlanInfo> {
+    let run = || -> mecha_core::Result<PlanInfo> {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        let options = merge_options(options)?;
+        let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
+        let f = &plan.finalized;
+        let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
+        let inputs = (0..f.recipe.nodes.len())
+            .filter_map(|n| f.model_input[n].map(|i| (n, i)))
+            .map(|(n, i)| PlanInput {
+                path: f.inputs[i].path().display().to_string(),
+                config: f.configs.configs[n].as_ref().map_or("", |c| c.id()).to_string(),
+            })
+            .collect();
+        Ok(PlanInfo {
+            config: f.root_config().id().to_string(),
+            merge_space: f.spaces[f.recipe.root].clone().unwrap_or_default(),
+            inputs,
+            keys: plan.keys.len() as u32,
+            output_bytes: plan.output_bytes() as f64,
+            keys_skipped: plan.skipped.iter().map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() }).collect(),
+            threads: threads as u32,
+            estimated_working_bytes: plan.estimated_working_bytes(threads, options.chunk) as f64,
+            recipe: plan.serialized.clone(),
+        })
     };
     run().map_err(|e| throw(&env, &e))
 }

@@ -3,6 +3,7 @@
 
 pub mod inference;
 pub mod mecha;
+pub mod parse;
 pub mod spaces;
 pub mod wire;
 

@@ -9,15 +9,17 @@
 //!   "root": 2 }
 //! ```
 //!
-//! Values are JSON numbers (floats), `{ "int": 3 }`, strings, booleans, `null`, or `{ "node": i }`
-//! referring to an earlier entry of `nodes`. `root` defaults to the last node.
+//! Values are JSON numbers (floats), `{ "int": 3 }`, `{ "float": "inf" | "-inf" | "nan" }`,
+//! strings, booleans, `null`, or `{ "node": i }` referring to an earlier entry of `nodes`.
+//! `root` defaults to the last node.
 
 use indexmap::IndexMap;
 use serde_json::Value as Json;
 
 use crate::error::{ErrorKind, MechaError, Result};
 use crate::methods::logistics::SINGLETON_CONFIG;
-use crate::recipe::{Arg, NodeId, Recipe, RecipeBuilder, Scalar, Value};
+use crate::methods::ParamKind;
+use crate::recipe::{Arg, NodeId, NodeKind, Recipe, RecipeBuilder, Scalar, Value};
 
 fn parse_error(msg: impl Into<String>) -> MechaError {
     MechaError::new(ErrorKind::Recipe, msg)
@@ -47,6 +49,12 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
                     "{at}: reference to node {i}, which is not defined before this point"
                 ))
             })?)
+        }
+        Json::Object(o) if o.len() == 1 && o.contains_key("float") => {
+            let f = o["float"].as_str().and_then(|s| s.parse::<f64>().ok()).filter(|f| !f.is_finite());
+            Parsed::Scalar(Scalar::Float(
+                f.ok_or_else(|| parse_error(format!("{at}: \"float\" holds \"inf\", \"-inf\" or \"nan\"")))?,
+            ))
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("int") => {
             let i = match &o["int"] {
@@ -170,7 +178,7 @@ fn literal(
     at: &str,
 ) -> Result<NodeId> {
     if let Json::Object(o) = value {
-        let is_tagged = o.len() == 1 && (o.contains_key("node") || o.contains_key("int"));
+        let is_tagged = o.len() == 1 && ["node", "int", "float"].iter().any(|t| o.contains_key(*t));
         if !is_tagged {
             let mut entries = IndexMap::new();
             for (k, v) in o {
@@ -199,4 +207,63 @@ fn literal(
     } else {
         b.merge("convert_singleton", vec![Arg::Node(node)], vec![])
     }
+}
+
+fn scalar_json(s: &Scalar) -> Json {
+    match s {
+        Scalar::Null => Json::Null,
+        Scalar::Bool(b) => Json::Bool(*b),
+        Scalar::Int(i) => serde_json::json!({ "int": i }),
+        Scalar::Float(f) if f.is_finite() => serde_json::json!(f),
+        Scalar::Float(f) => serde_json::json!({ "float": f.to_string().to_lowercase().replace("infinity", "inf") }),
+        Scalar::Str(s) => Json::String(s.clone()),
+    }
+}
+
+/// The JSON form of a bound recipe (node ids are kept: children come first).
+pub fn to_json(recipe: &Recipe) -> Json {
+    let node_ref = |id: &usize| serde_json::json!({ "node": id });
+    let with_hints = |mut o: serde_json::Map<String, Json>, n: &crate::recipe::Node| {
+        if let Some(c) = &n.config {
+            o.insert("config".into(), c.clone().into());
+        }
+        if let Some(s) = &n.merge_space {
+            o.insert("mergeSpace".into(), s.clone().into());
+        }
+        Json::Object(o)
+    };
+    let nodes: Vec<Json> = recipe
+        .nodes
+        .iter()
+        .map(|n| match &n.kind {
+            NodeKind::Model { path } => with_hints(serde_json::Map::from_iter([("model".into(), path.clone().into())]), n),
+            NodeKind::Literal { entries } => {
+                let value: serde_json::Map<String, Json> = entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Value::Scalar(s) => scalar_json(s),
+                            Value::Node(id) => node_ref(id),
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect();
+                with_hints(serde_json::Map::from_iter([("literal".into(), Json::Object(value))]), n)
+            }
+            NodeKind::Merge { method, inputs } => {
+                let mut args = vec![];
+                let mut kwargs = serde_json::Map::new();
+                for (param, ids) in method.params.iter().zip(inputs) {
+                    match param.kind {
+                        ParamKind::KeywordOnly => {
+                            kwargs.insert(param.name.clone(), node_ref(&ids[0]));
+                        }
+                        _ => args.extend(ids.iter().map(node_ref)),
+                    }
+                }
+                serde_json::json!({ "merge": method.id, "args": args, "kwargs": kwargs })
+            }
+        })
+        .collect();
+    serde_json::json!({ "nodes": nodes, "root": recipe.root })
 }

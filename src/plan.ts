@@ -1,0 +1,41 @@
+/** Dry runs: what a merge would do, from headers only. */
+import native = require('./native')
+import { native as callNative } from './errors'
+import { toWire, type RecipeInput } from './recipe'
+import type { MergeOptions, SkippedKey } from './merge'
+
+export interface PlanReport {
+  /** Model config of the result (`'structural'` for an unknown architecture). */
+  config: string
+  mergeSpace: string
+  /** Each model input with the config inferred for it. */
+  inputs: { path: string; config: string }[]
+  keys: number
+  outputBytes: number
+  keysSkipped: SkippedKey[]
+  threads: number
+  /** Working memory of the merge threads, excluding the process itself. */
+  estimatedWorkingBytes: number
+  /** The finalized `.mecha` text. */
+  recipe: string
+}
+
+/** Plans a merge without reading tensor data. */
+export function plan(
+  recipe: RecipeInput,
+  options: Pick<MergeOptions, 'threads' | 'mergeDtype' | 'outputDtype' | 'strictMergeSpace' | 'chunkElements'> = {},
+): PlanReport {
+  return planWire(JSON.stringify(toWire(recipe)), options)
+}
+
+export function planWire(wire: string, options: Parameters<typeof plan>[1] = {}): PlanReport {
+  return callNative(() =>
+    native.plan(wire, {
+      threads: options.threads,
+      mergeDtype: options.mergeDtype,
+      outputDtype: options.outputDtype,
+      strictMergeSpace: options.strictMergeSpace === null ? 'any' : options.strictMergeSpace,
+      chunk: options.chunkElements,
+    }),
+  )
+}
