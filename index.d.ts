@@ -43,6 +43,15 @@ export declare function configKeys(id: string): Array<ConfigKeyInfo>
 export declare function configList(): Array<ConfigInfo>
 
 /**
+ * Registers a model config from YAML in sd-mecha's format (JSON, a subset of YAML, works too).
+ * `id` names it like sd-mecha's file stem; without it the `identifier` field is used.
+ */
+export declare function configRegister(yaml: string, id?: string | undefined | null): string
+
+/** The conversion methods that take a recipe to a config (or to another recipe's config). */
+export declare function conversionPath(recipeJson: string, targetConfig?: string | undefined | null, targetJson?: string | undefined | null): Array<string>
+
+/**
  * Parses `.mecha` text into the JSON recipe form (node ids are the instruction order, children
  * first). Throws `ParseError` / `RecipeError` naming the line and column.
  */
@@ -74,6 +83,57 @@ export declare function inferConfig(path: string): string | null
 
 /** Reads and validates a safetensors header. */
 export declare function inspect(path: string): FileInfo
+
+/** One parameter's value: exactly one field is set (`isNull` for a null text value). */
+export interface JsMethodArg {
+  tensor?: Float32Array
+  tensors?: Array<Float32Array>
+  number?: number
+  text?: string
+  isNull: boolean
+}
+
+/** One call of a JavaScript method, as JavaScript receives it. */
+export interface JsMethodCall {
+  context: number
+  /** Index of the node in the JSON recipe (absent for nodes created while binding). */
+  node?: number
+  key: string
+  shape: Array<number>
+  offset: number
+  length: number
+  args: Array<JsMethodArg>
+}
+
+export interface JsMethodSpec {
+  id: string
+  description: string
+  params: Array<JsParamSpec>
+  returnType: string
+  /** Absent = the method's own merge-space variable. */
+  returnMergeSpace?: string
+  returnModelConfig?: string
+  elementwise: boolean
+  isConversion: boolean
+  /** Output key → keys of the first input (from `mapKeys`). */
+  routes?: Record<string, Array<string>>
+}
+
+export interface JsParamSpec {
+  name: string
+  /** `Tensor`, `float`, `int`, `bool`, `str` or `T`. */
+  type: string
+  stateDict: boolean
+  /** Allowed spaces; absent = the method's own merge-space variable. */
+  mergeSpace?: Array<string>
+  modelConfig?: string
+  /** `positional`, `varargs` or `keyword`. */
+  kind: string
+  hasDefault: boolean
+  default?: number | boolean | string | null | undefined
+  /** With `default` a number: write it as an integer in `.mecha` text. */
+  defaultIsInt?: boolean
+}
 
 /**
  * Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
@@ -114,6 +174,13 @@ export interface MethodInfo {
 /** Every registered merge method with its signature, for builders, docs and UIs. */
 export declare function methods(): Array<MethodInfo>
 
+/** Adds a folder searched for models given by relative path. */
+export declare function modelDirsAdd(path: string): void
+
+export declare function modelDirsClear(): void
+
+export declare function modelDirsList(): Array<string>
+
 export interface NativeMergeOptions {
   /** Output file; absent → tensors are returned in memory. */
   output?: string
@@ -127,6 +194,8 @@ export interface NativeMergeOptions {
   chunk?: number
   /** Minimum milliseconds between progress callbacks. */
   progressIntervalMs?: number
+  /** Passed to JavaScript merge methods with every call, to tell concurrent merges apart. */
+  context?: number
 }
 
 export interface OutputTensorInfo {
@@ -180,6 +249,12 @@ export interface ProgressInfo {
   elapsedSeconds: number
   key: string
 }
+
+/**
+ * Registers a merge method implemented by a JavaScript function; it then works in recipes,
+ * `.mecha` text and `methods()` like a builtin.
+ */
+export declare function registerMethod(spec: JsMethodSpec, callback: (call: JsMethodCall) => Float32Array | number): void
 
 /**
  * Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved

@@ -2,7 +2,7 @@
 import native = require('./native')
 import { AbortError, errorFromNative, native as callNative } from './errors'
 import { typedArray, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
-import { toWire, type MergeSpace, type RecipeInput } from './recipe'
+import { toWireWithNodes, type MergeSpace, type RecipeInput, type RecipeNode } from './recipe'
 
 export interface Progress {
   keysDone: number
@@ -74,13 +74,28 @@ function strictSpace(s: MergeSpace | null | undefined): string | undefined {
 export function merge(recipe: RecipeInput, options: MergeOptions & { output: string }): Promise<MergeReport>
 export function merge(recipe: RecipeInput, options?: MergeOptions & { output?: undefined }): Promise<MergedModel>
 export function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<MergeReport | MergedModel> {
-  return mergeWire(JSON.stringify(toWire(recipe)), options)
+  const { wire, objects } = toWireWithNodes(recipe)
+  return mergeWire(JSON.stringify(wire), options, objects)
+}
+
+/** Node objects of the merges in progress, by context id, so JavaScript methods find their node. */
+const running = new Map<number, readonly (RecipeNode | undefined)[]>()
+let nextContext = 1
+
+export function runningNode(context: number, node: number): RecipeNode | undefined {
+  return running.get(context)?.[node]
 }
 
 /** `merge()` for a recipe already in its JSON form (as the CLI reads it from a file). */
-export async function mergeWire(wire: string, options: MergeOptions): Promise<MergeReport | MergedModel> {
+export async function mergeWire(
+  wire: string,
+  options: MergeOptions,
+  objects: readonly (RecipeNode | undefined)[] = [],
+): Promise<MergeReport | MergedModel> {
   const { signal, onProgress } = options
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
+  const context = nextContext++
+  running.set(context, objects)
   const token = new native.CancelToken()
   const onAbort = () => token.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
@@ -108,6 +123,7 @@ export async function mergeWire(wire: string, options: MergeOptions): Promise<Me
           strictMergeSpace: strictSpace(options.strictMergeSpace),
           chunk: options.chunkElements,
           progressIntervalMs: options.progressIntervalMs,
+          context,
         },
         token,
         progress,
@@ -124,5 +140,6 @@ export async function mergeWire(wire: string, options: MergeOptions): Promise<Me
     return result
   } finally {
     signal?.removeEventListener('abort', onAbort)
+    running.delete(context)
   }
 }

@@ -61,6 +61,20 @@ export function subtract(a: RecipeInput, b: RecipeInput): MergeNode {
   return callMethod('subtract', [a, b], {})
 }
 
+export interface ClampOptions {
+  stiffness?: RecipeInput
+}
+/**
+ * `clamp`: a limited to the range spanned by the bounds; stiffness pulls the range toward the bounds' mean.
+ * @param a Tensor, same space as the result
+ * @param bounds Tensor[], same space as the result
+ * @param options.stiffness float, param (default 0)
+ * @returns Tensor in same space as the result
+ */
+export function clamp(a: RecipeInput, bounds: readonly RecipeInput[], options: ClampOptions = {}): MergeNode {
+  return callMethod('clamp', [a, ...bounds], { stiffness: options.stiffness })
+}
+
 /**
  * `fallback`: a where it has the key, otherwise default (the `or` operator).
  * @param a T, same space as the result
@@ -84,4 +98,24 @@ export interface CastOptions {
  */
 export function cast(a: RecipeInput, options: CastOptions = {}): MergeNode {
   return callMethod('cast', [a], { device: options.device, dtype: options.dtype })
+}
+
+/**
+ * `pick_component`: Keeps only the keys of one component of a's model config (e.g. "unet", "clip_l").
+ * @param a T, same space as the result
+ * @param component str, param
+ * @returns T in same space as the result
+ */
+export function pickComponent(a: RecipeInput, component: string | null | RecipeNode): MergeNode {
+  return callMethod('pick_component', [a, component], {})
+}
+
+/**
+ * `omit_component`: Drops the keys of one component of a's model config.
+ * @param a T, same space as the result
+ * @param component str, param
+ * @returns T in same space as the result
+ */
+export function omitComponent(a: RecipeInput, component: string | null | RecipeNode): MergeNode {
+  return callMethod('omit_component', [a, component], {})
 }

@@ -121,12 +121,23 @@ export interface WireRecipe {
   root: number
 }
 
+/** The JSON form plus, for each wire node, the node object it came from (dict literals have none). */
+export interface WireWithNodes {
+  wire: WireRecipe
+  objects: (RecipeNode | undefined)[]
+}
+
 function isDict(v: unknown): v is LiteralDict {
   return typeof v === 'object' && v !== null && !(v instanceof RecipeNode) && !(v instanceof Int)
 }
 
 export function toWire(root: RecipeInput): WireRecipe {
+  return toWireWithNodes(root).wire
+}
+
+export function toWireWithNodes(root: RecipeInput): WireWithNodes {
   const nodes: WireNode[] = []
+  const objects: (RecipeNode | undefined)[] = []
   const ids = new Map<RecipeNode, number>()
 
   const scalar = (v: Scalar): WireValue => {
@@ -136,7 +147,10 @@ export function toWire(root: RecipeInput): WireRecipe {
   }
   const dict = (d: LiteralDict): Record<string, WireValue> =>
     Object.fromEntries(Object.entries(d).map(([k, v]) => [k, v instanceof RecipeNode ? { node: visit(v) } : scalar(v)]))
-  const push = (n: WireNode) => nodes.push(n) - 1
+  const push = (n: WireNode, object?: RecipeNode) => {
+    objects.push(object)
+    return nodes.push(n) - 1
+  }
   const value = (v: RecipeInput): WireValue => {
     if (v instanceof RecipeNode) return { node: visit(v) }
     if (isDict(v)) return { node: push({ literal: dict(v) }) }
@@ -161,13 +175,14 @@ export function toWire(root: RecipeInput): WireRecipe {
     } else {
       throw new TypeError('unknown recipe node')
     }
-    const id = push(wire)
+    const id = push(wire, node)
     ids.set(node, id)
     return id
   }
 
   const top = root instanceof RecipeNode ? root : literal(isDict(root) ? root : (root as Scalar))
-  return { nodes, root: visit(top) }
+  const rootId = visit(top)
+  return { wire: { nodes, root: rootId }, objects }
 }
 
 /** Rebuilds node objects from the JSON form (as `deserialize` returns it). */

@@ -11,7 +11,11 @@ use mecha_core::exec::plan::{MergeDtype, PlanOptions};
 use mecha_core::exec::run::{Progress, ProgressSink};
 use mecha_core::exec::{MergeOptions, MergeReport, OutputTarget};
 use mecha_core::io::reader::SafetensorsFile;
-use mecha_core::methods::{registry, DefaultValue, MethodSpec, ParamKind, SpaceSpec};
+use mecha_core::methods::{
+    registry, DefaultValue, ExternalArg, ExternalCall, ExternalKernel, ExternalMethod,
+    ExternalRoutes, Implementation, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec,
+    ValueType,
+};
 use mecha_core::recipe::spaces::RootSpace;
 use mecha_core::{DType, MechaError};
 use napi::bindgen_prelude::*;
@@ -308,6 +312,63 @@ pub fn config_keys(env: Env, id: String) -> napi::Result<Vec<ConfigKeyInfo>> {
         .collect())
 }
 
+/// Registers a model config from YAML in sd-mecha's format (JSON, a subset of YAML, works too).
+/// `id` names it like sd-mecha's file stem; without it the `identifier` field is used.
+#[napi]
+pub fn config_register(env: Env, yaml: String, id: Option<String>) -> napi::Result<String> {
+    let run = || -> mecha_core::Result<String> {
+        let config = mecha_core::configs::from_yaml(&yaml, id.as_deref())?;
+        let id = config.id.clone();
+        mecha_core::configs::register(config)?;
+        Ok(id)
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// Adds a folder searched for models given by relative path.
+#[napi]
+pub fn model_dirs_add(path: String) {
+    mecha_core::model_dirs::add(std::path::Path::new(&path));
+}
+
+#[napi]
+pub fn model_dirs_list() -> Vec<String> {
+    mecha_core::model_dirs::list()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+#[napi]
+pub fn model_dirs_clear() {
+    mecha_core::model_dirs::clear();
+}
+
+/// The conversion methods that take a recipe to a config (or to another recipe's config).
+#[napi]
+pub fn conversion_path(
+    env: Env,
+    recipe_json: String,
+    target_config: Option<String>,
+    target_json: Option<String>,
+) -> napi::Result<Vec<String>> {
+    use mecha_core::exec::convert::{conversion_path, Target};
+    let run = || -> mecha_core::Result<Vec<String>> {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        let target = match (target_config, target_json) {
+            (Some(id), _) => Target::Config(id),
+            (None, Some(json)) => Target::Like(mecha_core::recipe::wire::from_json(&json)?),
+            (None, None) => {
+                return Err(MechaError::recipe(
+                    "convert() needs a target config or recipe",
+                ))
+            }
+        };
+        conversion_path(&recipe, &target)
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Merging
 
@@ -372,12 +433,19 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
         let options = merge_options(options)?;
         let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
         let f = &plan.finalized;
-        let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
+        let threads = if options.threads == 0 {
+            mecha_core::exec::run::auto_threads()
+        } else {
+            options.threads
+        };
         let inputs = (0..f.recipe.nodes.len())
             .filter_map(|n| f.model_input[n].map(|i| (n, i)))
             .map(|(n, i)| PlanInput {
                 path: f.inputs[i].path().display().to_string(),
-                config: f.configs.configs[n].as_ref().map_or("", |c| c.id()).to_string(),
+                config: f.configs.configs[n]
+                    .as_ref()
+                    .map_or("", |c| c.id())
+                    .to_string(),
             })
             .collect();
         Ok(PlanInfo {
@@ -386,7 +454,14 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
             inputs,
             keys: plan.keys.len() as u32,
             output_bytes: plan.output_bytes() as f64,
-            keys_skipped: plan.skipped.iter().map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() }).collect(),
+            keys_skipped: plan
+                .skipped
+                .iter()
+                .map(|s| SkippedKeyInfo {
+                    key: s.key.clone(),
+                    reason: s.reason.clone(),
+                })
+                .collect(),
             threads: threads as u32,
             estimated_working_bytes: plan.estimated_working_bytes(threads, options.chunk) as f64,
             recipe: plan.serialized.clone(),
@@ -441,6 +516,8 @@ pub struct NativeMergeOptions {
     pub chunk: Option<u32>,
     /// Minimum milliseconds between progress callbacks.
     pub progress_interval_ms: Option<u32>,
+    /// Passed to JavaScript merge methods with every call, to tell concurrent merges apart.
+    pub context: Option<u32>,
 }
 
 #[napi(object)]
@@ -552,6 +629,7 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
             None => OutputTarget::Memory,
         },
         threads: options.threads.unwrap_or(0) as usize,
+        host_context: options.context.unwrap_or(0) as u64,
         chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
         progress_interval: options
             .progress_interval_ms
@@ -676,4 +754,269 @@ pub fn write_random_model(
         tensors: planned,
         seed: seed as u64,
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge methods written in JavaScript
+
+#[napi(object)]
+pub struct JsParamSpec {
+    pub name: String,
+    /// `Tensor`, `float`, `int`, `bool`, `str` or `T`.
+    #[napi(js_name = "type")]
+    pub value_type: String,
+    pub state_dict: bool,
+    /// Allowed spaces; absent = the method's own merge-space variable.
+    pub merge_space: Option<Vec<String>>,
+    pub model_config: Option<String>,
+    /// `positional`, `varargs` or `keyword`.
+    pub kind: String,
+    pub has_default: bool,
+    #[napi(ts_type = "number | boolean | string | null | undefined")]
+    pub default: Option<serde_json::Value>,
+    /// With `default` a number: write it as an integer in `.mecha` text.
+    pub default_is_int: Option<bool>,
+}
+
+#[napi(object)]
+pub struct JsMethodSpec {
+    pub id: String,
+    pub description: String,
+    pub params: Vec<JsParamSpec>,
+    #[napi(js_name = "returnType")]
+    pub return_type: String,
+    /// Absent = the method's own merge-space variable.
+    pub return_merge_space: Option<String>,
+    pub return_model_config: Option<String>,
+    pub elementwise: bool,
+    pub is_conversion: bool,
+    /// Output key → keys of the first input (from `mapKeys`).
+    pub routes: Option<HashMap<String, Vec<String>>>,
+}
+
+/// One call of a JavaScript method, as JavaScript receives it.
+#[napi(object)]
+pub struct JsMethodCall {
+    pub context: u32,
+    /// Index of the node in the JSON recipe (absent for nodes created while binding).
+    pub node: Option<u32>,
+    pub key: String,
+    pub shape: Vec<i64>,
+    pub offset: f64,
+    pub length: f64,
+    pub args: Vec<JsMethodArg>,
+}
+
+/// One parameter's value: exactly one field is set (`isNull` for a null text value).
+#[napi(object)]
+pub struct JsMethodArg {
+    pub tensor: Option<Float32Array>,
+    pub tensors: Option<Vec<Float32Array>>,
+    pub number: Option<f64>,
+    pub text: Option<String>,
+    pub is_null: bool,
+}
+
+type JsMethodFn =
+    ThreadsafeFunction<JsMethodCall, Either<Float32Array, f64>, JsMethodCall, Status, false, true>;
+
+struct JsKernel {
+    id: String,
+    function: JsMethodFn,
+}
+
+fn js_arg(arg: ExternalArg, len: usize) -> JsMethodArg {
+    let empty = JsMethodArg {
+        tensor: None,
+        tensors: None,
+        number: None,
+        text: None,
+        is_null: false,
+    };
+    match arg {
+        ExternalArg::Tensor(t) => JsMethodArg {
+            tensor: Some(Float32Array::new(t.to_vec())),
+            ..empty
+        },
+        ExternalArg::Number(n) => JsMethodArg {
+            number: Some(n),
+            ..empty
+        },
+        ExternalArg::Text(Some(t)) => JsMethodArg {
+            text: Some(t.to_string()),
+            ..empty
+        },
+        ExternalArg::Text(None) => JsMethodArg {
+            is_null: true,
+            ..empty
+        },
+        ExternalArg::Tensors(items) => {
+            // Broadcast numbers inside a list are filled out, so the list is uniform.
+            let arrays = items
+                .into_iter()
+                .map(|a| match a {
+                    ExternalArg::Tensor(t) => Float32Array::new(t.to_vec()),
+                    ExternalArg::Number(n) => Float32Array::new(vec![n as f32; len]),
+                    _ => Float32Array::new(vec![]),
+                })
+                .collect();
+            JsMethodArg {
+                tensors: Some(arrays),
+                ..empty
+            }
+        }
+    }
+}
+
+impl ExternalKernel for JsKernel {
+    fn call(&self, call: ExternalCall<'_>) -> mecha_core::Result<Vec<f32>> {
+        let len = call.len;
+        let js = JsMethodCall {
+            context: call.context as u32,
+            node: call.node.map(|n| n as u32),
+            key: call.key.to_string(),
+            shape: call.shape.iter().map(|&d| d as i64).collect(),
+            offset: call.offset as f64,
+            length: len as f64,
+            args: call.args.into_iter().map(|a| js_arg(a, len)).collect(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let status = self.function.call_with_return_value(
+            js,
+            ThreadsafeFunctionCallMode::Blocking,
+            move |ret, _| {
+                let values = ret.map(|r| match r {
+                    Either::A(array) => array.to_vec(),
+                    Either::B(number) => vec![number as f32; len],
+                });
+                let _ = tx.send(values);
+                Ok(())
+            },
+        );
+        let failed = |why: String| {
+            MechaError::recipe(format!(
+                "merge method {} failed on key \"{}\": {why}",
+                self.id, call.key
+            ))
+        };
+        if status != Status::Ok {
+            return Err(failed(format!(
+                "the JavaScript function could not be called ({status})"
+            )));
+        }
+        rx.recv()
+            .map_err(|_| failed("the JavaScript function never returned".into()))?
+            .map_err(|e| failed(e.reason.clone()))
+    }
+}
+
+fn param_spec(p: JsParamSpec) -> mecha_core::Result<ParamSpec> {
+    let value_type = match p.value_type.as_str() {
+        "Tensor" => ValueType::Tensor,
+        "float" => ValueType::Float,
+        "int" => ValueType::Int,
+        "bool" => ValueType::Bool,
+        "str" => ValueType::Str,
+        "T" => ValueType::Any,
+        other => {
+            return Err(MechaError::recipe(format!(
+                "parameter \"{}\": unknown type \"{other}\"",
+                p.name
+            )))
+        }
+    };
+    let kind = match p.kind.as_str() {
+        "positional" => ParamKind::Positional,
+        "varargs" => ParamKind::VarPositional,
+        "keyword" => ParamKind::KeywordOnly,
+        other => {
+            return Err(MechaError::recipe(format!(
+                "parameter \"{}\": unknown kind \"{other}\"",
+                p.name
+            )))
+        }
+    };
+    let default = if !p.has_default {
+        None
+    } else {
+        Some(match p.default {
+            None | Some(serde_json::Value::Null) => DefaultValue::Null,
+            Some(serde_json::Value::Bool(b)) => DefaultValue::Bool(b),
+            Some(serde_json::Value::String(s)) => DefaultValue::Str(s),
+            Some(serde_json::Value::Number(n)) if p.default_is_int == Some(true) => {
+                DefaultValue::Int(n.as_f64().unwrap_or(0.0) as i64)
+            }
+            Some(serde_json::Value::Number(n)) => DefaultValue::Float(n.as_f64().unwrap_or(0.0)),
+            Some(other) => {
+                return Err(MechaError::recipe(format!(
+                    "parameter \"{}\": unsupported default {other}",
+                    p.name
+                )))
+            }
+        })
+    };
+    Ok(ParamSpec {
+        name: p.name,
+        value_type,
+        state_dict: p.state_dict,
+        space: p.merge_space.map_or(SpaceSpec::Symbol, SpaceSpec::Fixed),
+        config: p.model_config,
+        kind,
+        default,
+    })
+}
+
+/// Registers a merge method implemented by a JavaScript function; it then works in recipes,
+/// `.mecha` text and `methods()` like a builtin.
+#[napi]
+pub fn register_method(
+    env: Env,
+    spec: JsMethodSpec,
+    #[napi(ts_arg_type = "(call: JsMethodCall) => Float32Array | number")] callback: JsMethodFn,
+) -> napi::Result<()> {
+    let run = || -> mecha_core::Result<()> {
+        let params = spec
+            .params
+            .into_iter()
+            .map(param_spec)
+            .collect::<mecha_core::Result<Vec<_>>>()?;
+        let returns = ReturnSpec {
+            value_type: param_spec(JsParamSpec {
+                name: "return".into(),
+                value_type: spec.return_type,
+                state_dict: false,
+                merge_space: None,
+                model_config: None,
+                kind: "positional".into(),
+                has_default: false,
+                default: None,
+                default_is_int: None,
+            })?
+            .value_type,
+            space: spec
+                .return_merge_space
+                .map_or(SpaceSpec::Symbol, |s| SpaceSpec::Fixed(vec![s])),
+            config: spec.return_model_config,
+        };
+        let kernel = Arc::new(JsKernel {
+            id: spec.id.clone(),
+            function: callback,
+        });
+        let method = MethodSpec {
+            id: spec.id,
+            description: spec.description,
+            params,
+            returns,
+            implementation: Implementation::External(Arc::new(ExternalMethod {
+                kernel,
+                elementwise: spec.elementwise,
+                routes: spec.routes.map(|routes| ExternalRoutes {
+                    routes: routes.into_iter().collect(),
+                }),
+            })),
+            is_conversion: spec.is_conversion,
+        };
+        registry().register(method)
+    };
+    run().map_err(|e| throw(&env, &e))
 }

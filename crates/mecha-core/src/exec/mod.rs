@@ -1,5 +1,6 @@
 //! Planning and running a merge, end to end.
 
+pub mod convert;
 pub mod memory;
 pub mod plan;
 pub mod run;
@@ -30,6 +31,8 @@ pub struct MergeOptions {
     pub threads: usize,
     pub chunk: usize,
     pub progress_interval: Duration,
+    /// Handed to external methods with every call (see `ExternalCall::context`).
+    pub host_context: u64,
 }
 
 impl Default for MergeOptions {
@@ -40,6 +43,7 @@ impl Default for MergeOptions {
             threads: 0,
             chunk: run::DEFAULT_CHUNK,
             progress_interval: Duration::from_millis(100),
+            host_context: 0,
         }
     }
 }
@@ -115,6 +119,7 @@ pub fn merge(
     let run_options = RunOptions {
         threads: options.threads,
         chunk: options.chunk,
+        host_context: options.host_context,
         cancel,
         progress,
         progress_interval: options.progress_interval,

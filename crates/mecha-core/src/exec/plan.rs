@@ -13,7 +13,7 @@ use crate::error::{ErrorKind, MechaError, Result};
 use crate::io::reader::{SafetensorsFile, TensorEntry};
 use crate::methods::linear::{Kernel, Shortcut};
 use crate::methods::logistics::SINGLETON_CONFIG;
-use crate::methods::{Implementation, ValueType};
+use crate::methods::{ExternalMethod, Implementation, ParamKind, ValueType};
 use crate::model_dirs;
 use crate::recipe::inference::{self, ConfigSolution, ModelKeys, SolvedConfig};
 use crate::recipe::mecha::{self, Annotations};
@@ -40,6 +40,46 @@ pub enum Op {
         dtype: DType,
         arg: ExprId,
     },
+    /// A host-supplied method (JavaScript), called with every parameter's value.
+    External {
+        method: Arc<ExternalMethod>,
+        node: NodeId,
+        args: Vec<ExternalOperand>,
+    },
+}
+
+/// A parameter of an external call, as planned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExternalOperand {
+    Tensor(ExprId),
+    /// Varargs, or several keys of a routed input.
+    Tensors(Vec<ExprId>),
+    Text(Option<String>),
+}
+
+impl Op {
+    /// The expressions this one reads.
+    pub fn operands(&self) -> Vec<ExprId> {
+        match self {
+            Op::Apply { args, .. } => args.clone(),
+            Op::Round { arg, .. } => vec![*arg],
+            Op::External { args, .. } => args
+                .iter()
+                .flat_map(|a| match a {
+                    ExternalOperand::Tensor(e) => vec![*e],
+                    ExternalOperand::Tensors(es) => es.clone(),
+                    ExternalOperand::Text(_) => vec![],
+                })
+                .collect(),
+            Op::Source { .. } | Op::Constant(_) => vec![],
+        }
+    }
+}
+
+impl PartialEq for ExternalMethod {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +131,8 @@ pub struct KeyPlan {
     /// Children come before their parents; `root` is the last one evaluated.
     pub exprs: Vec<Expr>,
     pub root: ExprId,
+    /// Every operation is elementwise, so the key can be computed in chunks.
+    pub chunkable: bool,
 }
 
 impl KeyPlan {
@@ -224,10 +266,16 @@ impl Finalized {
     }
 }
 
-/// Solves merge spaces, opens each distinct input once and infers model configs.
-pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
-    let spaces = spaces::infer(&recipe, root_space)?;
-    let mut inputs: Vec<Arc<SafetensorsFile>> = vec![];
+/// The distinct input files of a recipe, opened once (headers only).
+pub struct Inputs {
+    pub files: Vec<Arc<SafetensorsFile>>,
+    /// Input file of each model node.
+    pub model_input: Vec<Option<usize>>,
+    pub model_keys: ModelKeys,
+}
+
+pub fn open_inputs(recipe: &Recipe) -> Result<Inputs> {
+    let mut files: Vec<Arc<SafetensorsFile>> = vec![];
     let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
     let mut model_input: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
     let mut model_keys: ModelKeys = HashMap::new();
@@ -243,20 +291,35 @@ pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
                 let file = SafetensorsFile::open(&resolved)
                     .map_err(|e| e.within_node(&recipe.trace(n)))?;
                 key_sets.push(Arc::new(file.tensors().keys().cloned().collect()));
-                inputs.push(Arc::new(file));
-                by_path.insert(resolved, inputs.len() - 1);
-                inputs.len() - 1
+                files.push(Arc::new(file));
+                by_path.insert(resolved, files.len() - 1);
+                files.len() - 1
             }
         };
         model_input[n] = Some(index);
         model_keys.insert(n, key_sets[index].clone());
     }
+    Ok(Inputs {
+        files,
+        model_input,
+        model_keys,
+    })
+}
+
+/// Solves merge spaces, opens each distinct input once and infers model configs.
+pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
+    let spaces = spaces::infer(&recipe, root_space)?;
+    let Inputs {
+        files,
+        model_input,
+        model_keys,
+    } = open_inputs(&recipe)?;
     let configs = inference::infer(&recipe, &model_keys, &[SINGLETON_CONFIG])?;
     Ok(Finalized {
         recipe,
         spaces,
         configs,
-        inputs,
+        inputs: files,
         model_input,
     })
 }
@@ -378,6 +441,10 @@ impl Context<'_> {
         } else {
             Compute::F32
         };
+        let chunkable = b.exprs.iter().all(|e| match &e.op {
+            Op::External { method, .. } => method.elementwise,
+            _ => true,
+        });
         Ok(Ok(KeyPlan {
             name: key.to_string(),
             shape,
@@ -385,6 +452,7 @@ impl Context<'_> {
             compute,
             exprs: b.exprs,
             root,
+            chunkable,
         }))
     }
 }
@@ -515,19 +583,176 @@ impl KeyBuilder<'_> {
                         config.id()
                     )));
                 }
-                match method.implementation {
+                match &method.implementation {
                     Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
+                    Implementation::Route(table) => match table.routes.get(key) {
+                        Some(input_key) => self.build(inputs[0][0], input_key),
+                        None => Ok(Err(format!(
+                            "{} has no source key for \"{key}\"",
+                            method.id
+                        ))),
+                    },
+                    Implementation::Component { omit } => self.build_component(inputs, key, *omit),
                     Implementation::Fallback => match self.build(inputs[0][0], key)? {
                         Ok(p) => Ok(Ok(p)),
                         Err(_) => self.build(inputs[1][0], key),
                     },
                     Implementation::Cast => self.build_cast(inputs, key),
+                    Implementation::External(external) => {
+                        self.build_external(node, external, inputs, key)
+                    }
                     Implementation::Elementwise(kernel) => {
-                        self.build_elementwise(node, kernel, inputs, key)
+                        self.build_elementwise(node, *kernel, inputs, key)
                     }
                 }
             }
         }
+    }
+
+    fn build_external(
+        &mut self,
+        node: NodeId,
+        external: &Arc<ExternalMethod>,
+        inputs: &[Vec<NodeId>],
+        key: &str,
+    ) -> Result<Built> {
+        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else {
+            unreachable!()
+        };
+        let mut args = vec![];
+        let mut tensors = vec![];
+        for (i, (param, children)) in method.params.iter().zip(inputs).enumerate() {
+            // The first input of a routed method reads the keys its table names.
+            let keys: Vec<&str> = match (&external.routes, i) {
+                (Some(r), 0) => match r.routes.get(key) {
+                    Some(keys) => keys.iter().map(String::as_str).collect(),
+                    None => {
+                        return Ok(Err(format!(
+                            "{} has no source keys for \"{key}\"",
+                            method.id
+                        )))
+                    }
+                },
+                _ => vec![key],
+            };
+            let mut exprs = vec![];
+            for &child in children {
+                for &k in &keys {
+                    match self.build(child, k)? {
+                        Err(why) => return Ok(Err(why)),
+                        Ok(Planned::Text(t)) if param.value_type == ValueType::Str => {
+                            args.push(ExternalOperand::Text(t))
+                        }
+                        Ok(Planned::Text(_)) => {
+                            return Err(MechaError::recipe(format!(
+                                "{}: \"{}\" expects {}, but received text",
+                                method.id,
+                                param.name,
+                                param.value_type.name()
+                            )))
+                        }
+                        Ok(Planned::Expr(e)) => exprs.push(e),
+                    }
+                }
+            }
+            tensors.extend(
+                exprs
+                    .iter()
+                    .copied()
+                    .filter(|&e| self.exprs[e].shape.is_some()),
+            );
+            let many = param.kind == ParamKind::VarPositional || keys.len() > 1;
+            match (many, exprs.as_slice()) {
+                (true, _) => args.push(ExternalOperand::Tensors(exprs)),
+                (false, [e]) => args.push(ExternalOperand::Tensor(*e)),
+                (false, _) => {}
+            }
+        }
+        // Elementwise results have their inputs' shape; others the shape the result's config
+        // gives the key, else the first input's.
+        let first = tensors
+            .first()
+            .map(|&e| (self.exprs[e].shape.clone(), self.exprs[e].dtype));
+        let config = self.ctx.f.configs.configs[node]
+            .as_ref()
+            .expect("reachable nodes are solved");
+        let configured = config
+            .as_named()
+            .and_then(|c| c.get(key))
+            .and_then(|m| m.shape.clone());
+        let first_shape = first.as_ref().and_then(|(s, _)| s.clone());
+        let shape = if external.elementwise {
+            first_shape
+        } else {
+            configured.or(first_shape)
+        };
+        if let (true, Some(s)) = (external.elementwise, &shape) {
+            let mismatch = tensors.iter().find(|&&e| {
+                self.exprs[e]
+                    .shape
+                    .as_ref()
+                    .is_some_and(|t| t != s && t.iter().product::<usize>() != 1)
+            });
+            if let Some(&bad) = mismatch {
+                return Err(MechaError::new(
+                    ErrorKind::Shape,
+                    format!(
+                        "{}: shapes differ for key \"{}\": {s:?}, but {} has {:?}",
+                        method.id, self.key, self.exprs[bad].origin, self.exprs[bad].shape
+                    ),
+                ));
+            }
+        }
+        let id = self.push(Expr {
+            op: Op::External {
+                method: external.clone(),
+                node,
+                args,
+            },
+            shape,
+            dtype: first.and_then(|(_, d)| d),
+            origin: method.id.clone(),
+        });
+        Ok(Ok(Planned::Expr(id)))
+    }
+
+    fn build_component(&mut self, inputs: &[Vec<NodeId>], key: &str, omit: bool) -> Result<Built> {
+        let name = match self.build(inputs[1][0], key)? {
+            Err(why) => return Ok(Err(why)),
+            Ok(Planned::Text(Some(name))) => name,
+            Ok(_) => {
+                return Err(MechaError::recipe(
+                    "\"component\" must be a component name such as \"diffuser\"",
+                ))
+            }
+        };
+        let source = inputs[0][0];
+        let config = self.ctx.f.configs.configs[source]
+            .as_ref()
+            .expect("reachable nodes are solved");
+        let Some(config) = config.as_named() else {
+            return Err(MechaError::new(
+                ErrorKind::Config,
+                "components are defined by a model config, but this input's architecture is unknown (structural); \
+                 give the model its config",
+            ));
+        };
+        let Some(component) = config.components().get(&name) else {
+            let valid: Vec<&str> = config.components().keys().map(String::as_str).collect();
+            return Err(MechaError::recipe(format!(
+                "component \"{name}\" does not exist in config \"{}\"; valid components: {}",
+                config.id,
+                valid.join(", ")
+            )));
+        };
+        if component.keys.contains_key(key) == omit {
+            let verb = if omit { "omitted" } else { "not picked" };
+            return Ok(Err(format!(
+                "in component \"{}\", {verb}",
+                config.component_of(key).unwrap_or("?")
+            )));
+        }
+        self.build(source, key)
     }
 
     fn build_cast(&mut self, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {

@@ -4,6 +4,7 @@
 //! O(threads × chunk × inputs), whatever the model size, and the output bytes do not depend on
 //! the thread count.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -13,8 +14,9 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
-use crate::exec::plan::{Compute, KeyPlan, Op, Plan};
+use crate::exec::plan::{Compute, Expr, ExprId, ExternalOperand, KeyPlan, Op, Plan};
 use crate::kernels::{Operand, Real};
+use crate::methods::{ExternalArg, ExternalCall, ExternalMethod};
 
 /// Elements per chunk: small enough that a chunk's buffers for several inputs stay in L2.
 pub const DEFAULT_CHUNK: usize = 1 << 15;
@@ -50,6 +52,8 @@ pub struct RunStats {
 pub struct RunOptions<'a> {
     pub threads: usize,
     pub chunk: usize,
+    /// Passed to external (host) methods so the host can tell concurrent merges apart.
+    pub host_context: u64,
     pub cancel: &'a AtomicBool,
     pub progress: Option<&'a dyn ProgressSink>,
     pub progress_interval: Duration,
@@ -65,8 +69,8 @@ fn units(plan: &Plan, chunk: usize) -> (Vec<Unit>, Vec<usize>) {
     let mut batch_len = 0;
     for (k, key) in plan.keys.iter().enumerate() {
         let n = key.numel();
-        // Sub-byte dtypes are only ever copied whole, so they are never split.
-        if n <= chunk || key.dtype.bits() % 8 != 0 {
+        // Sub-byte dtypes are only ever copied whole, and whole-tensor methods need it all.
+        if n <= chunk || key.dtype.bits() % 8 != 0 || !key.chunkable {
             batch.push((k, 0..n));
             pieces[k] = 1;
             batch_len += n.max(1);
@@ -114,6 +118,12 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         sink: options.progress,
         interval: options.progress_interval,
     };
+    let worker = Worker {
+        plan,
+        sink,
+        bytes_read: &tracker.bytes_read,
+        host_context: options.host_context,
+    };
     pool.install(|| {
         units
             .par_iter()
@@ -123,22 +133,16 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
                         return Err(MechaError::aborted());
                     }
                     let key = &plan.keys[*k];
-                    let written = compute_piece(
-                        plan,
-                        key,
-                        *k,
-                        range.clone(),
-                        sink,
-                        scratch,
-                        &tracker.bytes_read,
-                    )
-                    .map_err(|e| {
-                        if e.key.is_none() {
-                            e.with_key(&key.name)
-                        } else {
-                            e
-                        }
-                    })?;
+                    let written =
+                        worker
+                            .compute_piece(*k, range.clone(), scratch)
+                            .map_err(|e| {
+                                if e.key.is_none() {
+                                    e.with_key(&key.name)
+                                } else {
+                                    e
+                                }
+                            })?;
                     tracker.piece_done(*k, &key.name, written);
                 }
                 Ok(())
@@ -235,47 +239,6 @@ macro_rules! pool_impl {
 pool_impl!(f32, f32s);
 pool_impl!(f64, f64s);
 
-/// Computes elements `range` of one key and writes them. Returns the bytes written.
-fn compute_piece(
-    plan: &Plan,
-    key: &KeyPlan,
-    k: usize,
-    range: Range<usize>,
-    sink: &dyn TensorSink,
-    scratch: &mut Scratch,
-    bytes_read: &AtomicU64,
-) -> Result<u64> {
-    let out_width = key.dtype.bits() / 8;
-    if let Some((input, entry)) = key.passthrough() {
-        // Same dtype in and out: copy bytes, no decoding.
-        let file = &plan.inputs()[input];
-        let (start, len) = if entry.dtype.bits() % 8 == 0 {
-            let width = entry.dtype.bits() / 8;
-            (range.start * width, range.len() * width)
-        } else {
-            (0, entry.byte_len) // sub-byte dtypes arrive as one whole piece
-        };
-        let mut raw = std::mem::take(&mut scratch.raw);
-        raw.resize(len, 0);
-        let result = file
-            .read(entry, start, &mut raw)
-            .and_then(|()| sink.write(k, start, &raw));
-        scratch.raw = raw;
-        result?;
-        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        return Ok(len as u64);
-    }
-    let mut out = std::mem::take(&mut scratch.bytes);
-    out.resize(range.len() * out_width, 0);
-    match key.compute {
-        Compute::F32 => evaluate::<f32>(plan, key, range.clone(), scratch, &mut out, bytes_read)?,
-        Compute::F64 => evaluate::<f64>(plan, key, range.clone(), scratch, &mut out, bytes_read)?,
-    }
-    let result = sink.write(k, range.start * out_width, &out);
-    scratch.bytes = out;
-    result.map(|()| (range.len() * out_width) as u64)
-}
-
 enum Val<T> {
     Scalar(T),
     Buf(Vec<T>),
@@ -293,115 +256,229 @@ fn round_to<T: Real>(dtype: DType, values: &mut [T]) {
     T::decode(dtype, &bytes, values);
 }
 
-fn evaluate<T: Real>(
-    plan: &Plan,
-    key: &KeyPlan,
-    range: Range<usize>,
-    scratch: &mut Scratch,
-    out: &mut [u8],
-    bytes_read: &AtomicU64,
-) -> Result<()>
-where
-    Scratch: Pool<T>,
-{
-    let n = range.len();
-    let key_numel = key.numel();
-    // Free each buffer after its last reader.
-    let mut last_use = vec![0usize; key.exprs.len()];
-    for (i, e) in key.exprs.iter().enumerate() {
-        match &e.op {
-            Op::Apply { args, .. } => args.iter().for_each(|&a| last_use[a] = i),
-            Op::Round { arg, .. } => last_use[*arg] = i,
-            _ => {}
-        }
-    }
-    last_use[key.root] = usize::MAX;
+/// What every work unit of one run shares.
+struct Worker<'a> {
+    plan: &'a Plan,
+    sink: &'a dyn TensorSink,
+    bytes_read: &'a AtomicU64,
+    host_context: u64,
+}
 
-    let mut vals: Vec<Option<Val<T>>> = (0..key.exprs.len()).map(|_| None).collect();
-    for (i, e) in key.exprs.iter().enumerate() {
-        let broadcast = e
-            .shape
-            .as_ref()
-            .is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
-        let val = match &e.op {
-            Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
-            Op::Source { input, entry } => {
-                let file = &plan.inputs()[*input];
+impl Worker<'_> {
+    /// Computes elements `range` of key `k` and writes them. Returns the bytes written.
+    fn compute_piece(&self, k: usize, range: Range<usize>, scratch: &mut Scratch) -> Result<u64> {
+        let (plan, sink, bytes_read, key) =
+            (self.plan, self.sink, self.bytes_read, &self.plan.keys[k]);
+        let out_width = key.dtype.bits() / 8;
+        if let Some((input, entry)) = key.passthrough() {
+            // Same dtype in and out: copy bytes, no decoding.
+            let file = &plan.inputs()[input];
+            let (start, len) = if entry.dtype.bits() % 8 == 0 {
                 let width = entry.dtype.bits() / 8;
-                let r = if broadcast { 0..1 } else { range.clone() };
-                let mut raw = std::mem::take(&mut scratch.raw);
-                raw.resize(r.len() * width, 0);
-                let read = file.read(entry, r.start * width, &mut raw);
-                let mut buf = scratch.take(r.len());
-                T::decode(entry.dtype, &raw, &mut buf);
-                bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
-                scratch.raw = raw;
-                read?;
-                if broadcast {
-                    let v = buf[0];
-                    scratch.give(buf);
-                    Val::Scalar(v)
-                } else {
-                    Val::Buf(buf)
-                }
+                (range.start * width, range.len() * width)
+            } else {
+                (0, entry.byte_len) // sub-byte dtypes arrive as one whole piece
+            };
+            let mut raw = std::mem::take(&mut scratch.raw);
+            raw.resize(len, 0);
+            let result = file
+                .read(entry, start, &mut raw)
+                .and_then(|()| sink.write(k, start, &raw));
+            scratch.raw = raw;
+            result?;
+            bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(len as u64);
+        }
+        let mut out = std::mem::take(&mut scratch.bytes);
+        out.resize(range.len() * out_width, 0);
+        match key.compute {
+            Compute::F32 => self.evaluate::<f32>(key, range.clone(), scratch, &mut out)?,
+            Compute::F64 => self.evaluate::<f64>(key, range.clone(), scratch, &mut out)?,
+        }
+        let result = sink.write(k, range.start * out_width, &out);
+        scratch.bytes = out;
+        result.map(|()| (range.len() * out_width) as u64)
+    }
+    fn evaluate<T: Real>(
+        &self,
+        key: &KeyPlan,
+        range: Range<usize>,
+        scratch: &mut Scratch,
+        out: &mut [u8],
+    ) -> Result<()>
+    where
+        Scratch: Pool<T>,
+    {
+        let (plan, bytes_read) = (self.plan, self.bytes_read);
+        let n = range.len();
+        let key_numel = key.numel();
+        // Free each buffer after its last reader.
+        let mut last_use = vec![0usize; key.exprs.len()];
+        for (i, e) in key.exprs.iter().enumerate() {
+            for a in e.op.operands() {
+                last_use[a] = i;
             }
-            Op::Round { dtype, arg } => match vals[*arg].as_ref().expect("children evaluate first")
-            {
-                Val::Scalar(v) => {
-                    let mut one = [*v];
-                    round_to(*dtype, &mut one);
-                    Val::Scalar(one[0])
+        }
+        last_use[key.root] = usize::MAX;
+
+        let mut vals: Vec<Option<Val<T>>> = (0..key.exprs.len()).map(|_| None).collect();
+        for (i, e) in key.exprs.iter().enumerate() {
+            let broadcast = e
+                .shape
+                .as_ref()
+                .is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
+            let val = match &e.op {
+                Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
+                Op::Source { input, entry } => {
+                    let file = &plan.inputs()[*input];
+                    let width = entry.dtype.bits() / 8;
+                    let r = if broadcast { 0..1 } else { range.clone() };
+                    let mut raw = std::mem::take(&mut scratch.raw);
+                    raw.resize(r.len() * width, 0);
+                    let read = file.read(entry, r.start * width, &mut raw);
+                    let mut buf = scratch.take(r.len());
+                    T::decode(entry.dtype, &raw, &mut buf);
+                    bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
+                    scratch.raw = raw;
+                    read?;
+                    if broadcast {
+                        let v = buf[0];
+                        scratch.give(buf);
+                        Val::Scalar(v)
+                    } else {
+                        Val::Buf(buf)
+                    }
                 }
-                Val::Buf(b) => {
+                Op::Round { dtype, arg } => {
+                    match vals[*arg].as_ref().expect("children evaluate first") {
+                        Val::Scalar(v) => {
+                            let mut one = [*v];
+                            round_to(*dtype, &mut one);
+                            Val::Scalar(one[0])
+                        }
+                        Val::Buf(b) => {
+                            let mut buf = scratch.take(n);
+                            buf.copy_from_slice(b);
+                            round_to(*dtype, &mut buf);
+                            Val::Buf(buf)
+                        }
+                    }
+                }
+                Op::External { method, node, args } => {
+                    let result = self.call_external(
+                        method,
+                        *node,
+                        args,
+                        &vals,
+                        &key.name,
+                        e,
+                        range.start..range.start + n,
+                    )?;
                     let mut buf = scratch.take(n);
-                    buf.copy_from_slice(b);
-                    round_to(*dtype, &mut buf);
+                    for (o, v) in buf.iter_mut().zip(result) {
+                        *o = T::from_f64(v as f64);
+                    }
                     Val::Buf(buf)
                 }
-            },
-            Op::Apply { kernel, args } => {
-                let mut result = scratch.take(n);
-                {
-                    let operands: Vec<Operand<T>> = args
-                        .iter()
-                        .map(
-                            |&a| match vals[a].as_ref().expect("children evaluate first") {
-                                Val::Scalar(v) => Operand::Scalar(*v),
-                                Val::Buf(b) => Operand::Slice(b.as_slice()),
-                            },
-                        )
-                        .collect();
-                    kernel.apply(&operands, &mut result);
+                Op::Apply { kernel, args } => {
+                    let mut result = scratch.take(n);
+                    {
+                        let operands: Vec<Operand<T>> = args
+                            .iter()
+                            .map(
+                                |&a| match vals[a].as_ref().expect("children evaluate first") {
+                                    Val::Scalar(v) => Operand::Scalar(*v),
+                                    Val::Buf(b) => Operand::Slice(b.as_slice()),
+                                },
+                            )
+                            .collect();
+                        kernel.apply(&operands, &mut result);
+                    }
+                    Val::Buf(result)
                 }
-                Val::Buf(result)
-            }
-        };
-        vals[i] = Some(val);
-        // Release operands whose last reader was this expression.
-        let children: &[usize] = match &e.op {
-            Op::Apply { args, .. } => args,
-            Op::Round { arg, .. } => std::slice::from_ref(arg),
-            _ => &[],
-        };
-        for &c in children {
-            if last_use[c] == i {
-                if let Some(Val::Buf(b)) = vals[c].take() {
-                    scratch.give(b);
+            };
+            vals[i] = Some(val);
+            // Release operands whose last reader was this expression.
+            for c in e.op.operands() {
+                if last_use[c] == i {
+                    if let Some(Val::Buf(b)) = vals[c].take() {
+                        scratch.give(b);
+                    }
                 }
             }
         }
-    }
-    match vals[key.root].take().expect("root evaluated") {
-        Val::Buf(b) => {
-            T::encode(key.dtype, &b, out);
-            scratch.give(b);
+        match vals[key.root].take().expect("root evaluated") {
+            Val::Buf(b) => {
+                T::encode(key.dtype, &b, out);
+                scratch.give(b);
+            }
+            Val::Scalar(v) => {
+                let mut buf = scratch.take(n);
+                buf.fill(v);
+                T::encode(key.dtype, &buf, out);
+                scratch.give(buf);
+            }
         }
-        Val::Scalar(v) => {
-            let mut buf = scratch.take(n);
-            buf.fill(v);
-            T::encode(key.dtype, &buf, out);
-            scratch.give(buf);
-        }
+        Ok(())
     }
-    Ok(())
+
+    /// Calls a host method with its operands' values (in f32, the hosts' type) and checks the
+    /// length of what it returns.
+    #[allow(clippy::too_many_arguments)]
+    fn call_external<T: Real>(
+        &self,
+        method: &ExternalMethod,
+        node: usize,
+        args: &[ExternalOperand],
+        vals: &[Option<Val<T>>],
+        key: &str,
+        expr: &Expr,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let (offset, len) = (range.start, range.len());
+        let val = |id: ExprId| vals[id].as_ref().expect("children evaluate first");
+        // f64 buffers are converted once, up front, so the call can borrow them.
+        let f32s: HashMap<ExprId, std::borrow::Cow<[f32]>> = expr
+            .op
+            .operands()
+            .into_iter()
+            .filter_map(|id| match val(id) {
+                Val::Buf(b) => Some((id, T::to_f32(b))),
+                Val::Scalar(_) => None,
+            })
+            .collect();
+        let arg = |id: ExprId| match val(id) {
+            Val::Scalar(v) => ExternalArg::Number(v.to_f64()),
+            Val::Buf(_) => ExternalArg::Tensor(&f32s[&id]),
+        };
+        let call_args = args
+            .iter()
+            .map(|a| match a {
+                ExternalOperand::Tensor(id) => arg(*id),
+                ExternalOperand::Tensors(ids) => {
+                    ExternalArg::Tensors(ids.iter().map(|&id| arg(id)).collect())
+                }
+                ExternalOperand::Text(t) => ExternalArg::Text(t.as_deref()),
+            })
+            .collect();
+        let shape = expr.shape.clone().unwrap_or_default();
+        let call = ExternalCall {
+            context: self.host_context,
+            key,
+            node: self.plan.finalized.recipe.source_index[node],
+            shape: &shape,
+            offset,
+            len,
+            args: call_args,
+        };
+        let result = method.kernel.call(call)?;
+        if result.len() != len {
+            return Err(MechaError::recipe(format!(
+            "{} returned {} values for key \"{key}\", but {len} were expected (shape {shape:?})",
+            expr.origin,
+            result.len(),
+        )));
+        }
+        Ok(result)
+    }
 }

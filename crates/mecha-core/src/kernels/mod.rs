@@ -31,6 +31,8 @@ pub trait Real:
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn decode(dtype: DType, src: &[u8], out: &mut [Self]);
     fn encode(dtype: DType, src: &[Self], out: &mut [u8]);
+    /// The values as f32 (borrowed when they already are).
+    fn to_f32(values: &[Self]) -> std::borrow::Cow<'_, [f32]>;
 }
 
 impl Real for f32 {
@@ -59,6 +61,9 @@ impl Real for f32 {
     fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
         convert::encode_f32(dtype, src, out)
     }
+    fn to_f32(values: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(values)
+    }
 }
 
 impl Real for f64 {
@@ -86,6 +91,9 @@ impl Real for f64 {
     }
     fn encode(dtype: DType, src: &[f64], out: &mut [u8]) {
         convert::encode_f64(dtype, src, out)
+    }
+    fn to_f32(values: &[f64]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(values.iter().map(|&v| v as f32).collect())
     }
 }
 

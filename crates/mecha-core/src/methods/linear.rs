@@ -17,6 +17,8 @@ pub enum Kernel {
     Scale,
     /// `[a, b]` → a − b
     Subtract,
+    /// `[a, bound…, stiffness]` → a limited to the bounds' range (`clamp`)
+    Clamp,
 }
 
 /// A result that needs no arithmetic, decided from scalar hyper-parameters before reading data.
@@ -50,6 +52,7 @@ impl Kernel {
             Kernel::WeightedSum | Kernel::AddDifference | Kernel::Subtract => 0..2,
             Kernel::Scale => 0..1,
             Kernel::NAverage => 0..count,
+            Kernel::Clamp => 0..count - 1,
         }
     }
 
@@ -80,6 +83,7 @@ impl Kernel {
             Kernel::AddDifference => map3(out, x[0], x[1], x[2], |a, b, w| a + b * w),
             Kernel::Scale => map2(out, x[0], x[1], |a, w| a * w),
             Kernel::Subtract => map2(out, x[0], x[1], |a, b| a - b),
+            Kernel::Clamp => super::limiting::clamp(x, out),
             Kernel::NAverage => {
                 map2(out, x[0], Operand::Scalar(T::ZERO), |a, _| a);
                 for (i, m) in x.iter().enumerate().skip(1) {

@@ -36,6 +36,22 @@ pub fn methods() -> Vec<MethodSpec> {
             is_conversion: false,
         },
         MethodSpec {
+            id: "pick_component".into(),
+            description: "Keeps only the keys of one component of a's model config (e.g. \"unet\", \"clip_l\").".into(),
+            params: vec![same_space("a", Any).state_dict(), input("component", Str, SpaceSpec::fixed(&["param"]))],
+            returns: returns(Any, SpaceSpec::Symbol),
+            implementation: Implementation::Component { omit: false },
+            is_conversion: false,
+        },
+        MethodSpec {
+            id: "omit_component".into(),
+            description: "Drops the keys of one component of a's model config.".into(),
+            params: vec![same_space("a", Any).state_dict(), input("component", Str, SpaceSpec::fixed(&["param"]))],
+            returns: returns(Any, SpaceSpec::Symbol),
+            implementation: Implementation::Component { omit: true },
+            is_conversion: false,
+        },
+        MethodSpec {
             id: "convert_singleton".into(),
             description: "Broadcasts the single value of a singleton-mecha literal to every key."
                 .into(),

@@ -2,6 +2,8 @@
 //! merge spaces, defaults, return space, how it computes). The TypeScript builders, their types,
 //! the docs listing and `methods.list()` are all derived from these declarations.
 
+pub mod blocks;
+pub mod limiting;
 pub mod linear;
 pub mod logistics;
 
@@ -89,7 +91,7 @@ pub struct ReturnSpec {
 }
 
 /// How a method computes; the planner and executor dispatch on this.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Implementation {
     /// Pure per-element math: evaluated chunk by chunk across all inputs.
     Elementwise(linear::Kernel),
@@ -99,6 +101,70 @@ pub enum Implementation {
     Cast,
     /// Broadcasts the single key of a `singleton-mecha` literal to every key.
     ConvertSingleton,
+    /// `a` for the keys of one component of its config (`omit: false`), or for all other keys.
+    Component { omit: bool },
+    /// Each output key is one key of the single input, looked up in a table (block weights).
+    Route(std::sync::Arc<KeyRoutes>),
+    /// Computed outside the engine (a JavaScript function).
+    External(Arc<ExternalMethod>),
+}
+
+/// A method whose math is supplied by the host (`defineMergeMethod` in TypeScript).
+pub struct ExternalMethod {
+    pub kernel: Arc<dyn ExternalKernel>,
+    /// Called per chunk rather than per whole tensor.
+    pub elementwise: bool,
+    /// Input keys of the first parameter per output key (conversions); identity when absent.
+    pub routes: Option<ExternalRoutes>,
+}
+
+impl std::fmt::Debug for ExternalMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalMethod")
+            .field("elementwise", &self.elementwise)
+            .finish()
+    }
+}
+
+/// Output key → the keys of the first input it is computed from.
+#[derive(Debug, Default)]
+pub struct ExternalRoutes {
+    pub routes: std::collections::HashMap<String, Vec<String>>,
+}
+
+/// One call of an external method: the values of every parameter for one key (or chunk).
+pub struct ExternalCall<'a> {
+    /// What the host passed to the merge (`MergeOptions::host_context`).
+    pub context: u64,
+    pub key: &'a str,
+    /// The node being computed, as numbered in the recipe's source form (JSON node index or
+    /// `.mecha` instruction), so the host can keep a per-node cache.
+    pub node: Option<usize>,
+    /// Shape of the output tensor.
+    pub shape: &'a [usize],
+    /// First element of this chunk and its length (the whole tensor when not elementwise).
+    pub offset: usize,
+    pub len: usize,
+    pub args: Vec<ExternalArg<'a>>,
+}
+
+pub enum ExternalArg<'a> {
+    Tensor(&'a [f32]),
+    /// Varargs or several input keys; each is a tensor, or a number when broadcast.
+    Tensors(Vec<ExternalArg<'a>>),
+    Number(f64),
+    Text(Option<&'a str>),
+}
+
+pub trait ExternalKernel: Send + Sync {
+    /// Returns `call.len` values.
+    fn call(&self, call: ExternalCall<'_>) -> Result<Vec<f32>>;
+}
+
+/// Output key → input key, for conversions that only rename or route keys.
+#[derive(Debug, Default)]
+pub struct KeyRoutes {
+    pub routes: std::collections::HashMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -193,7 +259,9 @@ impl Registry {
     fn with_builtins() -> Registry {
         let mut methods = Vec::new();
         methods.extend(linear::methods());
+        methods.extend(limiting::methods());
         methods.extend(logistics::methods());
+        methods.extend(blocks::methods());
         Registry {
             methods: RwLock::new(methods.into_iter().map(Arc::new).collect()),
         }
@@ -222,6 +290,82 @@ impl Registry {
     pub fn list(&self) -> Vec<Arc<MethodSpec>> {
         self.methods.read().expect("registry lock").clone()
     }
+
+    /// Adds a method. Ids are never reused, as in sd-mecha.
+    pub fn register(&self, method: MethodSpec) -> Result<()> {
+        validate(&method)?;
+        let mut methods = self.methods.write().expect("registry lock");
+        if methods.iter().any(|m| m.id == method.id) {
+            return Err(MechaError::recipe(format!(
+                "a merge method \"{}\" is already registered; choose another id",
+                method.id
+            )));
+        }
+        methods.push(Arc::new(method));
+        Ok(())
+    }
+}
+
+/// sd-mecha's rules for a signature.
+fn validate(m: &MethodSpec) -> Result<()> {
+    let fail = |msg: String| {
+        Err(MechaError::recipe(format!(
+            "merge method \"{}\": {msg}",
+            m.id
+        )))
+    };
+    if m.id.is_empty()
+        || !m
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.'".contains(c))
+    {
+        return fail("ids use letters, digits, '_', '-', '.' and quotes".into());
+    }
+    const RESERVED: [&str; 4] = ["key", "key_relation", "cache", "output_reused"];
+    let mut seen = std::collections::HashSet::new();
+    let mut after_varargs = false;
+    for p in &m.params {
+        if RESERVED.contains(&p.name.as_str()) {
+            return fail(format!("\"{}\" is a reserved parameter name", p.name));
+        }
+        if !seen.insert(p.name.as_str()) {
+            return fail(format!("parameter \"{}\" is declared twice", p.name));
+        }
+        if p.default.is_some() && p.space != SpaceSpec::fixed(&["param"]) {
+            return fail(format!(
+                "parameter \"{}\" has a default, so its merge space must be param",
+                p.name
+            ));
+        }
+        match p.kind {
+            ParamKind::VarPositional if after_varargs => {
+                return fail("only one varargs parameter is allowed".into())
+            }
+            ParamKind::VarPositional => after_varargs = true,
+            ParamKind::Positional if after_varargs => {
+                return fail(format!(
+                    "parameter \"{}\" after varargs must be keyword-only",
+                    p.name
+                ))
+            }
+            _ => {}
+        }
+    }
+    if m.returns.space == SpaceSpec::Symbol
+        && !m.params.iter().any(|p| p.space == SpaceSpec::Symbol)
+    {
+        return fail(
+            "the result uses the method's merge-space variable, so an input must too".into(),
+        );
+    }
+    if m.is_conversion
+        && (m.params.first().and_then(|p| p.config.as_ref()).is_none()
+            || m.params.iter().filter(|p| p.default.is_none()).count() != 1)
+    {
+        return fail("a conversion takes exactly one input, with an explicit model config".into());
+    }
+    Ok(())
 }
 
 pub fn registry() -> &'static Registry {

@@ -376,13 +376,18 @@ impl Components {
 /// Inputs to inference: the keys of each model node's file (in file order).
 pub type ModelKeys = HashMap<NodeId, Arc<IndexSet<String>>>;
 
-/// Solves the config of every node reachable from the root. `root_preference` lists configs the
-/// result prefers when they are candidates (sd-mecha prefers `singleton-mecha`).
-pub fn infer(
-    recipe: &Recipe,
-    model_keys: &ModelKeys,
-    root_preference: &[&str],
-) -> Result<ConfigSolution> {
+/// Components and their candidates, before any config is chosen.
+struct Analysis {
+    /// Component of each discovered node.
+    comp: HashMap<NodeId, usize>,
+    /// Discovery order (sd-mecha's), which decides structural key order and error order.
+    order: Vec<NodeId>,
+    candidates: HashMap<usize, Candidates>,
+}
+
+/// Discovers components and gathers candidates. With `root_only`, only the root's component
+/// is considered (as sd-mecha does when converting).
+fn analyze(recipe: &Recipe, model_keys: &ModelKeys, root_only: bool) -> Result<Analysis> {
     let mut comps = Components::default();
     let mut node_comp: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
     // Visit order matters (it decides the order of structural keys and which error is seen
@@ -401,8 +406,8 @@ pub fn infer(
             node_comp[node] = Some(comp);
             comps.find(comp)
         };
-    let root_comp = comps.new_component();
-    let mut queue = VecDeque::from([(recipe.root, root_comp)]);
+    let first = comps.new_component();
+    let mut queue = VecDeque::from([(recipe.root, first)]);
     let mut seen: HashSet<(NodeId, usize)> = HashSet::new();
     while let Some(start) = queue.pop_front() {
         let mut stack = vec![start];
@@ -444,6 +449,10 @@ pub fn infer(
 
     let mut candidates: HashMap<usize, Candidates> = HashMap::new();
     let comp_of = |n: NodeId, comps: &mut Components| comps.find(node_comp[n].expect("discovered"));
+    let root_comp = comp_of(recipe.root, &mut comps);
+    if root_only {
+        order.retain(|&n| comp_of(n, &mut comps) == root_comp);
+    }
     for &n in &order {
         let node = recipe.node(n);
         let c = comp_of(n, &mut comps);
@@ -487,6 +496,9 @@ pub fn infer(
                     let config = configs::resolve(id).map_err(traced)?;
                     for &child in children {
                         let cc = comp_of(child, &mut comps);
+                        if root_only && cc != root_comp {
+                            continue;
+                        }
                         let reason = format!("{} input \"{}\"", method.id, param.name);
                         candidates
                             .entry(cc)
@@ -499,7 +511,27 @@ pub fn infer(
         }
     }
 
-    let root_c = comp_of(recipe.root, &mut comps);
+    let comp: HashMap<NodeId, usize> = order.iter().map(|&n| (n, comp_of(n, &mut comps))).collect();
+    Ok(Analysis {
+        comp,
+        order,
+        candidates,
+    })
+}
+
+/// Solves the config of every node reachable from the root. `root_preference` lists configs the
+/// result prefers when they are candidates (sd-mecha prefers `singleton-mecha`).
+pub fn infer(
+    recipe: &Recipe,
+    model_keys: &ModelKeys,
+    root_preference: &[&str],
+) -> Result<ConfigSolution> {
+    let Analysis {
+        comp,
+        order,
+        mut candidates,
+    } = analyze(recipe, model_keys, false)?;
+    let root_c = comp[&recipe.root];
     for id in root_preference {
         candidates.entry(root_c).or_default().prefer(id)?;
     }
@@ -508,7 +540,7 @@ pub fn infer(
     let mut configs_out: Vec<Option<SolvedConfig>> = vec![None; recipe.nodes.len()];
     let mut domains: Vec<Option<Arc<HashSet<String>>>> = vec![None; recipe.nodes.len()];
     for &n in &order {
-        let c = comp_of(n, &mut comps);
+        let c = comp[&n];
         let (config, domain) = match solved.entry(c) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -520,7 +552,6 @@ pub fn infer(
                 e.insert((config, domain))
             }
         };
-        // A node that names its config keeps it (the solution cannot differ, or it would have failed).
         configs_out[n] = Some(config.clone());
         domains[n] = Some(domain.clone());
     }
@@ -528,4 +559,30 @@ pub fn infer(
         configs: configs_out,
         domains,
     })
+}
+
+/// The configs the root could be, best first (fewest misses), with `preference` applied as
+/// sd-mecha's `convert` does; empty when nothing constrains the root.
+pub fn root_candidates(
+    recipe: &Recipe,
+    model_keys: &ModelKeys,
+    preference: Option<&str>,
+) -> Result<Vec<String>> {
+    let Analysis {
+        comp,
+        mut candidates,
+        ..
+    } = analyze(recipe, model_keys, true)?;
+    let root = candidates.entry(comp[&recipe.root]).or_default();
+    if let Some(id) = preference {
+        root.prefer(id)?;
+    }
+    let mut ranked: Vec<(&String, f64)> = root
+        .stats
+        .iter()
+        .flatten()
+        .map(|(id, s)| (id, s.state_dict_misses))
+        .collect();
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(ranked.into_iter().map(|(id, _)| id.clone()).collect())
 }

@@ -93,6 +93,9 @@ pub struct Node {
 pub struct Recipe {
     pub nodes: Vec<Node>,
     pub root: NodeId,
+    /// For each node, its index in the form it was read from (JSON node or `.mecha`
+    /// instruction); nodes created by binding (defaults, wrapped values) have none.
+    pub source_index: Vec<Option<usize>>,
 }
 
 /// An argument passed to a merge method: an existing node or a value to wrap.
@@ -105,6 +108,7 @@ pub enum Arg {
 #[derive(Default, Debug)]
 pub struct RecipeBuilder {
     nodes: Vec<Node>,
+    source_index: Vec<Option<usize>>,
 }
 
 impl RecipeBuilder {
@@ -114,7 +118,13 @@ impl RecipeBuilder {
 
     fn push(&mut self, node: Node) -> NodeId {
         self.nodes.push(node);
+        self.source_index.push(None);
         self.nodes.len() - 1
+    }
+
+    /// Records where a node came from in the text or JSON it was read from.
+    pub fn set_source_index(&mut self, id: NodeId, index: usize) {
+        self.source_index[id] = Some(index);
     }
 
     fn check_ref(&self, id: NodeId) -> Result<NodeId> {
@@ -282,6 +292,7 @@ impl RecipeBuilder {
         Ok(Recipe {
             nodes: self.nodes,
             root,
+            source_index: self.source_index,
         })
     }
 }

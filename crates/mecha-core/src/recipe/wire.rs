@@ -51,10 +51,15 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
             })?)
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("float") => {
-            let f = o["float"].as_str().and_then(|s| s.parse::<f64>().ok()).filter(|f| !f.is_finite());
-            Parsed::Scalar(Scalar::Float(
-                f.ok_or_else(|| parse_error(format!("{at}: \"float\" holds \"inf\", \"-inf\" or \"nan\"")))?,
-            ))
+            let f = o["float"]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|f| !f.is_finite());
+            Parsed::Scalar(Scalar::Float(f.ok_or_else(|| {
+                parse_error(format!(
+                    "{at}: \"float\" holds \"inf\", \"-inf\" or \"nan\""
+                ))
+            })?))
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("int") => {
             let i = match &o["int"] {
@@ -147,6 +152,7 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
                 "{at} must have one of \"model\", \"literal\" or \"merge\""
             )));
         };
+        b.set_source_index(id, i);
         ids.push(id);
     }
     let root = match json.get("root") {
@@ -215,7 +221,9 @@ fn scalar_json(s: &Scalar) -> Json {
         Scalar::Bool(b) => Json::Bool(*b),
         Scalar::Int(i) => serde_json::json!({ "int": i }),
         Scalar::Float(f) if f.is_finite() => serde_json::json!(f),
-        Scalar::Float(f) => serde_json::json!({ "float": f.to_string().to_lowercase().replace("infinity", "inf") }),
+        Scalar::Float(f) => {
+            serde_json::json!({ "float": f.to_string().to_lowercase().replace("infinity", "inf") })
+        }
         Scalar::Str(s) => Json::String(s.clone()),
     }
 }
@@ -236,7 +244,10 @@ pub fn to_json(recipe: &Recipe) -> Json {
         .nodes
         .iter()
         .map(|n| match &n.kind {
-            NodeKind::Model { path } => with_hints(serde_json::Map::from_iter([("model".into(), path.clone().into())]), n),
+            NodeKind::Model { path } => with_hints(
+                serde_json::Map::from_iter([("model".into(), path.clone().into())]),
+                n,
+            ),
             NodeKind::Literal { entries } => {
                 let value: serde_json::Map<String, Json> = entries
                     .iter()
@@ -248,7 +259,10 @@ pub fn to_json(recipe: &Recipe) -> Json {
                         (k.clone(), v)
                     })
                     .collect();
-                with_hints(serde_json::Map::from_iter([("literal".into(), Json::Object(value))]), n)
+                with_hints(
+                    serde_json::Map::from_iter([("literal".into(), Json::Object(value))]),
+                    n,
+                )
             }
             NodeKind::Merge { method, inputs } => {
                 let mut args = vec![];
