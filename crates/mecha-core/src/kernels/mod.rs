@@ -28,6 +28,7 @@ pub trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn abs(self) -> Self;
+    fn is_nan(self) -> bool;
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn decode(dtype: DType, src: &[u8], out: &mut [Self]);
     fn encode(dtype: DType, src: &[Self], out: &mut [u8]);
@@ -50,6 +51,10 @@ impl Real for f32 {
     #[inline(always)]
     fn abs(self) -> f32 {
         f32::abs(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
     }
     #[inline(always)]
     fn mul_add(self, a: f32, b: f32) -> f32 {
@@ -81,6 +86,10 @@ impl Real for f64 {
     #[inline(always)]
     fn abs(self) -> f64 {
         f64::abs(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
     }
     #[inline(always)]
     fn mul_add(self, a: f64, b: f64) -> f64 {

@@ -8,7 +8,7 @@ use crate::kernels::{Operand, Real};
 /// torch's `maximum`/`minimum`: NaN wins.
 #[inline(always)]
 fn pick<T: Real>(a: T, b: T, take_a: bool) -> T {
-    if a != a || b != b {
+    if a.is_nan() || b.is_nan() {
         a + b // NaN
     } else if take_a {
         a
