@@ -67,5 +67,5 @@ test('mecha reports errors with their type and a non-zero exit', (t) => {
   t.false(existsSync(out))
   const help = mecha('--help')
   t.is(help.status, 0)
-  t.regex(help.stdout, /mecha merge <recipe\.json> -o <out\.safetensors>/)
+  t.regex(help.stdout, /mecha merge <recipe\.mecha\|recipe\.json> -o <out\.safetensors>/)
 })

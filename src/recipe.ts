@@ -142,6 +142,8 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
 
   const scalar = (v: Scalar): WireValue => {
     if (v instanceof Int) return { int: v.value }
+    // JSON has no infinities or NaN.
+    if (typeof v === 'number' && !Number.isFinite(v)) return { float: Number.isNaN(v) ? 'nan' : v > 0 ? 'inf' : '-inf' }
     if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v === null) return v
     throw new TypeError(`unsupported recipe value: ${String(v)}`)
   }

@@ -668,8 +668,8 @@ impl KeyBuilder<'_> {
                 (false, _) => {}
             }
         }
-        // Elementwise results have their inputs' shape; others the shape the result's config
-        // gives the key, else the first input's.
+        // Results have their first input's shape, except conversions, whose keys have the shape
+        // the target config gives them (a LoRA's factors become a full weight).
         let first = tensors
             .first()
             .map(|&e| (self.exprs[e].shape.clone(), self.exprs[e].dtype));
@@ -681,10 +681,13 @@ impl KeyBuilder<'_> {
             .and_then(|c| c.get(key))
             .and_then(|m| m.shape.clone());
         let first_shape = first.as_ref().and_then(|(s, _)| s.clone());
-        let shape = if external.elementwise {
-            first_shape
-        } else {
+        // Without a tensor input the result is one value broadcast over the key, as in torch.
+        let shape = if tensors.is_empty() {
+            None
+        } else if method.is_conversion {
             configured.or(first_shape)
+        } else {
+            first_shape
         };
         if let (true, Some(s)) = (external.elementwise, &shape) {
             let mismatch = tensors.iter().find(|&&e| {

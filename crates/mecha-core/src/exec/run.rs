@@ -332,7 +332,15 @@ impl Worker<'_> {
                 Op::Source { input, entry } => {
                     let file = &plan.inputs()[*input];
                     let width = entry.dtype.bits() / 8;
-                    let r = if broadcast { 0..1 } else { range.clone() };
+                    // A key computed whole reads whole inputs, whatever their shape (conversions
+                    // combine differently shaped tensors); chunks read the same range of each.
+                    let r = if broadcast {
+                        0..1
+                    } else if key.chunkable {
+                        range.clone()
+                    } else {
+                        0..entry.numel()
+                    };
                     let mut raw = std::mem::take(&mut scratch.raw);
                     raw.resize(r.len() * width, 0);
                     let read = file.read(entry, r.start * width, &mut raw);
@@ -365,6 +373,7 @@ impl Worker<'_> {
                     }
                 }
                 Op::External { method, node, args } => {
+                    let len = if e.shape.is_some() { n } else { 1 };
                     let result = self.call_external(
                         method,
                         *node,
@@ -372,13 +381,17 @@ impl Worker<'_> {
                         &vals,
                         &key.name,
                         e,
-                        range.start..range.start + n,
+                        range.start..range.start + len,
                     )?;
-                    let mut buf = scratch.take(n);
-                    for (o, v) in buf.iter_mut().zip(result) {
-                        *o = T::from_f64(v as f64);
+                    if e.shape.is_none() {
+                        Val::Scalar(T::from_f64(result[0] as f64))
+                    } else {
+                        let mut buf = scratch.take(n);
+                        for (o, v) in buf.iter_mut().zip(result) {
+                            *o = T::from_f64(v as f64);
+                        }
+                        Val::Buf(buf)
                     }
-                    Val::Buf(buf)
                 }
                 Op::Apply { kernel, args } => {
                     let mut result = scratch.take(n);

@@ -1,0 +1,289 @@
+import test from 'ava'
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+
+import {
+  ConfigError,
+  MergeSpaceError,
+  RecipeError,
+  clamp,
+  configs,
+  convert,
+  defineMergeMethod,
+  deserialize,
+  int,
+  merge,
+  methods,
+  model,
+  modelDirs,
+  omitComponent,
+  pickComponent,
+  plan,
+  serialize,
+  toFloat32,
+  weightedSum,
+  writeRandomModel,
+  type MethodValue,
+} from '../dist/index.js'
+import { tempDir } from './helpers.ts'
+
+/** SD1 keys (clip_l, vae, diffuser) with every dimension capped at 3: real names, tiny tensors. */
+const tinySd1 = configs
+  .keys('sd1-ldm')
+  .filter((k) => ['clip_l', 'vae', 'diffuser'].includes(k.component))
+  .map((k) => ({
+    name: k.key,
+    dtype: k.dtype === 'I64' ? 'I64' : 'F32',
+    shape: (k.shape ?? []).map((d) => Math.min(d, 3)),
+  }))
+
+const dir = tempDir()
+const paths = { a: join(dir, 'a.safetensors'), b: join(dir, 'b.safetensors'), c: join(dir, 'c.safetensors') }
+const ready = Promise.all(Object.values(paths).map((p, i) => writeRandomModel(p, tinySd1, i + 1)))
+const f32 = { outputDtype: 'f32' as const }
+test.before(() => ready)
+
+async function values(recipe: Parameters<typeof merge>[0]) {
+  await ready
+  const result = await merge(recipe, f32)
+  return new Map([...result].map(([k, t]) => [k, toFloat32(t)]))
+}
+
+test('configs: list, get, components, keys', (t) => {
+  const ids = configs.list().map((c) => c.id)
+  t.deepEqual(ids.slice(0, 3), ['singleton-mecha', 'sdxl-supermerger_blocks', 'sdxl-sgm'])
+  t.true(ids.includes('sdxl-kohya_kohya_lora'))
+  t.deepEqual(configs.components('sd1-ldm'), ['clip_l', 'vae', 'diffuser', 'ema', 'scheduler'])
+  const pos = configs.keys('sd1-ldm').find((k) => k.key.endsWith('embeddings.position_ids'))!
+  t.deepEqual([pos.dtype, pos.shape, pos.optional], ['I64', [1, 77], true])
+  t.is(configs.get('sd1-supermerger_blocks').components.blocks.length, 26)
+  t.throws(() => configs.keys('sdxl-sgn'), { instanceOf: ConfigError, message: /did you mean "sdxl-sgm"/ })
+})
+
+test('configs.register accepts sd-mecha YAML and objects', (t) => {
+  const yaml = [
+    'identifier: test-yaml',
+    'components:',
+    '  only:',
+    '    w: {shape: [2], dtype: float32}',
+    '    b: {shape: [2], dtype: float32, optional: true}',
+  ].join('\n')
+  t.is(configs.register(yaml), 'test-yaml')
+  t.is(
+    configs.register({
+      identifier: 'test-object',
+      components: { main: { x: { shape: [1], dtype: 'float16', aliases: ['old.x'] } } },
+    }),
+    'test-object',
+  )
+  t.deepEqual(configs.keys('test-object')[0].aliases, ['old.x'])
+  t.throws(() => configs.register(yaml), { instanceOf: ConfigError, message: /already registered/ })
+  t.throws(() => configs.register('identifier: nodash\ncomponents: {}'), { instanceOf: ConfigError })
+})
+
+test('pick_component and omit_component select whole components', async (t) => {
+  const picked = await values(pickComponent(model(paths.a), 'vae'))
+  t.true([...picked.keys()].every((k) => k.startsWith('first_stage_model.')))
+  t.is(picked.size, configs.keys('sd1-ldm').filter((k) => k.component === 'vae').length)
+  const rest = await values(omitComponent(model(paths.a), 'vae'))
+  t.false([...rest.keys()].some((k) => k.startsWith('first_stage_model.')))
+  await t.throwsAsync(merge(pickComponent(model(paths.a), 'unet')), {
+    instanceOf: RecipeError,
+    message: /valid components: clip_l, vae, diffuser/,
+  })
+})
+
+test('clamp keeps values between the bounds (keyword-only stiffness)', async (t) => {
+  const [a, b, c] = await Promise.all([paths.a, paths.b, paths.c].map((p) => values(model(p))))
+  const clamped = await values(clamp(model(paths.a), [model(paths.b), model(paths.c)]))
+  const key = 'model.diffusion_model.out.2.weight'
+  clamped.get(key)!.forEach((v, i) => {
+    const lo = Math.min(b.get(key)![i], c.get(key)![i])
+    const hi = Math.max(b.get(key)![i], c.get(key)![i])
+    t.is(v, Math.min(Math.max(a.get(key)![i], lo), hi))
+  })
+  t.regex(
+    serialize(clamp(model(paths.a), [model(paths.b), model(paths.c)], { stiffness: 0.5 })),
+    /merge "clamp" &0 &1 &2 stiffness=&5$/,
+  )
+})
+
+test('convert turns block weights into per-key weights (MBW)', async (t) => {
+  const blocks: Record<string, number> = { BASE: 0 }
+  for (let i = 0; i < 12; i++) blocks[`IN${String(i).padStart(2, '0')}`] = 0
+  blocks.M00 = 1
+  for (let i = 0; i < 12; i++) blocks[`OUT${String(i).padStart(2, '0')}`] = 0
+  await ready
+  const alpha = convert(blocks, model(paths.a))
+  const text = serialize(weightedSum(model(paths.a), model(paths.b), { alpha }))
+  t.regex(
+    text,
+    /literal &2 model_config="sd1-supermerger_blocks" merge_space="param"\nmerge "convert_sd1_blocks_to_ldm" &3\n/,
+  )
+  const [mixed, a, b] = await Promise.all([
+    values(weightedSum(model(paths.a), model(paths.b), { alpha })),
+    values(model(paths.a)),
+    values(model(paths.b)),
+  ])
+  for (const [key, v] of mixed) {
+    const from = key.includes('.middle_block.') ? b : a
+    t.deepEqual(Array.from(v), Array.from(from.get(key)!), key)
+  }
+  t.throws(() => convert(model(paths.a), 'flux-flux'), { instanceOf: ConfigError, message: /no chain of conversions/ })
+})
+
+test('defineMergeMethod: elementwise JavaScript methods run per chunk and match the native math', async (t) => {
+  const chunks: number[] = []
+  const lerp = defineMergeMethod({
+    id: 'test_lerp',
+    inputs: [{ name: 'a' }, { name: 'b' }, { name: 'alpha', type: 'float', default: 0.5 }],
+    elementwise: true,
+    cacheFactory: () => ({ calls: 0 }),
+    fn: ({ a, b, alpha }, ctx) => {
+      ;(ctx.cache as { calls: number }).calls++
+      chunks.push(ctx.length)
+      const [x, y, w] = [a as Float32Array, b as Float32Array, alpha as number]
+      return x.map((v, i) => v + w * (y[i] - v))
+    },
+  })
+  const js = await values(lerp(model(paths.a), model(paths.b), { alpha: 0.3 }))
+  const native = await values(weightedSum(model(paths.a), model(paths.b), { alpha: 0.3 }))
+  for (const [k, v] of native) {
+    const w = js.get(k)!
+    v.forEach((x, i) => t.true(Math.abs(x - w[i]) <= 1e-6 * Math.max(1, Math.abs(x)), `${k}[${i}]`))
+  }
+  t.true(chunks.length > 0)
+  const info = methods.get('test_lerp')!
+  t.deepEqual(
+    info.params.map((p) => [p.name, p.hasDefault]),
+    [
+      ['a', false],
+      ['b', false],
+      ['alpha', true],
+    ],
+  )
+  // Usable from .mecha text, like a builtin.
+  const text = serialize(lerp(model(paths.a), model(paths.b)))
+  t.regex(text, /merge "test_lerp" &0 &1 &4$/)
+  t.is(serialize(deserialize(text)), text)
+})
+
+test('defineMergeMethod: whole-tensor methods, keyword-only params, varargs and caches', async (t) => {
+  const seen = new Map<string, number>()
+  const normalize = defineMergeMethod({
+    id: 'test_normalize',
+    inputs: [
+      { name: 'models', varargs: true },
+      { name: 'scale', type: 'float', default: int(2), keywordOnly: true },
+    ],
+    cacheFactory: () => new Map<string, number>(),
+    fn: ({ models, scale }, ctx) => {
+      const cache = ctx.cache as Map<string, number>
+      cache.set(ctx.key, (cache.get(ctx.key) ?? 0) + 1)
+      seen.set(ctx.key, ctx.length)
+      const list = models as Float32Array[]
+      const sum = new Float32Array(ctx.length)
+      for (const m of list) m.forEach((v, i) => (sum[i] += v))
+      const norm = Math.sqrt(sum.reduce((s, v) => s + v * v, 0)) || 1
+      return sum.map((v) => ((scale as number) * v) / norm)
+    },
+  })
+  const node = normalize([model(paths.a), model(paths.b)], { scale: 3 })
+  t.regex(serialize(node), /merge "test_normalize" &0 &1 scale=&4$/)
+  t.regex(serialize(normalize([model(paths.a)])), /dict key=2\n/) // int default written as an int
+  const out = await values(node)
+  const key = 'model.diffusion_model.input_blocks.0.0.weight'
+  const norm = Math.sqrt(out.get(key)!.reduce((s, v) => s + v * v, 0))
+  t.true(Math.abs(norm - 3) < 1e-4)
+  t.is(seen.get(key), out.get(key)!.length, 'whole tensors, not chunks')
+  await merge(node) // the same node object keeps its cache across merges
+  t.pass()
+})
+
+test('defineMergeMethod: conversions with mapKeys are found by convert()', async (t) => {
+  configs.register({
+    identifier: 'sd1-test_halves',
+    components: { halves: { first: { shape: [] }, second: { shape: [] } } },
+  })
+  defineMergeMethod({
+    id: 'convert_test_halves_to_ldm',
+    inputs: [{ name: 'halves', type: 'T', stateDict: true, config: 'sd1-test_halves' }],
+    returns: { type: 'T', config: 'sd1-ldm' },
+    isConversion: true,
+    mapKeys: (key) => (key.startsWith('model.diffusion_model.input_blocks') ? 'first' : 'second'),
+    fn: ({ halves }) => halves as number,
+  })
+  const alpha = convert({ first: 0, second: 1 }, model(paths.a))
+  const mixed = await values(weightedSum(model(paths.a), model(paths.b), { alpha }))
+  const [a, b] = await Promise.all([values(model(paths.a)), values(model(paths.b))])
+  for (const [key, v] of mixed) {
+    const from = key.startsWith('model.diffusion_model.input_blocks') ? a : b
+    t.deepEqual(Array.from(v), Array.from(from.get(key)!), key)
+  }
+})
+
+test('errors from JavaScript methods name the method and the key', async (t) => {
+  const broken = defineMergeMethod({
+    id: 'test_broken',
+    inputs: [{ name: 'a' }],
+    fn: () => {
+      throw new Error('boom')
+    },
+  })
+  await t.throwsAsync(merge(broken(model(paths.a))), {
+    instanceOf: RecipeError,
+    message: /test_broken failed on key ".*": boom/,
+  })
+  const short = defineMergeMethod({ id: 'test_short', inputs: [{ name: 'a' }], fn: () => new Float32Array(1) })
+  await t.throwsAsync(merge(short(model(paths.a))), { message: /returned 1 values/ })
+  t.throws(() => defineMergeMethod({ id: 'weighted_sum', inputs: [{ name: 'a' }], fn: () => 0 }), {
+    instanceOf: RecipeError,
+    message: /already registered/,
+  })
+  t.throws(
+    () => defineMergeMethod({ id: 'test_bad', inputs: [{ name: 'a', default: 1, mergeSpace: 'weight' }], fn: () => 0 }),
+    { message: /merge space must be param/ },
+  )
+})
+
+test('merge spaces of JavaScript methods are inferred like builtins', async (t) => {
+  const deltaOnly = defineMergeMethod({
+    id: 'test_delta_only',
+    inputs: [{ name: 'd', mergeSpace: 'delta' }],
+    returns: { mergeSpace: 'delta' },
+    fn: ({ d }) => d as Float32Array,
+  })
+  await t.throwsAsync(merge(deltaOnly(model(paths.a)), { strictMergeSpace: null }), { instanceOf: MergeSpaceError })
+  await t.notThrowsAsync(merge(deltaOnly(model(paths.a).sub(model(paths.b))), { strictMergeSpace: 'delta' }))
+})
+
+test('modelDirs resolves relative model paths', async (t) => {
+  await ready
+  const sub = join(dir, 'models')
+  mkdirSync(sub, { recursive: true })
+  writeFileSync(join(sub, 'x.safetensors'), Buffer.alloc(0))
+  modelDirs.add(dir)
+  try {
+    t.true(modelDirs.list().includes(dir))
+    const p = plan(weightedSum(model('a.safetensors'), model('b.safetensors')))
+    t.deepEqual(
+      p.inputs.map((i) => i.path),
+      [paths.a, paths.b],
+    )
+    t.is(p.config, 'sd1-ldm')
+  } finally {
+    modelDirs.clear()
+  }
+})
+
+test('plan reports configs, keys and memory without reading data', async (t) => {
+  await ready
+  const p = plan(weightedSum(model(paths.a), model(paths.b), { alpha: 0.3 }), { threads: 2 })
+  t.is(p.config, 'sd1-ldm')
+  t.is(p.mergeSpace, 'weight')
+  t.is(p.keys, tinySd1.length)
+  t.is(p.threads, 2)
+  t.true(p.estimatedWorkingBytes > 0)
+  t.regex(p.recipe, /model_config="sd1-ldm"/)
+  void ({} as MethodValue)
+})
