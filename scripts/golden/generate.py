@@ -71,9 +71,10 @@ def golden_mix(a: Parameter(Tensor), b: Parameter(Tensor), *, k: Parameter(float
 
 
 GOLDEN_MIX_SIGNATURE = (
-    "@sd_mecha.merge_method(register=True)\n"
-    "def golden_mix(a: Parameter(Tensor), b: Parameter(Tensor), *, k: Parameter(float) = 0.25) -> Return(Tensor):\n"
-    "    return a * (1 - k) + b * k"
+    "# golden_mix is defined by the generator as:\n"
+    "# @sd_mecha.merge_method(register=True)\n"
+    "# def golden_mix(a: Parameter(Tensor), b: Parameter(Tensor), *, k: Parameter(float) = 0.25) -> Return(Tensor):\n"
+    "#     return a * (1 - k) + b * k\n"
 )
 
 
@@ -372,6 +373,14 @@ def case_list():
          'a = model("sd1.safetensors")\n'
          'a + (model("sd1_b.safetensors") - a) * 0.5 | a'),
 
+        ("structural_literal_equality", "literals with both a config and a merge space compare by value: 1 == 1.0, so the second collapses into the first",
+         'a = model("sd1.safetensors")\n'
+         'one_f = resolve("convert_singleton")(sd_mecha.literal(1.0, merge_space="param"))\n'
+         'one_i = resolve("convert_singleton")(sd_mecha.literal(1, merge_space="param"))\n'
+         'sd_mecha.weighted_sum(sd_mecha.weighted_sum(a, model("sd1_b.safetensors"), alpha=one_f), model("sd1_c.safetensors"), alpha=one_i)'),
+        ("structural_model_equality", "the same file with and without an explicit config: one `model` line",
+         'sd_mecha.weighted_sum(model("sd1.safetensors", config="sd1-ldm"), model("sd1.safetensors"), alpha=0.5)'),
+
         # --- block dicts / conversions ------------------------------------------------------
         ("blocks_sd1_float", "sd_mecha.convert(26 sd1 block floats, a) as alpha",
          'a = model("sd1.safetensors")\n'
@@ -433,12 +442,12 @@ def case_list():
          'sd_mecha.weighted_sum(model("a=b.safetensors"), model("sd1.safetensors"))'),
 
         # --- a merge method defined here ------------------------------------------------------
-        ("golden_mix_default", "golden_mix(a, b): keyword-only k with its default 0.25\n" + GOLDEN_MIX_SIGNATURE,
-         'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"))'),
-        ("golden_mix_explicit", "golden_mix(a, b, k=0.75)\n" + GOLDEN_MIX_SIGNATURE,
-         'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"), k=0.75)'),
-        ("golden_mix_nested", "golden_mix on sub-recipes, k=1 (an int)\n" + GOLDEN_MIX_SIGNATURE,
-         'golden_mix(model("sd1.safetensors") + (model("sd1_b.safetensors") - model("sd1_c.safetensors")), '
+        ("golden_mix_default", "golden_mix(a, b): keyword-only k with its default 0.25",
+         GOLDEN_MIX_SIGNATURE + 'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"))'),
+        ("golden_mix_explicit", "golden_mix(a, b, k=0.75)",
+         GOLDEN_MIX_SIGNATURE + 'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"), k=0.75)'),
+        ("golden_mix_nested", "golden_mix on sub-recipes, k=1 (an int; sd-mecha's round trip merges it with an earlier 1.0)",
+         GOLDEN_MIX_SIGNATURE + 'golden_mix(model("sd1.safetensors") + (model("sd1_b.safetensors") - model("sd1_c.safetensors")), '
          'sd_mecha.weighted_sum(model("sd1.safetensors"), model("sd1_c.safetensors")), k=1)'),
 
         # --- recipes sd-mecha rejects ----------------------------------------------------------
@@ -468,8 +477,8 @@ def case_list():
          'sd_mecha.weighted_sum(model("sd1.safetensors"), model("sd1_b.safetensors"), 0.5, 0.5)'),
         ("error_unknown_keyword", "an unknown keyword argument",
          'sd_mecha.weighted_sum(model("sd1.safetensors"), model("sd1_b.safetensors"), beta=0.5)'),
-        ("error_golden_mix_positional_k", "golden_mix's keyword-only k passed positionally\n" + GOLDEN_MIX_SIGNATURE,
-         'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"), 0.75)'),
+        ("error_golden_mix_positional_k", "golden_mix's keyword-only k passed positionally",
+         GOLDEN_MIX_SIGNATURE + 'golden_mix(model("sd1.safetensors"), model("sd1_b.safetensors"), 0.75)'),
     ]
 
 
