@@ -16,6 +16,9 @@ export declare class CancelToken {
   get cancelled(): boolean
 }
 
+/** The configs a file could be, best first, as sd-mecha ranks them (`root_candidates`). */
+export declare function configCandidates(path: string): Array<string>
+
 export interface ConfigInfo {
   id: string
   architecture: string

@@ -175,7 +175,7 @@ function cmdSerialize(positional: string[], flags: Flags): number {
   const [recipePath] = positional
   if (!recipePath) throw new UsageError('serialize needs a recipe file')
   const strict = strictSpace(flags)
-  const text = callNative(() => native.serialize(readRecipe(recipePath), strict === null ? 'any' : strict))
+  const text = callNative(() => native.serialize(readRecipe(recipePath), strict === null ? 'any' : (strict ?? 'free')))
   if (typeof flags.output === 'string') writeFileSync(flags.output, text)
   else console.log(text)
   return 0

@@ -25,6 +25,8 @@ export interface FileInfo {
   recipe?: string
   /** The model config sd-mecha's rules infer from the keys; `null` for an unknown architecture. */
   config: string | null
+  /** Every config the keys could be, best first (sd-mecha's ranking). */
+  configCandidates: string[]
 }
 
 /** Reads and validates a safetensors header. Throws `SafetensorsError` for invalid files. */
@@ -34,5 +36,6 @@ export function inspect(path: string): FileInfo {
   const dtypes: Partial<Record<SafetensorsDtype, number>> = {}
   for (const t of tensors) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1
   const config = callNative(() => native.inferConfig(path)) ?? null
-  return { ...info, tensors, dtypes, recipe: info.metadata['mecha_recipe'], config }
+  const configCandidates = callNative(() => native.configCandidates(path))
+  return { ...info, tensors, dtypes, recipe: info.metadata['mecha_recipe'], config, configCandidates }
 }

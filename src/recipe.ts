@@ -142,8 +142,9 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
 
   const scalar = (v: Scalar): WireValue => {
     if (v instanceof Int) return { int: v.value }
-    // JSON has no infinities or NaN.
+    // JSON has no infinities, NaN or negative zero.
     if (typeof v === 'number' && !Number.isFinite(v)) return { float: Number.isNaN(v) ? 'nan' : v > 0 ? 'inf' : '-inf' }
+    if (Object.is(v, -0)) return { float: '-0.0' }
     if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v === null) return v
     throw new TypeError(`unsupported recipe value: ${String(v)}`)
   }
@@ -194,7 +195,7 @@ export function fromWire(wire: WireRecipe): RecipeNode {
     if (v === null || typeof v !== 'object') return v
     if ('node' in v) return built[v.node]
     if ('int' in v) return new Int(v.int)
-    return Number(v.float === 'inf' ? Infinity : v.float === '-inf' ? -Infinity : NaN)
+    return v.float === 'inf' ? Infinity : v.float === '-inf' ? -Infinity : Number(v.float)
   }
   for (const n of wire.nodes) {
     if ('model' in n) {

@@ -4,7 +4,10 @@ import { native as callNative } from './errors'
 import { fromWire, toWire, type MergeSpace, type RecipeInput, type RecipeNode } from './recipe'
 
 export interface SerializeOptions {
-  /** The merge space the recipe's result must be in (default `'weight'`); `null` accepts any. */
+  /**
+   * The merge space the recipe's result must be in. By default none is required (as in sd-mecha's
+   * `serialize`), but an ambiguous result is an error; `null` accepts any, preferring weight.
+   */
   strictMergeSpace?: MergeSpace | null
 }
 
@@ -13,7 +16,7 @@ export interface SerializeOptions {
  * configs, merge spaces are solved, defaults written out, model paths made absolute.
  */
 export function serialize(recipe: RecipeInput, options: SerializeOptions = {}): string {
-  const strict = options.strictMergeSpace === null ? 'any' : options.strictMergeSpace
+  const strict = options.strictMergeSpace === null ? 'any' : (options.strictMergeSpace ?? 'free')
   return callNative(() => native.serialize(JSON.stringify(toWire(recipe)), strict))
 }
 

@@ -111,9 +111,7 @@ impl DType {
 
     /// Parses a safetensors name exactly as written in a header.
     pub fn from_safetensors_name(name: &str) -> Option<DType> {
-        ALL_DTYPES
-            .into_iter()
-            .find(|d| d.safetensors_name() == name)
+        ALL_DTYPES.into_iter().find(|d| d.safetensors_name() == name)
     }
 
     /// Parses what users write: safetensors names in any case (`f16`, `BF16`), torch names
@@ -134,9 +132,9 @@ impl DType {
             _ => None,
         };
         alias.or_else(|| {
-            ALL_DTYPES.into_iter().find(|d| {
-                d.safetensors_name().eq_ignore_ascii_case(lower) || d.torch_name() == Some(lower)
-            })
+            ALL_DTYPES
+                .into_iter()
+                .find(|d| d.safetensors_name().eq_ignore_ascii_case(lower) || d.torch_name() == Some(lower))
         })
     }
 

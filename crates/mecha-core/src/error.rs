@@ -60,23 +60,11 @@ pub type Result<T, E = MechaError> = std::result::Result<T, E>;
 
 impl MechaError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        MechaError {
-            kind,
-            message: message.into(),
-            file: None,
-            key: None,
-            node: None,
-            line: None,
-            column: None,
-        }
+        MechaError { kind, message: message.into(), file: None, key: None, node: None, line: None, column: None }
     }
 
     pub fn safetensors(file: &Path, problem: impl fmt::Display) -> Self {
-        MechaError::new(
-            ErrorKind::Safetensors,
-            format!("{}: {problem}", file.display()),
-        )
-        .with_file(file)
+        MechaError::new(ErrorKind::Safetensors, format!("{}: {problem}", file.display())).with_file(file)
     }
 
     pub fn recipe(message: impl Into<String>) -> Self {
@@ -88,10 +76,7 @@ impl MechaError {
     }
 
     pub fn aborted() -> Self {
-        MechaError::new(
-            ErrorKind::Aborted,
-            "the merge was cancelled; no output file was written",
-        )
+        MechaError::new(ErrorKind::Aborted, "the merge was cancelled; no output file was written")
     }
 
     pub fn with_file(mut self, file: &Path) -> Self {

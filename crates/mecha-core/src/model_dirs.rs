@@ -29,11 +29,7 @@ pub fn resolve(path: &str) -> PathBuf {
     let found = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        list()
-            .into_iter()
-            .map(|d| d.join(p))
-            .find(|c| c.exists())
-            .unwrap_or_else(|| p.to_path_buf())
+        list().into_iter().map(|d| d.join(p)).find(|c| c.exists()).unwrap_or_else(|| p.to_path_buf())
     };
     std::fs::canonicalize(&found).unwrap_or_else(|_| std::path::absolute(&found).unwrap_or(found))
 }

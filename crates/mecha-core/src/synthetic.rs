@@ -33,17 +33,11 @@ fn fill(t: &PlannedTensor, index: usize, seed: u64, start: usize, out: &mut [f32
         let last = t.shape.last().copied().unwrap_or(1).max(1);
         for (i, o) in out.iter_mut().enumerate() {
             let v = ((start + i) % last) as f32;
-            *o = if t.dtype == crate::DType::Bool {
-                v % 2.0
-            } else {
-                v
-            };
+            *o = if t.dtype == crate::DType::Bool { v % 2.0 } else { v };
         }
         return;
     }
-    let mut rng = SplitMix(
-        seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (start as u64).rotate_left(32),
-    );
+    let mut rng = SplitMix(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (start as u64).rotate_left(32));
     for o in out.iter_mut() {
         let unit = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
         *o = (unit * 2.0 - 1.0) * 0.05;
@@ -57,10 +51,7 @@ pub fn write_random_model(
     metadata: &[(String, String)],
 ) -> Result<()> {
     if let Some(t) = tensors.iter().find(|t| !t.dtype.is_numeric()) {
-        return Err(MechaError::recipe(format!(
-            "cannot generate values of dtype {} (tensor {})",
-            t.dtype, t.name
-        )));
+        return Err(MechaError::recipe(format!("cannot generate values of dtype {} (tensor {})", t.dtype, t.name)));
     }
     let writer = SafetensorsWriter::create(path, FileLayout::new(tensors, metadata))?;
     let pieces: Vec<(usize, usize)> = tensors
@@ -92,25 +83,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mecha-synth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let tensors = vec![
-            PlannedTensor {
-                name: "w".into(),
-                dtype: DType::F16,
-                shape: vec![3, CHUNK + 5],
-            },
-            PlannedTensor {
-                name: "position_ids".into(),
-                dtype: DType::I64,
-                shape: vec![1, 77],
-            },
+            PlannedTensor { name: "w".into(), dtype: DType::F16, shape: vec![3, CHUNK + 5] },
+            PlannedTensor { name: "position_ids".into(), dtype: DType::I64, shape: vec![1, 77] },
         ];
         let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
         write_random_model(&a, &tensors, 7, &[]).unwrap();
         write_random_model(&b, &tensors, 7, &[]).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         let file = SafetensorsFile::open(&a).unwrap();
-        let ids = file
-            .read_tensor(file.entry("position_ids").unwrap())
-            .unwrap();
+        let ids = file.read_tensor(file.entry("position_ids").unwrap()).unwrap();
         assert_eq!(i64::from_le_bytes(ids[8 * 76..].try_into().unwrap()), 76);
         std::fs::remove_dir_all(&dir).unwrap();
     }

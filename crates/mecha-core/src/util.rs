@@ -34,11 +34,7 @@ pub fn python_float(v: f64) -> String {
         return if v > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if v == 0.0 {
-        return if v.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Shortest round-trip digits and decimal exponent, e.g. "1.5e-7".
     let sci = format!("{v:e}");
@@ -50,11 +46,7 @@ pub fn python_float(v: f64) -> String {
     // Python's repr switches to exponent notation when the exponent is < -4 or >= 16.
     if !(-4..16).contains(&exp) {
         let (head, tail) = digits.split_at(1);
-        let frac = if tail.is_empty() {
-            String::new()
-        } else {
-            format!(".{tail}")
-        };
+        let frac = if tail.is_empty() { String::new() } else { format!(".{tail}") };
         let esign = if exp < 0 { '-' } else { '+' };
         return format!("{sign}{head}{frac}e{esign}{:02}", exp.abs());
     }

@@ -7,9 +7,7 @@ use mecha_core::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, Saf
 use mecha_core::{DType, ErrorKind};
 
 fn raw_bytes(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 #[test]
@@ -22,28 +20,12 @@ fn reads_every_dtype_byte_exact() {
         .map(|(i, d)| {
             let numel = 8;
             let n = d.byte_len(numel).unwrap();
-            (
-                format!("t.{}", d.safetensors_name()),
-                Raw {
-                    dtype: *d,
-                    shape: vec![2, 4],
-                    data: raw_bytes(n, i as u8),
-                },
-            )
+            (format!("t.{}", d.safetensors_name()), Raw { dtype: *d, shape: vec![2, 4], data: raw_bytes(n, i as u8) })
         })
         .collect();
     let refs: Vec<(&str, Raw)> = tensors
         .iter()
-        .map(|(n, r)| {
-            (
-                n.as_str(),
-                Raw {
-                    dtype: r.dtype,
-                    shape: r.shape.clone(),
-                    data: r.data.clone(),
-                },
-            )
-        })
+        .map(|(n, r)| (n.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
         .collect();
     write_file(&path, &refs);
 
@@ -62,52 +44,17 @@ fn writer_output_is_read_back_by_the_safetensors_crate() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("out.safetensors");
     let planned = vec![
-        PlannedTensor {
-            name: "weight".into(),
-            dtype: DType::F16,
-            shape: vec![3, 5],
-        },
-        PlannedTensor {
-            name: "empty".into(),
-            dtype: DType::F32,
-            shape: vec![0, 4],
-        },
-        PlannedTensor {
-            name: "scalar".into(),
-            dtype: DType::F32,
-            shape: vec![],
-        },
-        PlannedTensor {
-            name: "position_ids".into(),
-            dtype: DType::I64,
-            shape: vec![1, 77],
-        },
-        PlannedTensor {
-            name: "mask".into(),
-            dtype: DType::Bool,
-            shape: vec![3],
-        },
-        PlannedTensor {
-            name: "fp8".into(),
-            dtype: DType::F8E4M3,
-            shape: vec![7],
-        },
-        PlannedTensor {
-            name: "bf16".into(),
-            dtype: DType::BF16,
-            shape: vec![2, 2],
-        },
+        PlannedTensor { name: "weight".into(), dtype: DType::F16, shape: vec![3, 5] },
+        PlannedTensor { name: "empty".into(), dtype: DType::F32, shape: vec![0, 4] },
+        PlannedTensor { name: "scalar".into(), dtype: DType::F32, shape: vec![] },
+        PlannedTensor { name: "position_ids".into(), dtype: DType::I64, shape: vec![1, 77] },
+        PlannedTensor { name: "mask".into(), dtype: DType::Bool, shape: vec![3] },
+        PlannedTensor { name: "fp8".into(), dtype: DType::F8E4M3, shape: vec![7] },
+        PlannedTensor { name: "bf16".into(), dtype: DType::BF16, shape: vec![2, 2] },
     ];
-    let metadata = vec![(
-        "mecha_recipe".to_string(),
-        "version 0.1.0\nmodel \"a\"".to_string(),
-    )];
+    let metadata = vec![("mecha_recipe".to_string(), "version 0.1.0\nmodel \"a\"".to_string())];
     let writer = SafetensorsWriter::create(&target, FileLayout::new(&planned, &metadata)).unwrap();
-    let payloads: Vec<Vec<u8>> = planned
-        .iter()
-        .enumerate()
-        .map(|(i, t)| raw_bytes(t.byte_len(), i as u8))
-        .collect();
+    let payloads: Vec<Vec<u8>> = planned.iter().enumerate().map(|(i, t)| raw_bytes(t.byte_len(), i as u8)).collect();
     // Write out of order and in pieces, as parallel workers do.
     for i in (0..planned.len()).rev() {
         let data = &payloads[i];
@@ -115,17 +62,11 @@ fn writer_output_is_read_back_by_the_safetensors_crate() {
         writer.write_at(i, half, &data[half..]).unwrap();
         writer.write_at(i, 0, &data[..half]).unwrap();
     }
-    assert!(
-        !target.exists(),
-        "nothing appears at the target before commit"
-    );
+    assert!(!target.exists(), "nothing appears at the target before commit");
     writer.commit().unwrap();
 
     let (tensors, meta) = read_file(&target);
-    assert_eq!(
-        meta.get("mecha_recipe").map(String::as_str),
-        Some("version 0.1.0\nmodel \"a\"")
-    );
+    assert_eq!(meta.get("mecha_recipe").map(String::as_str), Some("version 0.1.0\nmodel \"a\""));
     for (i, t) in planned.iter().enumerate() {
         let (dtype, shape, data) = &tensors[&t.name];
         assert_eq!((dtype, shape), (&t.dtype, &t.shape), "{}", t.name);
@@ -147,11 +88,7 @@ fn writer_output_is_read_back_by_the_safetensors_crate() {
 fn an_unfinished_writer_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("out.safetensors");
-    let planned = vec![PlannedTensor {
-        name: "w".into(),
-        dtype: DType::F32,
-        shape: vec![4],
-    }];
+    let planned = vec![PlannedTensor { name: "w".into(), dtype: DType::F32, shape: vec![4] }];
     {
         let writer = SafetensorsWriter::create(&target, FileLayout::new(&planned, &[])).unwrap();
         writer.write_at(0, 0, &[0u8; 16]).unwrap();
@@ -166,11 +103,7 @@ fn refuses_to_write_over_an_input() {
     write_file(&input, &[("w", f32_tensor(DType::F32, &[2], &[1.0, 2.0]))]);
     let err = ensure_not_an_input(&input, std::slice::from_ref(&input)).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Output);
-    assert!(
-        err.message.contains("one of the merge's inputs"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("one of the merge's inputs"), "{}", err.message);
     // Through another spelling of the same path.
     let odd = dir.path().join(".").join("a.safetensors");
     assert!(ensure_not_an_input(&odd, std::slice::from_ref(&input)).is_err());
@@ -183,12 +116,7 @@ fn refuses_to_write_over_an_input() {
     assert!(ensure_not_an_input(&dir.path().join("new.safetensors"), &[input]).is_ok());
 }
 
-fn header_file(
-    dir: &std::path::Path,
-    name: &str,
-    header: &str,
-    data_len: usize,
-) -> std::path::PathBuf {
+fn header_file(dir: &std::path::Path, name: &str, header: &str, data_len: usize) -> std::path::PathBuf {
     let path = dir.join(name);
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
@@ -201,11 +129,7 @@ fn open_err(path: &std::path::Path) -> String {
     let err = SafetensorsFile::open(path).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Safetensors, "{}", err.message);
     assert_eq!(err.file.as_deref(), Some(path));
-    assert!(
-        err.message.contains(&path.display().to_string()),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains(&path.display().to_string()), "{}", err.message);
     err.message
 }
 
@@ -223,11 +147,7 @@ fn malformed_files_get_clear_errors() {
 
     let ok = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
     let truncated = header_file(d, "truncated.safetensors", ok, 12);
-    assert!(
-        open_err(&truncated).contains("truncated"),
-        "{}",
-        open_err(&truncated)
-    );
+    assert!(open_err(&truncated).contains("truncated"), "{}", open_err(&truncated));
 
     let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
     let lies = header_file(d, "overlap.safetensors", overlap, 12);
@@ -266,38 +186,13 @@ fn odd_but_valid_files_round_trip() {
     write_file(
         &path,
         &[
-            (
-                "v_pred",
-                Raw {
-                    dtype: DType::F32,
-                    shape: vec![0],
-                    data: vec![],
-                },
-            ),
-            (
-                "sigma",
-                Raw {
-                    dtype: DType::F32,
-                    shape: vec![],
-                    data: 2.5f32.to_le_bytes().to_vec(),
-                },
-            ),
-            (
-                "position_ids",
-                Raw {
-                    dtype: DType::I64,
-                    shape: vec![1, 77],
-                    data: ids.clone(),
-                },
-            ),
+            ("v_pred", Raw { dtype: DType::F32, shape: vec![0], data: vec![] }),
+            ("sigma", Raw { dtype: DType::F32, shape: vec![], data: 2.5f32.to_le_bytes().to_vec() }),
+            ("position_ids", Raw { dtype: DType::I64, shape: vec![1, 77], data: ids.clone() }),
         ],
     );
     let file = SafetensorsFile::open(&path).unwrap();
     assert_eq!(file.entry("v_pred").unwrap().byte_len, 0);
     assert_eq!(file.entry("sigma").unwrap().shape, Vec::<usize>::new());
-    assert_eq!(
-        file.read_tensor(file.entry("position_ids").unwrap())
-            .unwrap(),
-        ids
-    );
+    assert_eq!(file.read_tensor(file.entry("position_ids").unwrap()).unwrap(), ids);
 }

@@ -23,33 +23,19 @@ fn model(dir: &Path, name: &str, dtype: DType, seed: u64) -> (PathBuf, Vec<f32>)
         &[
             ("model.w", raw),
             ("model.b", f32_tensor(dtype, &[3], &values(seed + 100, 3))),
-            (
-                "position_ids",
-                Raw {
-                    dtype: DType::I64,
-                    shape: vec![1, 77],
-                    data: ids,
-                },
-            ),
+            ("position_ids", Raw { dtype: DType::I64, shape: vec![1, 77], data: ids }),
         ],
     );
     (path, stored)
 }
 
 fn options(out: &Path) -> MergeOptions {
-    MergeOptions {
-        output: OutputTarget::File(out.to_path_buf()),
-        chunk: 4096,
-        ..MergeOptions::default()
-    }
+    MergeOptions { output: OutputTarget::File(out.to_path_buf()), chunk: 4096, ..MergeOptions::default() }
 }
 
 fn f32_options(out: &Path) -> MergeOptions {
     MergeOptions {
-        plan: mecha_core::exec::plan::PlanOptions {
-            output_dtype: DType::F32,
-            ..Default::default()
-        },
+        plan: mecha_core::exec::plan::PlanOptions { output_dtype: DType::F32, ..Default::default() },
         ..options(out)
     }
 }
@@ -59,17 +45,8 @@ fn weighted(a: &Path, b: &Path, alpha: f64) -> Recipe {
     let mut r = RecipeBuilder::new();
     let na = r.model(a.to_str().unwrap(), None, Some("weight"));
     let nb = r.model(b.to_str().unwrap(), None, Some("weight"));
-    let root = r
-        .merge(
-            "weighted_sum",
-            vec![
-                Arg::Node(na),
-                Arg::Node(nb),
-                Arg::Value(Scalar::Float(alpha)),
-            ],
-            vec![],
-        )
-        .unwrap();
+    let root =
+        r.merge("weighted_sum", vec![Arg::Node(na), Arg::Node(nb), Arg::Value(Scalar::Float(alpha))], vec![]).unwrap();
     r.finish(root).unwrap()
 }
 
@@ -111,12 +88,7 @@ fn weighted_sum_matches_a_hand_loop_for_each_input_dtype() {
         assert_eq!(got_dtype, DType::F16);
         for i in 0..got.len() {
             let want = to_f16(torch_lerp(a[i], b[i], 0.3));
-            assert_eq!(
-                got[i].to_bits(),
-                want.to_bits(),
-                "{dtype} element {i}: {} vs {want}",
-                got[i]
-            );
+            assert_eq!(got[i].to_bits(), want.to_bits(), "{dtype} element {i}: {} vs {want}", got[i]);
             // and it is the real math, within f16 rounding of the exact value
             let exact = a[i] as f64 + 0.3 * (b[i] as f64 - a[i] as f64);
             assert!((got[i] as f64 - exact).abs() <= exact.abs() * 1e-3 + 1e-4);
@@ -125,17 +97,8 @@ fn weighted_sum_matches_a_hand_loop_for_each_input_dtype() {
         let (tensors, meta) = read_file(&out);
         let (pid_dtype, _, pid) = &tensors["position_ids"];
         assert_eq!(*pid_dtype, DType::I64);
-        assert_eq!(
-            pid,
-            &(0..77i64)
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-        );
-        assert!(
-            meta["mecha_recipe"].contains("merge \"weighted_sum\""),
-            "{}",
-            meta["mecha_recipe"]
-        );
+        assert_eq!(pid, &(0..77i64).flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        assert!(meta["mecha_recipe"].contains("merge \"weighted_sum\""), "{}", meta["mecha_recipe"]);
     }
 }
 
@@ -154,16 +117,9 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
         r.model(pb.to_str().unwrap(), None, Some("weight")),
         r.model(pc.to_str().unwrap(), None, Some("weight")),
     );
-    let d = r
-        .merge("subtract", vec![Arg::Node(nb), Arg::Node(nc)], vec![])
-        .unwrap();
-    let root = r
-        .merge(
-            "add_difference",
-            vec![Arg::Node(na), Arg::Node(d), Arg::Value(Scalar::Float(0.5))],
-            vec![],
-        )
-        .unwrap();
+    let d = r.merge("subtract", vec![Arg::Node(nb), Arg::Node(nc)], vec![]).unwrap();
+    let root =
+        r.merge("add_difference", vec![Arg::Node(na), Arg::Node(d), Arg::Value(Scalar::Float(0.5))], vec![]).unwrap();
     let out = dir.path().join("ad.safetensors");
     run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
     let (_, got) = output_values(&out, "model.w");
@@ -173,10 +129,8 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
 
     // mean of three
     let mut r = RecipeBuilder::new();
-    let ids: Vec<_> = [&pa, &pb, &pc]
-        .iter()
-        .map(|p| Arg::Node(r.model(p.to_str().unwrap(), None, Some("weight"))))
-        .collect();
+    let ids: Vec<_> =
+        [&pa, &pb, &pc].iter().map(|p| Arg::Node(r.model(p.to_str().unwrap(), None, Some("weight")))).collect();
     let root = r.merge("n_average", ids, vec![]).unwrap();
     let out = dir.path().join("avg.safetensors");
     run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
@@ -189,22 +143,13 @@ fn add_difference_subtract_n_average_fallback_and_cast() {
 
     // fallback: a model missing a key falls back to the other; cast to bfloat16 rounds.
     let partial = dir.path().join("partial.safetensors");
-    write_file(
-        &partial,
-        &[("model.b", f32_tensor(DType::F32, &[3], &[9.0, 8.0, 7.0]))],
-    );
+    write_file(&partial, &[("model.b", f32_tensor(DType::F32, &[3], &[9.0, 8.0, 7.0]))]);
     let mut r = RecipeBuilder::new();
     let np = r.model(partial.to_str().unwrap(), None, Some("weight"));
     let na = r.model(pa.to_str().unwrap(), None, Some("weight"));
-    let fb = r
-        .merge("fallback", vec![Arg::Node(np), Arg::Node(na)], vec![])
-        .unwrap();
+    let fb = r.merge("fallback", vec![Arg::Node(np), Arg::Node(na)], vec![]).unwrap();
     let root = r
-        .merge(
-            "cast",
-            vec![Arg::Node(fb)],
-            vec![("dtype".into(), Arg::Value(Scalar::Str("bfloat16".into())))],
-        )
+        .merge("cast", vec![Arg::Node(fb)], vec![("dtype".into(), Arg::Value(Scalar::Str("bfloat16".into())))])
         .unwrap();
     let out = dir.path().join("fb.safetensors");
     run(r.finish(root).unwrap(), &f32_options(&out)).unwrap();
@@ -223,18 +168,8 @@ fn output_is_identical_for_any_thread_count_and_chunk_size() {
     let recipe = || weighted(&pa, &pb, 0.7);
     let mut outputs = vec![];
     for (threads, chunk) in [(1, 1 << 15), (2, 4096), (4, 1000), (3, 7)] {
-        let out = dir
-            .path()
-            .join(format!("out-{threads}-{chunk}.safetensors"));
-        run(
-            recipe(),
-            &MergeOptions {
-                threads,
-                chunk,
-                ..options(&out)
-            },
-        )
-        .unwrap();
+        let out = dir.path().join(format!("out-{threads}-{chunk}.safetensors"));
+        run(recipe(), &MergeOptions { threads, chunk, ..options(&out) }).unwrap();
         outputs.push(std::fs::read(&out).unwrap());
     }
     assert!(outputs.windows(2).all(|w| w[0] == w[1]));
@@ -245,19 +180,11 @@ fn in_memory_output_and_merge_dtypes() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, a) = model(dir.path(), "a.safetensors", DType::F32, 1);
     let (pb, b) = model(dir.path(), "b.safetensors", DType::F32, 2);
-    for merge_dtype in [
-        MergeDtype::F32,
-        MergeDtype::F64,
-        MergeDtype::Rounded(DType::F16),
-    ] {
+    for merge_dtype in [MergeDtype::F32, MergeDtype::F64, MergeDtype::Rounded(DType::F16)] {
         let recipe = weighted(&pa, &pb, 0.25);
         let opts = MergeOptions {
             output: OutputTarget::Memory,
-            plan: mecha_core::exec::plan::PlanOptions {
-                merge_dtype,
-                output_dtype: DType::F32,
-                ..Default::default()
-            },
+            plan: mecha_core::exec::plan::PlanOptions { merge_dtype, output_dtype: DType::F32, ..Default::default() },
             ..MergeOptions::default()
         };
         let result = run(recipe, &opts).unwrap();
@@ -270,11 +197,7 @@ fn in_memory_output_and_merge_dtypes() {
                 MergeDtype::F64 => (a[i] as f64 + 0.25 * (b[i] as f64 - a[i] as f64)) as f32,
                 MergeDtype::Rounded(_) => to_f16(torch_lerp(to_f16(a[i]), to_f16(b[i]), 0.25)),
             };
-            assert!(
-                (got[i] - want).abs() <= f32::EPSILON * want.abs(),
-                "{merge_dtype:?} {i}: {} vs {want}",
-                got[i]
-            );
+            assert!((got[i] - want).abs() <= f32::EPSILON * want.abs(), "{merge_dtype:?} {i}: {} vs {want}", got[i]);
         }
     }
 }
@@ -284,10 +207,7 @@ fn shape_mismatch_is_a_typed_error_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
     let odd = dir.path().join("odd.safetensors");
-    write_file(
-        &odd,
-        &[("model.w", f32_tensor(DType::F16, &[2, 2], &[0.0; 4]))],
-    );
+    write_file(&odd, &[("model.w", f32_tensor(DType::F16, &[2, 2], &[0.0; 4]))]);
     let recipe = weighted(&pa, &odd, 0.5);
     let out = dir.path().join("out.safetensors");
     let err = run(recipe, &options(&out)).err().unwrap();
@@ -301,11 +221,7 @@ fn shape_mismatch_is_a_typed_error_and_leaves_no_file() {
     );
     assert_eq!(err.key.as_deref(), Some("model.w"));
     assert!(!out.exists());
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        2,
-        "only the two inputs"
-    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "only the two inputs");
 }
 
 #[test]
@@ -320,17 +236,8 @@ fn missing_and_corrupt_inputs_name_the_file() {
         let out = dir.path().join("out.safetensors");
         let err = run(recipe, &options(&out)).err().unwrap();
         assert_eq!(err.kind, ErrorKind::Safetensors);
-        assert!(
-            err.message
-                .contains(bad.file_name().unwrap().to_str().unwrap()),
-            "{}",
-            err.message
-        );
-        assert!(
-            err.node.as_deref().unwrap().contains("b: model"),
-            "{:?}",
-            err.node
-        );
+        assert!(err.message.contains(bad.file_name().unwrap().to_str().unwrap()), "{}", err.message);
+        assert!(err.node.as_deref().unwrap().contains("b: model"), "{:?}", err.node);
         assert!(!out.exists());
     }
 }
@@ -342,15 +249,9 @@ fn cancelling_leaves_no_file() {
     let (pb, _) = model(dir.path(), "b.safetensors", DType::F16, 2);
     let recipe = weighted(&pa, &pb, 0.5);
     let out = dir.path().join("out.safetensors");
-    let err = merge(recipe, &options(&out), &AtomicBool::new(true), None)
-        .err()
-        .unwrap();
+    let err = merge(recipe, &options(&out), &AtomicBool::new(true), None).err().unwrap();
     assert_eq!(err.kind, ErrorKind::Aborted);
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        2,
-        "no output and no temporary file"
-    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no output and no temporary file");
 }
 
 #[test]
@@ -358,19 +259,12 @@ fn keys_missing_from_an_input_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, _) = model(dir.path(), "a.safetensors", DType::F16, 1);
     let partial = dir.path().join("partial.safetensors");
-    write_file(
-        &partial,
-        &[("model.b", f32_tensor(DType::F16, &[3], &[1.0, 2.0, 3.0]))],
-    );
+    write_file(&partial, &[("model.b", f32_tensor(DType::F16, &[3], &[1.0, 2.0, 3.0]))]);
     let recipe = weighted(&pa, &partial, 0.5);
     let result = run(recipe, &MergeOptions::default()).unwrap();
     assert_eq!(result.report.keys_written, 1);
-    let mut skipped: Vec<_> = result
-        .report
-        .keys_skipped
-        .iter()
-        .map(|s| (s.key.as_str(), s.reason.contains("partial.safetensors")))
-        .collect();
+    let mut skipped: Vec<_> =
+        result.report.keys_skipped.iter().map(|s| (s.key.as_str(), s.reason.contains("partial.safetensors"))).collect();
     skipped.sort();
     assert_eq!(skipped, vec![("model.w", true), ("position_ids", true)]);
 }

@@ -12,9 +12,8 @@ use mecha_core::exec::run::{Progress, ProgressSink};
 use mecha_core::exec::{MergeOptions, MergeReport, OutputTarget};
 use mecha_core::io::reader::SafetensorsFile;
 use mecha_core::methods::{
-    registry, DefaultValue, ExternalArg, ExternalCall, ExternalKernel, ExternalMethod,
-    ExternalRoutes, Implementation, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec,
-    ValueType,
+    registry, DefaultValue, ExternalArg, ExternalCall, ExternalKernel, ExternalMethod, ExternalRoutes, Implementation,
+    MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType,
 };
 use mecha_core::recipe::spaces::RootSpace;
 use mecha_core::{DType, MechaError};
@@ -57,10 +56,7 @@ impl From<&MechaError> for ErrorInfo {
 fn throw(env: &Env, err: &MechaError) -> napi::Error {
     let info = ErrorInfo::from(err);
     let thrown = (|| -> napi::Result<()> {
-        let mut obj = env.create_error(napi::Error::new(
-            Status::GenericFailure,
-            info.message.clone(),
-        ))?;
+        let mut obj = env.create_error(napi::Error::new(Status::GenericFailure, info.message.clone()))?;
         obj.set_named_property("code", info.kind.as_str())?;
         obj.set_named_property("mecha", info)?;
         env.throw(obj)
@@ -121,11 +117,7 @@ pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
                 bytes: e.byte_len as i64,
             })
             .collect(),
-        metadata: file
-            .metadata()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        metadata: file.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     })
 }
 
@@ -137,6 +129,19 @@ pub fn infer_config(env: Env, path: String) -> napi::Result<Option<String>> {
         let node = b.model(&path, None, Some("weight"));
         let f = mecha_core::exec::plan::finalize(b.finish(node)?, &RootSpace::default())?;
         Ok(f.root_config().as_named().map(|c| c.id.clone()))
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// The configs a file could be, best first, as sd-mecha ranks them (`root_candidates`).
+#[napi]
+pub fn config_candidates(env: Env, path: String) -> napi::Result<Vec<String>> {
+    let run = || -> mecha_core::Result<Vec<String>> {
+        let mut b = mecha_core::recipe::RecipeBuilder::new();
+        let node = b.model(&path, None, Some("weight"));
+        let recipe = b.finish(node)?;
+        let inputs = mecha_core::exec::plan::open_inputs(&recipe)?;
+        mecha_core::recipe::inference::root_candidates(&recipe, &inputs.model_keys, None)
     };
     run().map_err(|e| throw(&env, &e))
 }
@@ -156,15 +161,9 @@ fn space_info(spec: &SpaceSpec) -> SpaceInfo {
     match spec {
         SpaceSpec::Symbol => SpaceInfo {
             symbol: true,
-            spaces: mecha_core::recipe::spaces::SPACES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            spaces: mecha_core::recipe::spaces::SPACES.iter().map(|s| s.to_string()).collect(),
         },
-        SpaceSpec::Fixed(v) => SpaceInfo {
-            symbol: false,
-            spaces: v.clone(),
-        },
+        SpaceSpec::Fixed(v) => SpaceInfo { symbol: false, spaces: v.clone() },
     }
 }
 
@@ -279,11 +278,7 @@ pub fn config_list() -> Vec<ConfigInfo> {
             id: c.id.clone(),
             architecture: c.architecture().to_string(),
             implementation: c.implementation().to_string(),
-            components: c
-                .components()
-                .iter()
-                .map(|(n, comp)| (n.clone(), comp.keys.len() as u32))
-                .collect(),
+            components: c.components().iter().map(|(n, comp)| (n.clone(), comp.keys.len() as u32)).collect(),
             key_count: c.key_count() as u32,
         })
         .collect()
@@ -300,10 +295,7 @@ pub fn config_keys(env: Env, id: String) -> napi::Result<Vec<ConfigKeyInfo>> {
             comp.keys.iter().map(move |(key, meta)| ConfigKeyInfo {
                 key: key.clone(),
                 component: component.clone(),
-                shape: meta
-                    .shape
-                    .as_ref()
-                    .map(|s| s.iter().map(|&d| d as i64).collect()),
+                shape: meta.shape.as_ref().map(|s| s.iter().map(|&d| d as i64).collect()),
                 dtype: meta.dtype.map(|d| d.safetensors_name().to_string()),
                 optional: meta.optional,
                 aliases: meta.aliases.clone(),
@@ -333,10 +325,7 @@ pub fn model_dirs_add(path: String) {
 
 #[napi]
 pub fn model_dirs_list() -> Vec<String> {
-    mecha_core::model_dirs::list()
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect()
+    mecha_core::model_dirs::list().iter().map(|p| p.display().to_string()).collect()
 }
 
 #[napi]
@@ -358,11 +347,7 @@ pub fn conversion_path(
         let target = match (target_config, target_json) {
             (Some(id), _) => Target::Config(id),
             (None, Some(json)) => Target::Like(mecha_core::recipe::wire::from_json(&json)?),
-            (None, None) => {
-                return Err(MechaError::recipe(
-                    "convert() needs a target config or recipe",
-                ))
-            }
+            (None, None) => return Err(MechaError::recipe("convert() needs a target config or recipe")),
         };
         conversion_path(&recipe, &target)
     };
@@ -372,10 +357,13 @@ pub fn conversion_path(
 // ---------------------------------------------------------------------------------------------
 // Merging
 
+/// `None` → weight (merges); `"any"` → any space, preferring weight; `"free"` → no requirement;
+/// otherwise that space.
 fn root_space(strict: Option<String>) -> RootSpace {
     match strict.as_deref() {
         None => RootSpace::default(),
         Some("any") => RootSpace::Preferred,
+        Some("free") => RootSpace::Free,
         Some(s) => RootSpace::Strict(s.to_string()),
     }
 }
@@ -383,11 +371,7 @@ fn root_space(strict: Option<String>) -> RootSpace {
 /// Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved
 /// model configs and merge spaces (model headers are read).
 #[napi]
-pub fn serialize(
-    env: Env,
-    recipe_json: String,
-    strict_merge_space: Option<String>,
-) -> napi::Result<String> {
+pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<String>) -> napi::Result<String> {
     let run = || -> mecha_core::Result<String> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
         Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
@@ -433,19 +417,12 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
         let options = merge_options(options)?;
         let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
         let f = &plan.finalized;
-        let threads = if options.threads == 0 {
-            mecha_core::exec::run::auto_threads()
-        } else {
-            options.threads
-        };
+        let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
         let inputs = (0..f.recipe.nodes.len())
             .filter_map(|n| f.model_input[n].map(|i| (n, i)))
             .map(|(n, i)| PlanInput {
                 path: f.inputs[i].path().display().to_string(),
-                config: f.configs.configs[n]
-                    .as_ref()
-                    .map_or("", |c| c.id())
-                    .to_string(),
+                config: f.configs.configs[n].as_ref().map_or("", |c| c.id()).to_string(),
             })
             .collect();
         Ok(PlanInfo {
@@ -457,10 +434,7 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
             keys_skipped: plan
                 .skipped
                 .iter()
-                .map(|s| SkippedKeyInfo {
-                    key: s.key.clone(),
-                    reason: s.reason.clone(),
-                })
+                .map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() })
                 .collect(),
             threads: threads as u32,
             estimated_working_bytes: plan.estimated_working_bytes(threads, options.chunk) as f64,
@@ -486,9 +460,7 @@ impl Default for CancelToken {
 impl CancelToken {
     #[napi(constructor)]
     pub fn new() -> Self {
-        CancelToken {
-            flag: Arc::new(AtomicBool::new(false)),
-        }
+        CancelToken { flag: Arc::new(AtomicBool::new(false)) }
     }
 
     #[napi]
@@ -555,14 +527,7 @@ impl From<MergeReport> for MergeReportInfo {
         MergeReportInfo {
             output: r.output.map(|p| p.display().to_string()),
             keys_written: r.keys_written as u32,
-            keys_skipped: r
-                .keys_skipped
-                .into_iter()
-                .map(|s| SkippedKeyInfo {
-                    key: s.key,
-                    reason: s.reason,
-                })
-                .collect(),
+            keys_skipped: r.keys_skipped.into_iter().map(|s| SkippedKeyInfo { key: s.key, reason: s.reason }).collect(),
             bytes_read: r.bytes_read as f64,
             bytes_written: r.bytes_written as f64,
             seconds: r.seconds,
@@ -633,9 +598,7 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
         chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
         progress_interval: options
             .progress_interval_ms
-            .map_or(defaults.progress_interval, |ms| {
-                std::time::Duration::from_millis(ms as u64)
-            }),
+            .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),
     })
 }
 
@@ -649,8 +612,7 @@ pub fn merge<'env>(
     recipe_json: String,
     options: NativeMergeOptions,
     cancel: &CancelToken,
-    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")]
-    on_progress: Option<ProgressFn>,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
 ) -> napi::Result<Object<'env>> {
     let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
     let flag = cancel.flag.clone();
@@ -661,12 +623,7 @@ pub fn merge<'env>(
             let result = (|| {
                 let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
                 let options = merge_options(options)?;
-                mecha_core::exec::merge(
-                    recipe,
-                    &options,
-                    &flag,
-                    progress.as_ref().map(|p| p as &dyn ProgressSink),
-                )
+                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
             })();
             drop(progress); // release the callback so it no longer holds the event loop
             deferred.resolve(Box::new(move |_env| {
@@ -686,11 +643,7 @@ pub fn merge<'env>(
                         report: Some(r.report.into()),
                         error: None,
                     },
-                    Err(e) => MergeOutcome {
-                        report: None,
-                        tensors: None,
-                        error: Some(ErrorInfo::from(&e)),
-                    },
+                    Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
                 })
             }));
         })
@@ -742,18 +695,10 @@ pub fn write_random_model(
         .map(|t| {
             let dtype = parse_dtype(&t.dtype, "dtype").map_err(|e| throw(&env, &e))?;
             let shape: Vec<usize> = t.shape.iter().map(|&d| d.max(0) as usize).collect();
-            Ok(mecha_core::io::writer::PlannedTensor {
-                name: t.name,
-                dtype,
-                shape,
-            })
+            Ok(mecha_core::io::writer::PlannedTensor { name: t.name, dtype, shape })
         })
         .collect::<napi::Result<Vec<_>>>()?;
-    Ok(AsyncTask::new(RandomModelTask {
-        path: PathBuf::from(path),
-        tensors: planned,
-        seed: seed as u64,
-    }))
+    Ok(AsyncTask::new(RandomModelTask { path: PathBuf::from(path), tensors: planned, seed: seed as u64 }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,8 +762,7 @@ pub struct JsMethodArg {
     pub is_null: bool,
 }
 
-type JsMethodFn =
-    ThreadsafeFunction<JsMethodCall, Either<Float32Array, f64>, JsMethodCall, Status, false, true>;
+type JsMethodFn = ThreadsafeFunction<JsMethodCall, Either<Float32Array, f64>, JsMethodCall, Status, false, true>;
 
 struct JsKernel {
     id: String,
@@ -826,30 +770,12 @@ struct JsKernel {
 }
 
 fn js_arg(arg: ExternalArg, len: usize) -> JsMethodArg {
-    let empty = JsMethodArg {
-        tensor: None,
-        tensors: None,
-        number: None,
-        text: None,
-        is_null: false,
-    };
+    let empty = JsMethodArg { tensor: None, tensors: None, number: None, text: None, is_null: false };
     match arg {
-        ExternalArg::Tensor(t) => JsMethodArg {
-            tensor: Some(Float32Array::new(t.to_vec())),
-            ..empty
-        },
-        ExternalArg::Number(n) => JsMethodArg {
-            number: Some(n),
-            ..empty
-        },
-        ExternalArg::Text(Some(t)) => JsMethodArg {
-            text: Some(t.to_string()),
-            ..empty
-        },
-        ExternalArg::Text(None) => JsMethodArg {
-            is_null: true,
-            ..empty
-        },
+        ExternalArg::Tensor(t) => JsMethodArg { tensor: Some(Float32Array::new(t.to_vec())), ..empty },
+        ExternalArg::Number(n) => JsMethodArg { number: Some(n), ..empty },
+        ExternalArg::Text(Some(t)) => JsMethodArg { text: Some(t.to_string()), ..empty },
+        ExternalArg::Text(None) => JsMethodArg { is_null: true, ..empty },
         ExternalArg::Tensors(items) => {
             // Broadcast numbers inside a list are filled out, so the list is uniform.
             let arrays = items
@@ -860,10 +786,7 @@ fn js_arg(arg: ExternalArg, len: usize) -> JsMethodArg {
                     _ => Float32Array::new(vec![]),
                 })
                 .collect();
-            JsMethodArg {
-                tensors: Some(arrays),
-                ..empty
-            }
+            JsMethodArg { tensors: Some(arrays), ..empty }
         }
     }
 }
@@ -881,28 +804,18 @@ impl ExternalKernel for JsKernel {
             args: call.args.into_iter().map(|a| js_arg(a, len)).collect(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
-        let status = self.function.call_with_return_value(
-            js,
-            ThreadsafeFunctionCallMode::Blocking,
-            move |ret, _| {
-                let values = ret.map(|r| match r {
-                    Either::A(array) => array.to_vec(),
-                    Either::B(number) => vec![number as f32; len],
-                });
-                let _ = tx.send(values);
-                Ok(())
-            },
-        );
-        let failed = |why: String| {
-            MechaError::recipe(format!(
-                "merge method {} failed on key \"{}\": {why}",
-                self.id, call.key
-            ))
-        };
+        let status = self.function.call_with_return_value(js, ThreadsafeFunctionCallMode::Blocking, move |ret, _| {
+            let values = ret.map(|r| match r {
+                Either::A(array) => array.to_vec(),
+                Either::B(number) => vec![number as f32; len],
+            });
+            let _ = tx.send(values);
+            Ok(())
+        });
+        let failed =
+            |why: String| MechaError::recipe(format!("merge method {} failed on key \"{}\": {why}", self.id, call.key));
         if status != Status::Ok {
-            return Err(failed(format!(
-                "the JavaScript function could not be called ({status})"
-            )));
+            return Err(failed(format!("the JavaScript function could not be called ({status})")));
         }
         rx.recv()
             .map_err(|_| failed("the JavaScript function never returned".into()))?
@@ -918,23 +831,13 @@ fn param_spec(p: JsParamSpec) -> mecha_core::Result<ParamSpec> {
         "bool" => ValueType::Bool,
         "str" => ValueType::Str,
         "T" => ValueType::Any,
-        other => {
-            return Err(MechaError::recipe(format!(
-                "parameter \"{}\": unknown type \"{other}\"",
-                p.name
-            )))
-        }
+        other => return Err(MechaError::recipe(format!("parameter \"{}\": unknown type \"{other}\"", p.name))),
     };
     let kind = match p.kind.as_str() {
         "positional" => ParamKind::Positional,
         "varargs" => ParamKind::VarPositional,
         "keyword" => ParamKind::KeywordOnly,
-        other => {
-            return Err(MechaError::recipe(format!(
-                "parameter \"{}\": unknown kind \"{other}\"",
-                p.name
-            )))
-        }
+        other => return Err(MechaError::recipe(format!("parameter \"{}\": unknown kind \"{other}\"", p.name))),
     };
     let default = if !p.has_default {
         None
@@ -948,10 +851,7 @@ fn param_spec(p: JsParamSpec) -> mecha_core::Result<ParamSpec> {
             }
             Some(serde_json::Value::Number(n)) => DefaultValue::Float(n.as_f64().unwrap_or(0.0)),
             Some(other) => {
-                return Err(MechaError::recipe(format!(
-                    "parameter \"{}\": unsupported default {other}",
-                    p.name
-                )))
+                return Err(MechaError::recipe(format!("parameter \"{}\": unsupported default {other}", p.name)))
             }
         })
     };
@@ -975,11 +875,7 @@ pub fn register_method(
     #[napi(ts_arg_type = "(call: JsMethodCall) => Float32Array | number")] callback: JsMethodFn,
 ) -> napi::Result<()> {
     let run = || -> mecha_core::Result<()> {
-        let params = spec
-            .params
-            .into_iter()
-            .map(param_spec)
-            .collect::<mecha_core::Result<Vec<_>>>()?;
+        let params = spec.params.into_iter().map(param_spec).collect::<mecha_core::Result<Vec<_>>>()?;
         let returns = ReturnSpec {
             value_type: param_spec(JsParamSpec {
                 name: "return".into(),
@@ -993,15 +889,10 @@ pub fn register_method(
                 default_is_int: None,
             })?
             .value_type,
-            space: spec
-                .return_merge_space
-                .map_or(SpaceSpec::Symbol, |s| SpaceSpec::Fixed(vec![s])),
+            space: spec.return_merge_space.map_or(SpaceSpec::Symbol, |s| SpaceSpec::Fixed(vec![s])),
             config: spec.return_model_config,
         };
-        let kernel = Arc::new(JsKernel {
-            id: spec.id.clone(),
-            function: callback,
-        });
+        let kernel = Arc::new(JsKernel { id: spec.id.clone(), function: callback });
         let method = MethodSpec {
             id: spec.id,
             description: spec.description,
@@ -1010,9 +901,7 @@ pub fn register_method(
             implementation: Implementation::External(Arc::new(ExternalMethod {
                 kernel,
                 elementwise: spec.elementwise,
-                routes: spec.routes.map(|routes| ExternalRoutes {
-                    routes: routes.into_iter().collect(),
-                }),
+                routes: spec.routes.map(|routes| ExternalRoutes { routes: routes.into_iter().collect() }),
             })),
             is_conversion: spec.is_conversion,
         };

@@ -11,22 +11,8 @@ const BASES: [&str; 3] = ["sdxl-kohya", "sdxl-kohya_but_diffusers", "sd1-kohya"]
 const FLAVOURS: [(&str, &str); 2] = [("lycoris", "lycoris"), ("kohya", "lora")];
 /// Suffixes of LoRA (up, mid, down, alpha) then LoKr, in sd-mecha's order.
 const SUFFIXES: [&[&str]; 2] = [
-    &[
-        "lora_up.weight",
-        "lora_mid.weight",
-        "lora_down.weight",
-        "alpha",
-    ],
-    &[
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "lokr_t2",
-        "alpha",
-    ],
+    &["lora_up.weight", "lora_mid.weight", "lora_down.weight", "alpha"],
+    &["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"],
 ];
 
 /// `unet.a.b.weight` → `<prefix>_unet_a_b`.
@@ -47,20 +33,11 @@ fn derive(base: &ModelConfig, flavour: &str, prefix: &str) -> ModelConfig {
         .iter()
         .map(|(name, component)| {
             let mut keys = IndexMap::new();
-            for (key, meta) in component
-                .keys
-                .iter()
-                .filter(|(k, m)| has_low_rank_form(k, m))
-            {
+            for (key, meta) in component.keys.iter().filter(|(k, m)| has_low_rank_form(k, m)) {
                 let stem = lycoris_stem(prefix, key);
                 for suffix in SUFFIXES.iter().flat_map(|s| s.iter()) {
                     let shape = (*suffix == "alpha").then(Vec::new);
-                    let derived = KeyMeta {
-                        shape,
-                        dtype: meta.dtype,
-                        aliases: meta.aliases.clone(),
-                        optional: true,
-                    };
+                    let derived = KeyMeta { shape, dtype: meta.dtype, aliases: meta.aliases.clone(), optional: true };
                     keys.insert(format!("{stem}.{suffix}"), derived);
                 }
             }
@@ -72,21 +49,13 @@ fn derive(base: &ModelConfig, flavour: &str, prefix: &str) -> ModelConfig {
 }
 
 /// The six auxiliary configs, e.g. `sdxl-kohya_kohya_lora`.
-pub fn derived_configs(
-    base: impl Fn(&str) -> Option<std::sync::Arc<ModelConfig>>,
-) -> Vec<ModelConfig> {
+pub fn derived_configs(base: impl Fn(&str) -> Option<std::sync::Arc<ModelConfig>>) -> Vec<ModelConfig> {
     FLAVOURS
         .iter()
         .flat_map(|(flavour, prefix)| {
             BASES
                 .iter()
-                .map(|id| {
-                    derive(
-                        &base(id).expect("kohya configs are builtin"),
-                        flavour,
-                        prefix,
-                    )
-                })
+                .map(|id| derive(&base(id).expect("kohya configs are builtin"), flavour, prefix))
                 .collect::<Vec<_>>()
         })
         .collect()

@@ -90,12 +90,7 @@ impl ModelConfig {
             .filter(|(name, (key, _))| name != key)
             .map(|(name, (key, _))| (name.to_string(), key.to_string()))
             .collect();
-        Ok(ModelConfig {
-            id,
-            declared_identifier,
-            components,
-            aliases,
-        })
+        Ok(ModelConfig { id, declared_identifier, components, aliases })
     }
 
     pub fn components(&self) -> &IndexMap<String, Component> {
@@ -104,9 +99,7 @@ impl ModelConfig {
 
     /// All keys in output order: component by component, in file order.
     pub fn keys(&self) -> impl Iterator<Item = (&str, &KeyMeta)> + '_ {
-        self.components
-            .values()
-            .flat_map(|c| c.keys.iter().map(|(k, meta)| (k.as_str(), meta)))
+        self.components.values().flat_map(|c| c.keys.iter().map(|(k, meta)| (k.as_str(), meta)))
     }
 
     pub fn key_count(&self) -> usize {
@@ -119,36 +112,24 @@ impl ModelConfig {
     }
 
     pub fn component_of(&self, key: &str) -> Option<&str> {
-        let found = self
-            .components
-            .iter()
-            .find(|(_, c)| c.keys.contains_key(key));
+        let found = self.components.iter().find(|(_, c)| c.keys.contains_key(key));
         found.map(|(name, _)| name.as_str())
     }
 
     /// The canonical key `name` stands for: itself if it is a key, its key if it is an alias.
     pub fn resolve_alias(&self, name: &str) -> Option<&str> {
-        let canonical = self
-            .components
-            .values()
-            .find_map(|c| c.keys.get_key_value(name));
-        canonical
-            .map(|(key, _)| key.as_str())
-            .or_else(|| self.aliases.get(name).map(String::as_str))
+        let canonical = self.components.values().find_map(|c| c.keys.get_key_value(name));
+        canonical.map(|(key, _)| key.as_str()).or_else(|| self.aliases.get(name).map(String::as_str))
     }
 
     /// `sd1` in `sd1-ldm`.
     pub fn architecture(&self) -> &str {
-        self.id
-            .split_once('-')
-            .map_or(self.id.as_str(), |(arch, _)| arch)
+        self.id.split_once('-').map_or(self.id.as_str(), |(arch, _)| arch)
     }
 
     /// `ldm` in `sd1-ldm`.
     pub fn implementation(&self) -> &str {
-        self.id
-            .split_once('-')
-            .map_or("", |(_, implementation)| implementation)
+        self.id.split_once('-').map_or("", |(_, implementation)| implementation)
     }
 }
 
@@ -161,15 +142,11 @@ pub fn from_yaml(text: &str, id_from_file_stem: Option<&str>) -> Result<ModelCon
     };
     let docs = YamlLoader::load_from_str(text).map_err(|e| {
         let (line, column) = (e.marker().line(), e.marker().col() + 1);
-        let msg = format!(
-            "{source}: invalid YAML at line {line}, column {column}: {}",
-            e.info()
-        );
+        let msg = format!("{source}: invalid YAML at line {line}, column {column}: {}", e.info());
         config_error(msg).at(line, column)
     })?;
     let mut compact = String::new();
-    yaml::write_compact(&docs, id_from_file_stem, &mut compact)
-        .map_err(|e| config_error(format!("{source}: {e}")))?;
+    yaml::write_compact(&docs, id_from_file_stem, &mut compact).map_err(|e| config_error(format!("{source}: {e}")))?;
     let config = parse_compact(&compact)?.pop();
     Ok(config.expect("write_compact writes one config"))
 }
@@ -180,71 +157,47 @@ fn parse_compact(text: &str) -> Result<Vec<ModelConfig>> {
     let mut configs: Vec<(&str, &str, IndexMap<String, Component>)> = Vec::new();
     for line in text.lines() {
         let mut fields = line.split('\t');
-        let mut next = || {
-            fields
-                .next()
-                .expect("compact config lines have all their fields")
-        };
+        let mut next = || fields.next().expect("compact config lines have all their fields");
         match next() {
             "C" => configs.push((next(), next(), IndexMap::new())),
             "P" => {
-                let (_, _, components) = configs
-                    .last_mut()
-                    .expect("a config precedes its components");
+                let (_, _, components) = configs.last_mut().expect("a config precedes its components");
                 components.insert(next().to_string(), Component::default());
             }
             "K" => {
                 let (id, _, components) = configs.last_mut().expect("a config precedes its keys");
                 let (key, dtype, shape, optional) = (next(), next(), next(), next());
-                let invalid = |problem: String| {
-                    config_error(format!("model config \"{id}\", key \"{key}\": {problem}"))
-                };
+                let invalid =
+                    |problem: String| config_error(format!("model config \"{id}\", key \"{key}\": {problem}"));
                 let dtype = match dtype {
                     "" => None,
-                    name => Some(
-                        DType::parse_user(name)
-                            .ok_or_else(|| invalid(format!("unknown dtype \"{name}\"")))?,
-                    ),
+                    name => Some(DType::parse_user(name).ok_or_else(|| invalid(format!("unknown dtype \"{name}\"")))?),
                 };
                 let shape = match shape {
                     "?" => None,
                     "" => Some(Vec::new()),
                     dims => Some(
                         dims.split(',')
-                            .map(|d| {
-                                d.parse()
-                                    .map_err(|_| invalid(format!("dimension {d} is too large")))
-                            })
+                            .map(|d| d.parse().map_err(|_| invalid(format!("dimension {d} is too large"))))
                             .collect::<Result<_>>()?,
                     ),
                 };
-                let meta = KeyMeta {
-                    shape,
-                    dtype,
-                    aliases: fields.map(str::to_string).collect(),
-                    optional: optional == "1",
-                };
-                let (_, component) = components
-                    .last_mut()
-                    .expect("a component precedes its keys");
+                let meta =
+                    KeyMeta { shape, dtype, aliases: fields.map(str::to_string).collect(), optional: optional == "1" };
+                let (_, component) = components.last_mut().expect("a component precedes its keys");
                 component.keys.insert(key.to_string(), meta);
             }
             tag => unreachable!("unknown compact config record {tag:?}"),
         }
     }
     let configs = configs.into_iter();
-    configs
-        .map(|(id, declared, components)| ModelConfig::new(id, declared, components))
-        .collect()
+    configs.map(|(id, declared, components)| ModelConfig::new(id, declared, components)).collect()
 }
 
 /// sd-mecha's rule for identifiers: `<architecture>-<implementation>`, each `[a-z0-9._+]+`.
 fn check_identifier(id: &str) -> Result<()> {
     let valid_part = |part: &str| {
-        !part.is_empty()
-            && part
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'+'))
+        !part.is_empty() && part.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'+'))
     };
     match id.split_once('-') {
         Some((arch, implementation)) if valid_part(arch) && valid_part(implementation) => Ok(()),

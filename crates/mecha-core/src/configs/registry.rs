@@ -24,12 +24,7 @@ pub fn builtin(id: &str) -> Option<Arc<ModelConfig>> {
 /// The LoRA/LyCORIS configs derived from the kohya builtins (sd-mecha's "aux" configs).
 fn auxiliary() -> &'static [Arc<ModelConfig>] {
     static AUX: OnceLock<Vec<Arc<ModelConfig>>> = OnceLock::new();
-    AUX.get_or_init(|| {
-        super::lycoris::derived_configs(builtin)
-            .into_iter()
-            .map(Arc::new)
-            .collect()
-    })
+    AUX.get_or_init(|| super::lycoris::derived_configs(builtin).into_iter().map(Arc::new).collect())
 }
 
 /// Builtin and derived configs: what every process knows without registering anything.
@@ -71,9 +66,7 @@ pub fn resolve(id: &str) -> Result<Arc<ModelConfig>> {
         Some(near) => format!("did you mean \"{near}\"?"),
         None => format!("known configs: {}", names.join(", ")),
     };
-    Err(config_error(format!(
-        "unknown model config \"{id}\"; {hint}"
-    )))
+    Err(config_error(format!("unknown model config \"{id}\"; {hint}")))
 }
 
 /// Every config, sorted by identifier in reverse, the order in which sd-mecha's `get_all()`

@@ -39,26 +39,11 @@ fn every_builtin_loads_with_the_expected_key_count() {
 #[test]
 fn sd1_ldm_components_keys_and_aliases() {
     let config = builtin("sd1-ldm").unwrap();
-    let components: Vec<(&str, usize)> = config
-        .components()
-        .iter()
-        .map(|(name, c)| (name.as_str(), c.keys.len()))
-        .collect();
-    assert_eq!(
-        components,
-        [
-            ("clip_l", 197),
-            ("vae", 248),
-            ("diffuser", 686),
-            ("ema", 688),
-            ("scheduler", 12)
-        ]
-    );
+    let components: Vec<(&str, usize)> =
+        config.components().iter().map(|(name, c)| (name.as_str(), c.keys.len())).collect();
+    assert_eq!(components, [("clip_l", 197), ("vae", 248), ("diffuser", 686), ("ema", 688), ("scheduler", 12)]);
     assert_eq!(optional_count(&config), 701);
-    assert_eq!(
-        (config.architecture(), config.implementation()),
-        ("sd1", "ldm")
-    );
+    assert_eq!((config.architecture(), config.implementation()), ("sd1", "ldm"));
 
     let position_ids = "cond_stage_model.transformer.text_model.embeddings.position_ids";
     let alias = "cond_stage_model.transformer.embeddings.position_ids";
@@ -71,17 +56,11 @@ fn sd1_ldm_components_keys_and_aliases() {
     assert_eq!(config.resolve_alias(alias), Some(position_ids));
     assert_eq!(config.resolve_alias(position_ids), Some(position_ids));
     assert_eq!(config.resolve_alias("nope"), None);
-    assert!(
-        config.get(alias).is_none(),
-        "get() takes canonical keys only"
-    );
+    assert!(config.get(alias).is_none(), "get() takes canonical keys only");
 
     // keys() runs component by component, in file order.
     let first = config.keys().next().unwrap().0;
-    assert_eq!(
-        first,
-        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-    );
+    assert_eq!(first, "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight");
     let first_vae = config.keys().nth(197).unwrap().0;
     assert_eq!(config.component_of(first_vae), Some("vae"));
 }
@@ -105,12 +84,7 @@ fn other_builtin_details() {
     assert_eq!(blocks.get("BASE").unwrap().shape, Some(vec![]));
 
     let singleton = builtin("singleton-mecha").unwrap();
-    let unknown = KeyMeta {
-        shape: None,
-        dtype: None,
-        aliases: vec![],
-        optional: false,
-    };
+    let unknown = KeyMeta { shape: None, dtype: None, aliases: vec![], optional: false };
     assert_eq!(singleton.get("key"), Some(&unknown));
 }
 
@@ -118,15 +92,8 @@ fn other_builtin_details() {
 fn list_is_reverse_sorted_by_identifier() {
     let ids: Vec<String> = list().iter().map(|c| c.id.clone()).collect();
     // Other tests register configs concurrently; they sort in but are not asserted on here.
-    let builtins: Vec<&str> = ids
-        .iter()
-        .map(String::as_str)
-        .filter(|id| builtin(id).is_some())
-        .collect();
-    assert_eq!(
-        builtins[..3],
-        ["singleton-mecha", "sdxl-supermerger_blocks", "sdxl-sgm"]
-    );
+    let builtins: Vec<&str> = ids.iter().map(String::as_str).filter(|id| builtin(id).is_some()).collect();
+    assert_eq!(builtins[..3], ["singleton-mecha", "sdxl-supermerger_blocks", "sdxl-sgm"]);
     assert_eq!(builtins.len(), KEY_COUNTS.len());
     let mut sorted = ids.clone();
     sorted.sort_by(|a, b| b.cmp(a));
@@ -147,17 +114,11 @@ components:
 #[test]
 fn from_yaml_reads_a_user_config() {
     let config = from_yaml(USER_YAML, None).unwrap();
-    assert_eq!(
-        (config.id.as_str(), config.declared_identifier.as_str()),
-        ("tiny-test", "tiny-test")
-    );
+    assert_eq!((config.id.as_str(), config.declared_identifier.as_str()), ("tiny-test", "tiny-test"));
     let keys: Vec<&str> = config.keys().map(|(k, _)| k).collect();
     assert_eq!(keys, ["a.weight", "a.bias", "step", "anything"]);
     let a = config.get("a.weight").unwrap();
-    assert_eq!(
-        (a.shape.as_deref(), a.dtype),
-        (Some(&[4, 2][..]), Some(DType::F16))
-    );
+    assert_eq!((a.shape.as_deref(), a.dtype), (Some(&[4, 2][..]), Some(DType::F16)));
     assert!(config.get("a.bias").unwrap().optional);
     let step = config.get("step").unwrap();
     assert_eq!((step.shape.as_ref(), step.dtype), (None, Some(DType::I64)));
@@ -166,10 +127,7 @@ fn from_yaml_reads_a_user_config() {
 
     // Like sd-mecha, a file registers under its stem.
     let config = from_yaml(USER_YAML, Some("tiny-renamed")).unwrap();
-    assert_eq!(
-        (config.id.as_str(), config.declared_identifier.as_str()),
-        ("tiny-renamed", "tiny-test")
-    );
+    assert_eq!((config.id.as_str(), config.declared_identifier.as_str()), ("tiny-renamed", "tiny-test"));
 }
 
 fn yaml_error(text: &str) -> MechaError {
@@ -185,76 +143,32 @@ fn with_key(meta: &str) -> String {
 #[test]
 fn from_yaml_errors_say_what_is_wrong() {
     let cases = [
-        (
-            with_key("{shape: [4], dtype: float17}"),
-            "key \"k\": unknown dtype \"float17\"",
-        ),
-        (
-            with_key("{shape: [-1]}"),
-            "key \"k\": shape dimension -1 is not a non-negative integer",
-        ),
-        (
-            with_key("{shape: 4}"),
-            "`shape` must be a list of integers, not 4",
-        ),
-        (
-            with_key("{optional: yes}"),
-            "`optional` must be true or false, not \"yes\"",
-        ),
+        (with_key("{shape: [4], dtype: float17}"), "key \"k\": unknown dtype \"float17\""),
+        (with_key("{shape: [-1]}"), "key \"k\": shape dimension -1 is not a non-negative integer"),
+        (with_key("{shape: 4}"), "`shape` must be a list of integers, not 4"),
+        (with_key("{optional: yes}"), "`optional` must be true or false, not \"yes\""),
         (with_key("{size: [4]}"), "unknown field \"size\""),
         (with_key("[4]"), "key \"k\": expected a mapping"),
-        (
-            with_key("{aliases: [k]}"),
-            "\"k\" is both a key of component \"unet\" and an alias of \"k\"",
-        ),
-        (
-            "identifier: Tiny\ncomponents: {}\n".into(),
-            "invalid model config identifier \"Tiny\"",
-        ),
-        (
-            "identifier: tiny-test\n".into(),
-            "`components` must be a mapping",
-        ),
+        (with_key("{aliases: [k]}"), "\"k\" is both a key of component \"unet\" and an alias of \"k\""),
+        ("identifier: Tiny\ncomponents: {}\n".into(), "invalid model config identifier \"Tiny\""),
+        ("identifier: tiny-test\n".into(), "`components` must be a mapping"),
         ("components: {}\n".into(), "missing `identifier`"),
-        (
-            "identifier: tiny-test\ncomponents: {}\nmetadata: 1\n".into(),
-            "unknown top-level field \"metadata\"",
-        ),
-        (
-            "identifier: tiny-test\ncomponents:\n  unet: 3\n".into(),
-            "component \"unet\" must be a mapping",
-        ),
-        (
-            "a: 1\n---\nb: 2\n".into(),
-            "expected one YAML document, found 2",
-        ),
-        (
-            "identifier: \"a\tb\"\ncomponents: {}\n".into(),
-            "must be non-empty and hold no tab",
-        ),
+        ("identifier: tiny-test\ncomponents: {}\nmetadata: 1\n".into(), "unknown top-level field \"metadata\""),
+        ("identifier: tiny-test\ncomponents:\n  unet: 3\n".into(), "component \"unet\" must be a mapping"),
+        ("a: 1\n---\nb: 2\n".into(), "expected one YAML document, found 2"),
+        ("identifier: \"a\tb\"\ncomponents: {}\n".into(), "must be non-empty and hold no tab"),
     ];
     for (text, expected) in cases {
         let err = yaml_error(&text);
         assert!(err.message.contains(expected), "{text:?}: {}", err.message);
     }
 
-    let twice =
-        "identifier: tiny-test\ncomponents:\n  a:\n    k: {}\n  b:\n    j: {aliases: [k]}\n";
+    let twice = "identifier: tiny-test\ncomponents:\n  a:\n    k: {}\n  b:\n    j: {aliases: [k]}\n";
     let err = yaml_error(twice);
-    assert!(
-        err.message
-            .contains("\"k\" is both a key of component \"a\" and an alias of \"j\""),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("\"k\" is both a key of component \"a\" and an alias of \"j\""), "{}", err.message);
 
     let err = yaml_error("identifier: tiny-test\ncomponents:\n  unet:\n    k: {shape: [1}\n");
-    assert!(
-        err.message
-            .starts_with("model config YAML: invalid YAML at line 4"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.starts_with("model config YAML: invalid YAML at line 4"), "{}", err.message);
     assert_eq!(err.line, Some(4));
 
     let err = yaml_error(&with_key("{}").replace("k: {}", "k: {}\n    k: {}"));
@@ -271,38 +185,22 @@ fn register_then_resolve() {
 
     let again = register(from_yaml(USER_YAML, Some("test-registered")).unwrap()).unwrap_err();
     assert_eq!(again.kind, ErrorKind::Config);
-    assert!(
-        again
-            .message
-            .contains("\"test-registered\" is already registered"),
-        "{}",
-        again.message
-    );
+    assert!(again.message.contains("\"test-registered\" is already registered"), "{}", again.message);
     let builtin_clash = register(from_yaml(USER_YAML, Some("sd1-ldm")).unwrap()).unwrap_err();
     assert!(builtin_clash.message.contains("already registered"));
 
     let mut renamed = from_yaml(USER_YAML, None).unwrap();
     renamed.id = "no_dash".into();
-    assert!(register(renamed)
-        .unwrap_err()
-        .message
-        .contains("invalid model config identifier"));
+    assert!(register(renamed).unwrap_err().message.contains("invalid model config identifier"));
 }
 
 #[test]
 fn resolve_suggests_the_nearest_identifier() {
     let err = resolve("sdxl-sgn").unwrap_err();
     assert_eq!(err.kind, ErrorKind::Config);
-    assert_eq!(
-        err.message,
-        "unknown model config \"sdxl-sgn\"; did you mean \"sdxl-sgm\"?"
-    );
+    assert_eq!(err.message, "unknown model config \"sdxl-sgn\"; did you mean \"sdxl-sgm\"?");
     let err = resolve("zzzzzzzzzzzzzzzz").unwrap_err();
-    assert!(
-        err.message.contains("known configs: flux-flux, sd1-kohya"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("known configs: flux-flux, sd1-kohya"), "{}", err.message);
 }
 
 #[test]
@@ -323,17 +221,11 @@ fn lycoris_configs_are_derived_like_sd_mecha() {
     let key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.lora_up.weight";
     assert!(lora.get(key).is_some());
     assert_eq!(
-        lora.get("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.alpha")
-            .unwrap()
-            .shape,
+        lora.get("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.alpha").unwrap().shape,
         Some(vec![])
     );
 
-    let ids: Vec<String> = list()
-        .iter()
-        .map(|c| c.id.clone())
-        .filter(|id| !id.starts_with("test"))
-        .collect();
+    let ids: Vec<String> = list().iter().map(|c| c.id.clone()).filter(|id| !id.starts_with("test")).collect();
     assert_eq!(
         ids,
         [

@@ -19,9 +19,7 @@ pub fn write_compact(docs: &[Yaml], id: Option<&str>, out: &mut String) -> Resul
     let [doc] = docs else {
         return Err(format!("expected one YAML document, found {}", docs.len()));
     };
-    let fields = doc
-        .as_hash()
-        .ok_or("expected a mapping with `identifier` and `components`")?;
+    let fields = doc.as_hash().ok_or("expected a mapping with `identifier` and `components`")?;
     let (mut declared, mut components) = (None, None);
     for (field, value) in fields {
         match field.as_str() {
@@ -44,28 +42,24 @@ pub fn write_compact(docs: &[Yaml], id: Option<&str>, out: &mut String) -> Resul
     push_line(out, &["C", id, declared]);
     for (component, keys) in components {
         let component = name(component, "a component name")?;
-        let keys = keys.as_hash().ok_or_else(|| {
-            format!("component \"{component}\" must be a mapping from keys to their metadata")
-        })?;
+        let keys = keys
+            .as_hash()
+            .ok_or_else(|| format!("component \"{component}\" must be a mapping from keys to their metadata"))?;
         push_line(out, &["P", component]);
         for (key, meta) in keys {
             let key = name(key, &format!("a key of component \"{component}\""))?;
-            write_key(key, meta, out)
-                .map_err(|e| format!("component \"{component}\", key \"{key}\": {e}"))?;
+            write_key(key, meta, out).map_err(|e| format!("component \"{component}\", key \"{key}\": {e}"))?;
         }
     }
     Ok(())
 }
 
 fn write_key(key: &str, meta: &Yaml, out: &mut String) -> Result<(), String> {
-    let meta = meta
-        .as_hash()
-        .ok_or("expected a mapping such as {shape: [320], dtype: float16}")?;
+    let meta = meta.as_hash().ok_or("expected a mapping such as {shape: [320], dtype: float16}")?;
     let (mut dtype, mut shape, mut optional) = ("", "?".to_string(), "0");
     let mut aliases = Vec::new();
-    let wrong = |field: &str, expected: &str, value: &Yaml| {
-        format!("`{field}` must be {expected}, not {}", describe(value))
-    };
+    let wrong =
+        |field: &str, expected: &str, value: &Yaml| format!("`{field}` must be {expected}, not {}", describe(value));
     for (field, value) in meta {
         match (field.as_str(), value) {
             // sd-mecha reads null as "unknown", like an absent field.
@@ -74,10 +68,7 @@ fn write_key(key: &str, meta: &Yaml, out: &mut String) -> Result<(), String> {
             (Some("shape"), Yaml::Array(dims)) => {
                 let dims = dims.iter().map(|d| match d {
                     Yaml::Integer(n) if *n >= 0 => Ok(n.to_string()),
-                    _ => Err(format!(
-                        "shape dimension {} is not a non-negative integer",
-                        describe(d)
-                    )),
+                    _ => Err(format!("shape dimension {} is not a non-negative integer", describe(d))),
                 });
                 shape = dims.collect::<Result<Vec<_>, _>>()?.join(",");
             }
@@ -90,12 +81,7 @@ fn write_key(key: &str, meta: &Yaml, out: &mut String) -> Result<(), String> {
             (Some("shape"), value) => return Err(wrong("shape", "a list of integers", value)),
             (Some("aliases"), value) => return Err(wrong("aliases", "a list of names", value)),
             (Some("optional"), value) => return Err(wrong("optional", "true or false", value)),
-            _ => {
-                return Err(format!(
-                    "unknown field {} (expected shape, dtype, aliases, optional)",
-                    describe(field)
-                ))
-            }
+            _ => return Err(format!("unknown field {} (expected shape, dtype, aliases, optional)", describe(field))),
         }
     }
     let mut line = vec!["K", key, dtype, &shape, optional];
@@ -107,17 +93,12 @@ fn write_key(key: &str, meta: &Yaml, out: &mut String) -> Result<(), String> {
 /// A YAML string usable as a compact-text field.
 fn name<'a>(value: &'a Yaml, what: &str) -> Result<&'a str, String> {
     let s = value.as_str();
-    name_str(
-        s.ok_or_else(|| format!("{what} must be a string, not {}", describe(value)))?,
-        what,
-    )
+    name_str(s.ok_or_else(|| format!("{what} must be a string, not {}", describe(value)))?, what)
 }
 
 fn name_str<'a>(s: &'a str, what: &str) -> Result<&'a str, String> {
     if s.is_empty() || s.contains(['\t', '\n', '\r']) {
-        return Err(format!(
-            "{what} {s:?} must be non-empty and hold no tab or line break"
-        ));
+        return Err(format!("{what} {s:?} must be non-empty and hold no tab or line break"));
     }
     Ok(s)
 }

@@ -22,10 +22,7 @@ pub enum Target {
 fn edges() -> HashMap<String, Vec<(String, String)>> {
     let mut edges: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for m in registry().list().iter().filter(|m| m.is_conversion) {
-        let (Some(from), Some(to)) = (
-            m.params.first().and_then(|p| p.config.clone()),
-            m.returns.config.clone(),
-        ) else {
+        let (Some(from), Some(to)) = (m.params.first().and_then(|p| p.config.clone()), m.returns.config.clone()) else {
             continue; // convert_singleton goes to "any config" and never forms a path
         };
         edges.entry(from).or_default().push((to, m.id.clone()));
@@ -34,11 +31,7 @@ fn edges() -> HashMap<String, Vec<(String, String)>> {
 }
 
 /// Fewest conversions from `from` to `to` (every edge costs 1, so breadth-first).
-fn shortest(
-    edges: &HashMap<String, Vec<(String, String)>>,
-    from: &str,
-    to: &str,
-) -> Option<Vec<String>> {
+fn shortest(edges: &HashMap<String, Vec<(String, String)>>, from: &str, to: &str) -> Option<Vec<String>> {
     let mut came_from: HashMap<&str, (&str, &str)> = HashMap::new();
     let mut queue = VecDeque::from([from]);
     while let Some(config) = queue.pop_front() {

@@ -96,14 +96,7 @@ impl TensorSink for MemorySink {
 }
 
 pub fn planned_tensors(plan: &Plan) -> Vec<PlannedTensor> {
-    plan.keys
-        .iter()
-        .map(|k| PlannedTensor {
-            name: k.name.clone(),
-            dtype: k.dtype,
-            shape: k.shape.clone(),
-        })
-        .collect()
+    plan.keys.iter().map(|k| PlannedTensor { name: k.name.clone(), dtype: k.dtype, shape: k.shape.clone() }).collect()
 }
 
 /// Plans and runs a merge. A file output appears at its path only once complete.
@@ -135,13 +128,7 @@ pub fn merge(
             (stats, vec![])
         }
         OutputTarget::Memory => {
-            let sink = MemorySink {
-                buffers: plan
-                    .keys
-                    .iter()
-                    .map(|k| Mutex::new(vec![0u8; k.byte_len()]))
-                    .collect(),
-            };
+            let sink = MemorySink { buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect() };
             let stats = run::run(&plan, &sink, &run_options)?;
             let tensors = plan
                 .keys
@@ -168,11 +155,7 @@ pub fn merge(
         bytes_written: stats.bytes_written,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_bytes: memory::peak_rss_bytes(),
-        threads: if options.threads == 0 {
-            run::auto_threads()
-        } else {
-            options.threads
-        },
+        threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
         recipe: plan.serialized.clone(),
     };
     Ok(MergeResult { report, tensors })

@@ -141,9 +141,7 @@ impl KeyPlan {
     }
 
     pub fn byte_len(&self) -> usize {
-        self.dtype
-            .byte_len(self.numel())
-            .expect("planned dtypes have whole-byte sizes")
+        self.dtype.byte_len(self.numel()).expect("planned dtypes have whole-byte sizes")
     }
 
     /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
@@ -170,11 +168,7 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions {
-            merge_dtype: MergeDtype::F32,
-            output_dtype: DType::F16,
-            root_space: RootSpace::default(),
-        }
+        PlanOptions { merge_dtype: MergeDtype::F32, output_dtype: DType::F16, root_space: RootSpace::default() }
     }
 }
 
@@ -192,10 +186,7 @@ impl Plan {
     }
 
     pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.inputs()
-            .iter()
-            .map(|f| f.path().to_path_buf())
-            .collect()
+        self.inputs().iter().map(|f| f.path().to_path_buf()).collect()
     }
 
     pub fn output_bytes(&self) -> u64 {
@@ -214,9 +205,7 @@ impl Plan {
                     Compute::F32 => 4,
                     Compute::F64 => 8,
                 };
-                k.exprs.len() as u64 * n * width
-                    + n * 8
-                    + k.dtype.byte_len(n as usize).unwrap_or(0) as u64
+                k.exprs.len() as u64 * n * width + n * 8 + k.dtype.byte_len(n as usize).unwrap_or(0) as u64
             })
             .max()
             .unwrap_or(0);
@@ -237,9 +226,7 @@ pub struct Finalized {
 
 impl Finalized {
     pub fn root_config(&self) -> &SolvedConfig {
-        self.configs.configs[self.recipe.root]
-            .as_ref()
-            .expect("the root is solved")
+        self.configs.configs[self.recipe.root].as_ref().expect("the root is solved")
     }
 
     /// The recipe as `.mecha` text, as sd-mecha serializes a finalized recipe.
@@ -255,14 +242,7 @@ impl Finalized {
                 paths[i] = Some(self.inputs[input].path().to_string_lossy().into_owned());
             }
         }
-        mecha::serialize(
-            &self.recipe,
-            &Annotations {
-                configs: &configs,
-                spaces: &self.spaces,
-                paths: &paths,
-            },
-        )
+        mecha::serialize(&self.recipe, &Annotations { configs: &configs, spaces: &self.spaces, paths: &paths })
     }
 }
 
@@ -281,15 +261,12 @@ pub fn open_inputs(recipe: &Recipe) -> Result<Inputs> {
     let mut model_keys: ModelKeys = HashMap::new();
     let mut key_sets: Vec<Arc<IndexSet<String>>> = vec![];
     for n in recipe.models() {
-        let NodeKind::Model { path } = &recipe.node(n).kind else {
-            unreachable!()
-        };
+        let NodeKind::Model { path } = &recipe.node(n).kind else { unreachable!() };
         let resolved = model_dirs::resolve(path);
         let index = match by_path.get(&resolved) {
             Some(&i) => i,
             None => {
-                let file = SafetensorsFile::open(&resolved)
-                    .map_err(|e| e.within_node(&recipe.trace(n)))?;
+                let file = SafetensorsFile::open(&resolved).map_err(|e| e.within_node(&recipe.trace(n)))?;
                 key_sets.push(Arc::new(file.tensors().keys().cloned().collect()));
                 files.push(Arc::new(file));
                 by_path.insert(resolved, files.len() - 1);
@@ -299,43 +276,24 @@ pub fn open_inputs(recipe: &Recipe) -> Result<Inputs> {
         model_input[n] = Some(index);
         model_keys.insert(n, key_sets[index].clone());
     }
-    Ok(Inputs {
-        files,
-        model_input,
-        model_keys,
-    })
+    Ok(Inputs { files, model_input, model_keys })
 }
 
 /// Solves merge spaces, opens each distinct input once and infers model configs.
 pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
     let spaces = spaces::infer(&recipe, root_space)?;
-    let Inputs {
-        files,
-        model_input,
-        model_keys,
-    } = open_inputs(&recipe)?;
+    let Inputs { files, model_input, model_keys } = open_inputs(&recipe)?;
     let configs = inference::infer(&recipe, &model_keys, &[SINGLETON_CONFIG])?;
-    Ok(Finalized {
-        recipe,
-        spaces,
-        configs,
-        inputs: files,
-        model_input,
-    })
+    Ok(Finalized { recipe, spaces, configs, inputs: files, model_input })
 }
 
 pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let finalized = finalize(recipe, &options.root_space)?;
     if finalized.inputs.is_empty() {
-        return Err(MechaError::recipe(
-            "the recipe has no model inputs, so there are no keys to merge",
-        ));
+        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
     }
     let root_config = finalized.root_config();
-    let ctx = Context {
-        f: &finalized,
-        options,
-    };
+    let ctx = Context { f: &finalized, options };
     let mut keys = vec![];
     let mut failures: HashMap<String, String> = HashMap::new();
     // sd-mecha writes the root config's keys that can be built, in config order.
@@ -360,22 +318,15 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
             if written.contains(canonical) || !reported.insert(canonical.to_string()) {
                 continue;
             }
-            let reason = failures.get(canonical).cloned().unwrap_or_else(|| {
-                format!("not a key of the model config \"{}\"", root_config.id())
-            });
-            skipped.push(SkippedKey {
-                key: canonical.to_string(),
-                reason,
-            });
+            let reason = failures
+                .get(canonical)
+                .cloned()
+                .unwrap_or_else(|| format!("not a key of the model config \"{}\"", root_config.id()));
+            skipped.push(SkippedKey { key: canonical.to_string(), reason });
         }
     }
     let serialized = finalized.to_mecha();
-    Ok(Plan {
-        finalized,
-        keys,
-        skipped,
-        serialized,
-    })
+    Ok(Plan { finalized, keys, skipped, serialized })
 }
 
 struct Context<'a> {
@@ -403,57 +354,32 @@ struct KeyBuilder<'a> {
 
 impl Context<'_> {
     fn plan_key(&self, key: &str) -> Result<std::result::Result<KeyPlan, String>> {
-        let mut b = KeyBuilder {
-            ctx: self,
-            key,
-            exprs: vec![],
-            dedup: HashMap::new(),
-            memo: HashMap::new(),
-        };
+        let mut b = KeyBuilder { ctx: self, key, exprs: vec![], dedup: HashMap::new(), memo: HashMap::new() };
         let root = match b.build(self.f.recipe.root, key)? {
             Err(reason) => return Ok(Err(reason)),
             Ok(Planned::Text(_)) => {
-                return Err(
-                    MechaError::recipe("the recipe's result is a text value, not tensors")
-                        .within_node(&self.f.recipe.node(self.f.recipe.root).label()),
-                )
+                return Err(MechaError::recipe("the recipe's result is a text value, not tensors")
+                    .within_node(&self.f.recipe.node(self.f.recipe.root).label()))
             }
             Ok(Planned::Expr(e)) => b.in_merge_precision(e),
         };
         let Some(shape) = b.exprs[root].shape.clone() else {
-            return Ok(Err(
-                "no model input provides this key; the result would be a bare number".into(),
-            ));
+            return Ok(Err("no model input provides this key; the result would be a bare number".into()));
         };
         let natural = b.exprs[root].dtype;
         let dtype = match natural {
             Some(d) if !d.is_float() => d, // integers, bools and raw-only dtypes keep their dtype
             _ => self.options.output_dtype,
         };
-        let wide_ints = b.exprs.iter().any(|e| {
-            matches!(
-                e.dtype,
-                Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)
-            )
-        });
-        let compute = if self.options.merge_dtype == MergeDtype::F64 || wide_ints {
-            Compute::F64
-        } else {
-            Compute::F32
-        };
+        let wide_ints =
+            b.exprs.iter().any(|e| matches!(e.dtype, Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)));
+        let compute =
+            if self.options.merge_dtype == MergeDtype::F64 || wide_ints { Compute::F64 } else { Compute::F32 };
         let chunkable = b.exprs.iter().all(|e| match &e.op {
             Op::External { method, .. } => method.elementwise,
             _ => true,
         });
-        Ok(Ok(KeyPlan {
-            name: key.to_string(),
-            shape,
-            dtype,
-            compute,
-            exprs: b.exprs,
-            root,
-            chunkable,
-        }))
+        Ok(Ok(KeyPlan { name: key.to_string(), shape, dtype, compute, exprs: b.exprs, root, chunkable }))
     }
 }
 
@@ -472,34 +398,20 @@ impl KeyBuilder<'_> {
     fn in_merge_precision(&mut self, id: ExprId) -> ExprId {
         let e = &self.exprs[id];
         let exact = match &e.op {
-            Op::Round { dtype, .. }
-            | Op::Source {
-                entry: TensorEntry { dtype, .. },
-                ..
-            } => Some(*dtype),
+            Op::Round { dtype, .. } | Op::Source { entry: TensorEntry { dtype, .. }, .. } => Some(*dtype),
             _ => None,
         };
         match self.ctx.options.merge_dtype {
             MergeDtype::Rounded(dtype) if e.shape.is_some() && exact != Some(dtype) => {
                 let (shape, natural, origin) = (e.shape.clone(), e.dtype, e.origin.clone());
-                self.push(Expr {
-                    op: Op::Round { dtype, arg: id },
-                    shape,
-                    dtype: natural,
-                    origin,
-                })
+                self.push(Expr { op: Op::Round { dtype, arg: id }, shape, dtype: natural, origin })
             }
             _ => id,
         }
     }
 
     fn constant(&mut self, v: f64, origin: &str) -> ExprId {
-        self.push(Expr {
-            op: Op::Constant(v),
-            shape: None,
-            dtype: None,
-            origin: origin.into(),
-        })
+        self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into() })
     }
 
     fn build(&mut self, node: NodeId, key: &str) -> Result<Built> {
@@ -508,11 +420,7 @@ impl KeyBuilder<'_> {
             return Ok(b.clone());
         }
         let built = self.build_uncached(node, key).map_err(|e| {
-            let e = if e.key.is_none() {
-                e.with_key(self.key)
-            } else {
-                e
-            };
+            let e = if e.key.is_none() { e.with_key(self.key) } else { e };
             if e.node.is_none() {
                 e.within_node(&self.ctx.f.recipe.trace(node))
             } else {
@@ -526,31 +434,20 @@ impl KeyBuilder<'_> {
     fn build_uncached(&mut self, node: NodeId, key: &str) -> Result<Built> {
         let recipe = &self.ctx.f.recipe;
         let n = recipe.node(node);
-        let config = self.ctx.f.configs.configs[node]
-            .as_ref()
-            .expect("reachable nodes are solved");
-        let in_domain = self.ctx.f.configs.domains[node]
-            .as_ref()
-            .is_some_and(|d| d.contains(key));
+        let config = self.ctx.f.configs.configs[node].as_ref().expect("reachable nodes are solved");
+        let in_domain = self.ctx.f.configs.domains[node].as_ref().is_some_and(|d| d.contains(key));
         // The names a key may have in this node's inputs: itself, then its aliases.
         let names = || std::iter::once(key).chain(config.aliases(key).iter().map(String::as_str));
         match &n.kind {
             NodeKind::Model { .. } => {
                 let input = self.ctx.f.model_input[node].expect("every model was opened");
                 let file = &self.ctx.f.inputs[input];
-                let found = if in_domain {
-                    names().find_map(|name| file.entry(name))
-                } else {
-                    None
-                };
+                let found = if in_domain { names().find_map(|name| file.entry(name)) } else { None };
                 let Some(entry) = found else {
                     return Ok(Err(format!("missing from {}", file.path().display())));
                 };
                 let id = self.push(Expr {
-                    op: Op::Source {
-                        input,
-                        entry: entry.clone(),
-                    },
+                    op: Op::Source { input, entry: entry.clone() },
                     shape: Some(entry.shape.clone()),
                     dtype: Some(entry.dtype),
                     origin: file.path().display().to_string(),
@@ -558,11 +455,7 @@ impl KeyBuilder<'_> {
                 Ok(Ok(Planned::Expr(id)))
             }
             NodeKind::Literal { entries } => {
-                let found = if in_domain {
-                    names().find_map(|name| entries.get(name))
-                } else {
-                    None
-                };
+                let found = if in_domain { names().find_map(|name| entries.get(name)) } else { None };
                 match found {
                     None => Ok(Err(format!("missing from {}", n.label()))),
                     Some(Value::Node(child)) => self.build(*child, key),
@@ -577,20 +470,13 @@ impl KeyBuilder<'_> {
             NodeKind::Merge { method, inputs } => {
                 // A method maps the keys of its result's config (sd-mecha's key map).
                 if !in_domain || !config.contains(key) {
-                    return Ok(Err(format!(
-                        "{} produces no key \"{key}\" for config \"{}\"",
-                        method.id,
-                        config.id()
-                    )));
+                    return Ok(Err(format!("{} produces no key \"{key}\" for config \"{}\"", method.id, config.id())));
                 }
                 match &method.implementation {
                     Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
                     Implementation::Route(table) => match table.routes.get(key) {
                         Some(input_key) => self.build(inputs[0][0], input_key),
-                        None => Ok(Err(format!(
-                            "{} has no source key for \"{key}\"",
-                            method.id
-                        ))),
+                        None => Ok(Err(format!("{} has no source key for \"{key}\"", method.id))),
                     },
                     Implementation::Component { omit } => self.build_component(inputs, key, *omit),
                     Implementation::Fallback => match self.build(inputs[0][0], key)? {
@@ -598,12 +484,8 @@ impl KeyBuilder<'_> {
                         Err(_) => self.build(inputs[1][0], key),
                     },
                     Implementation::Cast => self.build_cast(inputs, key),
-                    Implementation::External(external) => {
-                        self.build_external(node, external, inputs, key)
-                    }
-                    Implementation::Elementwise(kernel) => {
-                        self.build_elementwise(node, *kernel, inputs, key)
-                    }
+                    Implementation::External(external) => self.build_external(node, external, inputs, key),
+                    Implementation::Elementwise(kernel) => self.build_elementwise(node, *kernel, inputs, key),
                 }
             }
         }
@@ -616,9 +498,7 @@ impl KeyBuilder<'_> {
         inputs: &[Vec<NodeId>],
         key: &str,
     ) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else {
-            unreachable!()
-        };
+        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else { unreachable!() };
         let mut args = vec![];
         let mut tensors = vec![];
         for (i, (param, children)) in method.params.iter().zip(inputs).enumerate() {
@@ -626,12 +506,7 @@ impl KeyBuilder<'_> {
             let keys: Vec<&str> = match (&external.routes, i) {
                 (Some(r), 0) => match r.routes.get(key) {
                     Some(keys) => keys.iter().map(String::as_str).collect(),
-                    None => {
-                        return Ok(Err(format!(
-                            "{} has no source keys for \"{key}\"",
-                            method.id
-                        )))
-                    }
+                    None => return Ok(Err(format!("{} has no source keys for \"{key}\"", method.id))),
                 },
                 _ => vec![key],
             };
@@ -655,12 +530,7 @@ impl KeyBuilder<'_> {
                     }
                 }
             }
-            tensors.extend(
-                exprs
-                    .iter()
-                    .copied()
-                    .filter(|&e| self.exprs[e].shape.is_some()),
-            );
+            tensors.extend(exprs.iter().copied().filter(|&e| self.exprs[e].shape.is_some()));
             let many = param.kind == ParamKind::VarPositional || keys.len() > 1;
             match (many, exprs.as_slice()) {
                 (true, _) => args.push(ExternalOperand::Tensors(exprs)),
@@ -670,16 +540,9 @@ impl KeyBuilder<'_> {
         }
         // Results have their first input's shape, except conversions, whose keys have the shape
         // the target config gives them (a LoRA's factors become a full weight).
-        let first = tensors
-            .first()
-            .map(|&e| (self.exprs[e].shape.clone(), self.exprs[e].dtype));
-        let config = self.ctx.f.configs.configs[node]
-            .as_ref()
-            .expect("reachable nodes are solved");
-        let configured = config
-            .as_named()
-            .and_then(|c| c.get(key))
-            .and_then(|m| m.shape.clone());
+        let first = tensors.first().map(|&e| (self.exprs[e].shape.clone(), self.exprs[e].dtype));
+        let config = self.ctx.f.configs.configs[node].as_ref().expect("reachable nodes are solved");
+        let configured = config.as_named().and_then(|c| c.get(key)).and_then(|m| m.shape.clone());
         let first_shape = first.as_ref().and_then(|(s, _)| s.clone());
         // Without a tensor input the result is one value broadcast over the key, as in torch.
         let shape = if tensors.is_empty() {
@@ -690,12 +553,9 @@ impl KeyBuilder<'_> {
             first_shape
         };
         if let (true, Some(s)) = (external.elementwise, &shape) {
-            let mismatch = tensors.iter().find(|&&e| {
-                self.exprs[e]
-                    .shape
-                    .as_ref()
-                    .is_some_and(|t| t != s && t.iter().product::<usize>() != 1)
-            });
+            let mismatch = tensors
+                .iter()
+                .find(|&&e| self.exprs[e].shape.as_ref().is_some_and(|t| t != s && t.iter().product::<usize>() != 1));
             if let Some(&bad) = mismatch {
                 return Err(MechaError::new(
                     ErrorKind::Shape,
@@ -707,11 +567,7 @@ impl KeyBuilder<'_> {
             }
         }
         let id = self.push(Expr {
-            op: Op::External {
-                method: external.clone(),
-                node,
-                args,
-            },
+            op: Op::External { method: external.clone(), node, args },
             shape,
             dtype: first.and_then(|(_, d)| d),
             origin: method.id.clone(),
@@ -723,16 +579,10 @@ impl KeyBuilder<'_> {
         let name = match self.build(inputs[1][0], key)? {
             Err(why) => return Ok(Err(why)),
             Ok(Planned::Text(Some(name))) => name,
-            Ok(_) => {
-                return Err(MechaError::recipe(
-                    "\"component\" must be a component name such as \"diffuser\"",
-                ))
-            }
+            Ok(_) => return Err(MechaError::recipe("\"component\" must be a component name such as \"diffuser\"")),
         };
         let source = inputs[0][0];
-        let config = self.ctx.f.configs.configs[source]
-            .as_ref()
-            .expect("reachable nodes are solved");
+        let config = self.ctx.f.configs.configs[source].as_ref().expect("reachable nodes are solved");
         let Some(config) = config.as_named() else {
             return Err(MechaError::new(
                 ErrorKind::Config,
@@ -750,10 +600,7 @@ impl KeyBuilder<'_> {
         };
         if component.keys.contains_key(key) == omit {
             let verb = if omit { "omitted" } else { "not picked" };
-            return Ok(Err(format!(
-                "in component \"{}\", {verb}",
-                config.component_of(key).unwrap_or("?")
-            )));
+            return Ok(Err(format!("in component \"{}\", {verb}", config.component_of(key).unwrap_or("?"))));
         }
         self.build(source, key)
     }
@@ -761,11 +608,7 @@ impl KeyBuilder<'_> {
     fn build_cast(&mut self, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
         let a = match self.build(inputs[0][0], key)? {
             Err(why) => return Ok(Err(why)),
-            Ok(Planned::Text(_)) => {
-                return Err(MechaError::recipe(
-                    "cast: input \"a\" must be tensors, not text",
-                ))
-            }
+            Ok(Planned::Text(_)) => return Err(MechaError::recipe("cast: input \"a\" must be tensors, not text")),
             Ok(Planned::Expr(a)) => a,
         };
         // `device` is accepted for compatibility with sd-mecha recipes; the engine picks devices.
@@ -778,7 +621,9 @@ impl KeyBuilder<'_> {
                      float8_e4m3fn, float8_e5m2, int64, bool"
                 ))
             })?,
-            Ok(Planned::Expr(_)) => return Err(MechaError::recipe("cast: \"dtype\" must be a dtype name such as \"float16\"")),
+            Ok(Planned::Expr(_)) => {
+                return Err(MechaError::recipe("cast: \"dtype\" must be a dtype name such as \"float16\""))
+            }
         };
         let e = &self.exprs[a];
         if e.dtype == Some(dtype) && matches!(e.op, Op::Source { .. }) {
@@ -788,24 +633,11 @@ impl KeyBuilder<'_> {
             return Ok(Ok(Planned::Expr(a))); // a broadcast number is not stored, so nothing to round
         }
         let (shape, origin) = (e.shape.clone(), format!("cast({})", e.origin));
-        Ok(Ok(Planned::Expr(self.push(Expr {
-            op: Op::Round { dtype, arg: a },
-            shape,
-            dtype: Some(dtype),
-            origin,
-        }))))
+        Ok(Ok(Planned::Expr(self.push(Expr { op: Op::Round { dtype, arg: a }, shape, dtype: Some(dtype), origin }))))
     }
 
-    fn build_elementwise(
-        &mut self,
-        node: NodeId,
-        kernel: Kernel,
-        inputs: &[Vec<NodeId>],
-        key: &str,
-    ) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else {
-            unreachable!()
-        };
+    fn build_elementwise(&mut self, node: NodeId, kernel: Kernel, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
+        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else { unreachable!() };
         let mut operands = vec![];
         for (param, children) in method.params.iter().zip(inputs) {
             for &child in children {
@@ -827,7 +659,10 @@ impl KeyBuilder<'_> {
                         if let Some(d) = self.exprs[e].dtype.filter(|d| !d.is_numeric()) {
                             return Err(MechaError::new(
                                 ErrorKind::Shape,
-                                format!("{}: cannot compute on dtype {d} (from {}); it can only be passed through", method.id, self.exprs[e].origin),
+                                format!(
+                                    "{}: cannot compute on dtype {d} (from {}); it can only be passed through",
+                                    method.id, self.exprs[e].origin
+                                ),
                             ));
                         }
                         operands.push(self.in_merge_precision(e));
@@ -848,12 +683,7 @@ impl KeyBuilder<'_> {
             Some(Shortcut::Zeros) => {
                 let e = &self.exprs[operands[0]];
                 let (shape, dtype) = (e.shape.clone(), e.dtype);
-                let id = self.push(Expr {
-                    op: Op::Constant(0.0),
-                    shape,
-                    dtype,
-                    origin: method.id.clone(),
-                });
+                let id = self.push(Expr { op: Op::Constant(0.0), shape, dtype, origin: method.id.clone() });
                 return Ok(Ok(Planned::Expr(id)));
             }
             None => {}
@@ -876,12 +706,7 @@ impl KeyBuilder<'_> {
                         ErrorKind::Shape,
                         format!(
                             "{}: shapes differ for key \"{}\": {} has {:?} but {} has {:?}",
-                            method.id,
-                            self.key,
-                            self.exprs[*first_e].origin,
-                            first,
-                            self.exprs[e].origin,
-                            s
+                            method.id, self.key, self.exprs[*first_e].origin, first, self.exprs[e].origin, s
                         ),
                     ))
                 }
@@ -890,10 +715,7 @@ impl KeyBuilder<'_> {
         }
         let natural = operands.iter().find_map(|&e| self.exprs[e].dtype);
         let id = self.push(Expr {
-            op: Op::Apply {
-                kernel,
-                args: operands,
-            },
+            op: Op::Apply { kernel, args: operands },
             shape: shape.map(|(s, _)| s),
             dtype: natural,
             origin: method.id.clone(),

@@ -95,11 +95,7 @@ pub fn auto_threads() -> usize {
 }
 
 pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<RunStats> {
-    let threads = if options.threads == 0 {
-        auto_threads()
-    } else {
-        options.threads
-    };
+    let threads = if options.threads == 0 { auto_threads() } else { options.threads };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("mecha-merge-{i}"))
@@ -118,41 +114,28 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         sink: options.progress,
         interval: options.progress_interval,
     };
-    let worker = Worker {
-        plan,
-        sink,
-        bytes_read: &tracker.bytes_read,
-        host_context: options.host_context,
-    };
+    let worker = Worker { plan, sink, bytes_read: &tracker.bytes_read, host_context: options.host_context };
     pool.install(|| {
-        units
-            .par_iter()
-            .try_for_each_init(Scratch::default, |scratch, unit| {
-                for (k, range) in unit {
-                    if options.cancel.load(Ordering::Relaxed) {
-                        return Err(MechaError::aborted());
-                    }
-                    let key = &plan.keys[*k];
-                    let written =
-                        worker
-                            .compute_piece(*k, range.clone(), scratch)
-                            .map_err(|e| {
-                                if e.key.is_none() {
-                                    e.with_key(&key.name)
-                                } else {
-                                    e
-                                }
-                            })?;
-                    tracker.piece_done(*k, &key.name, written);
+        units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
+            for (k, range) in unit {
+                if options.cancel.load(Ordering::Relaxed) {
+                    return Err(MechaError::aborted());
                 }
-                Ok(())
-            })
+                let key = &plan.keys[*k];
+                let written = worker.compute_piece(*k, range.clone(), scratch).map_err(|e| {
+                    if e.key.is_none() {
+                        e.with_key(&key.name)
+                    } else {
+                        e
+                    }
+                })?;
+                tracker.piece_done(*k, &key.name, written);
+            }
+            Ok(())
+        })
     })?;
     tracker.report(true, plan.keys.last().map_or("", |k| k.name.as_str()));
-    Ok(RunStats {
-        bytes_read: tracker.bytes_read.into_inner(),
-        bytes_written: tracker.bytes_done.into_inner(),
-    })
+    Ok(RunStats { bytes_read: tracker.bytes_read.into_inner(), bytes_written: tracker.bytes_done.into_inner() })
 }
 
 struct Tracker<'a> {
@@ -267,8 +250,7 @@ struct Worker<'a> {
 impl Worker<'_> {
     /// Computes elements `range` of key `k` and writes them. Returns the bytes written.
     fn compute_piece(&self, k: usize, range: Range<usize>, scratch: &mut Scratch) -> Result<u64> {
-        let (plan, sink, bytes_read, key) =
-            (self.plan, self.sink, self.bytes_read, &self.plan.keys[k]);
+        let (plan, sink, bytes_read, key) = (self.plan, self.sink, self.bytes_read, &self.plan.keys[k]);
         let out_width = key.dtype.bits() / 8;
         if let Some((input, entry)) = key.passthrough() {
             // Same dtype in and out: copy bytes, no decoding.
@@ -281,9 +263,7 @@ impl Worker<'_> {
             };
             let mut raw = std::mem::take(&mut scratch.raw);
             raw.resize(len, 0);
-            let result = file
-                .read(entry, start, &mut raw)
-                .and_then(|()| sink.write(k, start, &raw));
+            let result = file.read(entry, start, &mut raw).and_then(|()| sink.write(k, start, &raw));
             scratch.raw = raw;
             result?;
             bytes_read.fetch_add(len as u64, Ordering::Relaxed);
@@ -299,13 +279,7 @@ impl Worker<'_> {
         scratch.bytes = out;
         result.map(|()| (range.len() * out_width) as u64)
     }
-    fn evaluate<T: Real>(
-        &self,
-        key: &KeyPlan,
-        range: Range<usize>,
-        scratch: &mut Scratch,
-        out: &mut [u8],
-    ) -> Result<()>
+    fn evaluate<T: Real>(&self, key: &KeyPlan, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
     where
         Scratch: Pool<T>,
     {
@@ -323,10 +297,7 @@ impl Worker<'_> {
 
         let mut vals: Vec<Option<Val<T>>> = (0..key.exprs.len()).map(|_| None).collect();
         for (i, e) in key.exprs.iter().enumerate() {
-            let broadcast = e
-                .shape
-                .as_ref()
-                .is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
+            let broadcast = e.shape.as_ref().is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
             let val = match &e.op {
                 Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
                 Op::Source { input, entry } => {
@@ -357,32 +328,23 @@ impl Worker<'_> {
                         Val::Buf(buf)
                     }
                 }
-                Op::Round { dtype, arg } => {
-                    match vals[*arg].as_ref().expect("children evaluate first") {
-                        Val::Scalar(v) => {
-                            let mut one = [*v];
-                            round_to(*dtype, &mut one);
-                            Val::Scalar(one[0])
-                        }
-                        Val::Buf(b) => {
-                            let mut buf = scratch.take(n);
-                            buf.copy_from_slice(b);
-                            round_to(*dtype, &mut buf);
-                            Val::Buf(buf)
-                        }
+                Op::Round { dtype, arg } => match vals[*arg].as_ref().expect("children evaluate first") {
+                    Val::Scalar(v) => {
+                        let mut one = [*v];
+                        round_to(*dtype, &mut one);
+                        Val::Scalar(one[0])
                     }
-                }
+                    Val::Buf(b) => {
+                        let mut buf = scratch.take(n);
+                        buf.copy_from_slice(b);
+                        round_to(*dtype, &mut buf);
+                        Val::Buf(buf)
+                    }
+                },
                 Op::External { method, node, args } => {
                     let len = if e.shape.is_some() { n } else { 1 };
-                    let result = self.call_external(
-                        method,
-                        *node,
-                        args,
-                        &vals,
-                        &key.name,
-                        e,
-                        range.start..range.start + len,
-                    )?;
+                    let result =
+                        self.call_external(method, *node, args, &vals, &key.name, e, range.start..range.start + len)?;
                     if e.shape.is_none() {
                         Val::Scalar(T::from_f64(result[0] as f64))
                     } else {
@@ -398,12 +360,10 @@ impl Worker<'_> {
                     {
                         let operands: Vec<Operand<T>> = args
                             .iter()
-                            .map(
-                                |&a| match vals[a].as_ref().expect("children evaluate first") {
-                                    Val::Scalar(v) => Operand::Scalar(*v),
-                                    Val::Buf(b) => Operand::Slice(b.as_slice()),
-                                },
-                            )
+                            .map(|&a| match vals[a].as_ref().expect("children evaluate first") {
+                                Val::Scalar(v) => Operand::Scalar(*v),
+                                Val::Buf(b) => Operand::Slice(b.as_slice()),
+                            })
                             .collect();
                         kernel.apply(&operands, &mut result);
                     }
@@ -468,9 +428,7 @@ impl Worker<'_> {
             .iter()
             .map(|a| match a {
                 ExternalOperand::Tensor(id) => arg(*id),
-                ExternalOperand::Tensors(ids) => {
-                    ExternalArg::Tensors(ids.iter().map(|&id| arg(id)).collect())
-                }
+                ExternalOperand::Tensors(ids) => ExternalArg::Tensors(ids.iter().map(|&id| arg(id)).collect()),
                 ExternalOperand::Text(t) => ExternalArg::Text(t.as_deref()),
             })
             .collect();
@@ -487,10 +445,10 @@ impl Worker<'_> {
         let result = method.kernel.call(call)?;
         if result.len() != len {
             return Err(MechaError::recipe(format!(
-            "{} returned {} values for key \"{key}\", but {len} were expected (shape {shape:?})",
-            expr.origin,
-            result.len(),
-        )));
+                "{} returned {} values for key \"{key}\", but {len} were expected (shape {shape:?})",
+                expr.origin,
+                result.len(),
+            )));
         }
         Ok(result)
     }

@@ -48,10 +48,7 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsFile")
-            .field("path", &self.path)
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("SafetensorsFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -67,10 +64,9 @@ impl SafetensorsFile {
             };
             MechaError::safetensors(path, problem)
         })?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| MechaError::safetensors(path, format!("cannot read file size: {e}")))?
-            .len() as usize;
+        let file_len =
+            file.metadata().map_err(|e| MechaError::safetensors(path, format!("cannot read file size: {e}")))?.len()
+                as usize;
         if file_len < 8 {
             return Err(MechaError::safetensors(
                 path,
@@ -94,26 +90,17 @@ impl SafetensorsFile {
         let mut tensors = IndexMap::with_capacity(infos.len());
         for name in meta.offset_keys() {
             let info = infos[&name];
-            let dtype =
-                DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
-                    MechaError::safetensors(
-                        path,
-                        format!(
-                            "tensor '{name}' has dtype {} which this version cannot read",
-                            info.dtype
-                        ),
-                    )
-                    .with_key(&name)
-                })?;
+            let dtype = DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
+                MechaError::safetensors(
+                    path,
+                    format!("tensor '{name}' has dtype {} which this version cannot read", info.dtype),
+                )
+                .with_key(&name)
+            })?;
             let (begin, end) = info.data_offsets;
             tensors.insert(
                 name,
-                TensorEntry {
-                    dtype,
-                    shape: info.shape.clone(),
-                    start: 8 + header_len + begin,
-                    byte_len: end - begin,
-                },
+                TensorEntry { dtype, shape: info.shape.clone(), start: 8 + header_len + begin, byte_len: end - begin },
             );
         }
         let metadata = meta
@@ -121,14 +108,7 @@ impl SafetensorsFile {
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            file,
-            file_len,
-            header_len,
-            tensors,
-            metadata,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, file_len, header_len, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -231,8 +211,7 @@ fn explain_header_error(buf: &[u8], err: &SafeTensorError) -> String {
 /// Re-reads the header leniently to name the first tensor whose declared layout is wrong.
 fn diagnose_layout(buf: &[u8]) -> Option<String> {
     let n = u64::from_le_bytes(buf[..8].try_into().ok()?) as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
     let data_len = buf.len() - 8 - n;
     let mut entries = Vec::new();
     for (name, info) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
@@ -240,18 +219,9 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
         let begin = offsets.first()?.as_u64()? as usize;
         let end = offsets.get(1)?.as_u64()? as usize;
         let dtype = DType::from_safetensors_name(info.get("dtype")?.as_str()?)?;
-        let numel: Option<usize> = info
-            .get("shape")?
-            .as_array()?
-            .iter()
-            .try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize));
-        entries.push((
-            begin,
-            end,
-            name.clone(),
-            numel.and_then(|n| dtype.byte_len(n)),
-            dtype,
-        ));
+        let numel: Option<usize> =
+            info.get("shape")?.as_array()?.iter().try_fold(1usize, |acc, d| acc.checked_mul(d.as_u64()? as usize));
+        entries.push((begin, end, name.clone(), numel.and_then(|n| dtype.byte_len(n)), dtype));
     }
     entries.sort();
     let mut expected_begin = 0;
@@ -268,9 +238,7 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
             ));
         }
         if end < begin {
-            return Some(format!(
-                "tensor '{name}' ends (offset {end}) before it begins ({begin})"
-            ));
+            return Some(format!("tensor '{name}' ends (offset {end}) before it begins ({begin})"));
         }
         match size {
             Some(size) if end - begin != *size => {
@@ -280,7 +248,11 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
                     end - begin
                 ))
             }
-            None => return Some(format!("tensor '{name}' has a shape whose byte size overflows or is not a whole number of bytes")),
+            None => {
+                return Some(format!(
+                    "tensor '{name}' has a shape whose byte size overflows or is not a whole number of bytes"
+                ))
+            }
             _ => {}
         }
         expected_begin = *end;

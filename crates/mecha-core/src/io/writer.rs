@@ -24,9 +24,7 @@ impl PlannedTensor {
     }
 
     pub fn byte_len(&self) -> usize {
-        self.dtype
-            .byte_len(self.numel())
-            .expect("planned tensors have whole-byte sizes")
+        self.dtype.byte_len(self.numel()).expect("planned tensors have whole-byte sizes")
     }
 }
 
@@ -50,10 +48,8 @@ impl FileLayout {
         let mut relative = vec![0u64; tensors.len()];
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
-            let meta: serde_json::Map<String, serde_json::Value> = metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect();
+            let meta: serde_json::Map<String, serde_json::Value> =
+                metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
             header.insert("__metadata__".into(), meta.into());
         }
         let mut cursor = 0u64;
@@ -128,44 +124,26 @@ pub struct SafetensorsWriter {
 impl SafetensorsWriter {
     pub fn create(target: &Path, layout: FileLayout) -> Result<Self> {
         let output_error = |problem: String| {
-            MechaError::new(
-                ErrorKind::Output,
-                format!("cannot write {}: {problem}", target.display()),
-            )
-            .with_file(target)
+            MechaError::new(ErrorKind::Output, format!("cannot write {}: {problem}", target.display()))
+                .with_file(target)
         };
-        let file_name = target
-            .file_name()
-            .ok_or_else(|| output_error("the output path has no file name".into()))?;
+        let file_name = target.file_name().ok_or_else(|| output_error("the output path has no file name".into()))?;
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         if !dir.is_dir() {
-            return Err(output_error(format!(
-                "the folder {} does not exist; create it first",
-                dir.display()
-            )));
+            return Err(output_error(format!("the folder {} does not exist; create it first", dir.display())));
         }
-        let temp = dir.join(format!(
-            ".{}.{}-{}.partial",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            unique_suffix()
-        ));
+        let temp =
+            dir.join(format!(".{}.{}-{}.partial", file_name.to_string_lossy(), std::process::id(), unique_suffix()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&temp)
             .map_err(|e| output_error(format!("cannot create a file in {}: {e}", dir.display())))?;
-        let writer = SafetensorsWriter {
-            target: target.to_path_buf(),
-            temp,
-            file,
-            layout,
-            committed: false,
-        };
+        let writer = SafetensorsWriter { target: target.to_path_buf(), temp, file, layout, committed: false };
         let header_len = writer.layout.header.len() as u64;
         let mut head = Vec::with_capacity(8 + writer.layout.header.len());
         head.extend_from_slice(&header_len.to_le_bytes());
@@ -190,21 +168,14 @@ impl SafetensorsWriter {
     }
 
     fn pwrite(&self, at: u64, bytes: &[u8]) -> Result<()> {
-        write_all_at(&self.file, bytes, at)
-            .map_err(|e| MechaError::io(format!("writing {}", self.temp.display()), e))
+        write_all_at(&self.file, bytes, at).map_err(|e| MechaError::io(format!("writing {}", self.temp.display()), e))
     }
 
     /// Flushes the file to disk and renames it onto the target path.
     pub fn commit(mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| MechaError::io(format!("flushing {}", self.temp.display()), e))?;
-        std::fs::rename(&self.temp, &self.target).map_err(|e| {
-            MechaError::io(
-                format!("renaming the finished file onto {}", self.target.display()),
-                e,
-            )
-        })?;
+        self.file.sync_all().map_err(|e| MechaError::io(format!("flushing {}", self.temp.display()), e))?;
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| MechaError::io(format!("renaming the finished file onto {}", self.target.display()), e))?;
         self.committed = true;
         #[cfg(unix)]
         if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -225,9 +196,8 @@ impl Drop for SafetensorsWriter {
 
 fn unique_suffix() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
     nanos ^ (COUNTER.fetch_add(1, Ordering::Relaxed) << 32)
 }
 

@@ -139,38 +139,14 @@ struct MiniFloat {
     overflow_to_nan: bool,
 }
 
-const E4M3FN: MiniFloat = MiniFloat {
-    exp_bits: 4,
-    man_bits: 3,
-    bias: 7,
-    ieee_special: false,
-    fnuz: false,
-    overflow_to_nan: true,
-};
-const E5M2: MiniFloat = MiniFloat {
-    exp_bits: 5,
-    man_bits: 2,
-    bias: 15,
-    ieee_special: true,
-    fnuz: false,
-    overflow_to_nan: false,
-};
-const E4M3FNUZ: MiniFloat = MiniFloat {
-    exp_bits: 4,
-    man_bits: 3,
-    bias: 8,
-    ieee_special: false,
-    fnuz: true,
-    overflow_to_nan: true,
-};
-const E5M2FNUZ: MiniFloat = MiniFloat {
-    exp_bits: 5,
-    man_bits: 2,
-    bias: 16,
-    ieee_special: false,
-    fnuz: true,
-    overflow_to_nan: true,
-};
+const E4M3FN: MiniFloat =
+    MiniFloat { exp_bits: 4, man_bits: 3, bias: 7, ieee_special: false, fnuz: false, overflow_to_nan: true };
+const E5M2: MiniFloat =
+    MiniFloat { exp_bits: 5, man_bits: 2, bias: 15, ieee_special: true, fnuz: false, overflow_to_nan: false };
+const E4M3FNUZ: MiniFloat =
+    MiniFloat { exp_bits: 4, man_bits: 3, bias: 8, ieee_special: false, fnuz: true, overflow_to_nan: true };
+const E5M2FNUZ: MiniFloat =
+    MiniFloat { exp_bits: 5, man_bits: 2, bias: 16, ieee_special: false, fnuz: true, overflow_to_nan: true };
 
 impl MiniFloat {
     fn decode(self, byte: u8) -> f32 {
@@ -182,21 +158,13 @@ impl MiniFloat {
             return f32::NAN;
         }
         if self.ieee_special && e == top {
-            return if m == 0 {
-                (sign * f64::INFINITY) as f32
-            } else {
-                f32::NAN
-            };
+            return if m == 0 { (sign * f64::INFINITY) as f32 } else { f32::NAN };
         }
         if !self.ieee_special && !self.fnuz && e == top && m == (1 << self.man_bits) - 1 {
             return f32::NAN; // e4m3fn: S.1111.111
         }
         let frac = m as f64 / (1u32 << self.man_bits) as f64;
-        let v = if e == 0 {
-            frac * 2f64.powi(1 - self.bias)
-        } else {
-            (1.0 + frac) * 2f64.powi(e as i32 - self.bias)
-        };
+        let v = if e == 0 { frac * 2f64.powi(1 - self.bias) } else { (1.0 + frac) * 2f64.powi(e as i32 - self.bias) };
         (sign * v) as f32
     }
 
@@ -229,11 +197,7 @@ impl MiniFloat {
         }
         let a = (x as f64).abs();
         let min_normal_exp = 1 - self.bias;
-        let exp = if a == 0.0 {
-            min_normal_exp
-        } else {
-            (a.log2().floor() as i32).max(min_normal_exp)
-        };
+        let exp = if a == 0.0 { min_normal_exp } else { (a.log2().floor() as i32).max(min_normal_exp) };
         // Quantum at this magnitude; a / quantum is exact since quantum is a power of two.
         let quantum = 2f64.powi(exp - self.man_bits as i32);
         let rounded = (a / quantum).round_ties_even() * quantum;
@@ -479,10 +443,7 @@ mod tests {
         f16_to_f32(&src, &mut fast);
         f16_to_f32_scalar(&src, &mut slow);
         for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-            assert!(
-                same_bits_or_both_nan(*a, *b),
-                "f16 bits {i:#06x}: {a} vs {b}"
-            );
+            assert!(same_bits_or_both_nan(*a, *b), "f16 bits {i:#06x}: {a} vs {b}");
         }
     }
 
@@ -490,9 +451,7 @@ mod tests {
     fn f16_encode_simd_matches_scalar() {
         // Every f16 value, the midpoints between neighbours (ties), and a sweep of f32 bits
         // covering subnormals, overflow, infinities and NaNs.
-        let mut values: Vec<f32> = (0..=u16::MAX)
-            .map(|v| half::f16::from_bits(v).to_f32_const())
-            .collect();
+        let mut values: Vec<f32> = (0..=u16::MAX).map(|v| half::f16::from_bits(v).to_f32_const()).collect();
         for v in 0..u16::MAX {
             let a = half::f16::from_bits(v).to_f32_const();
             let b = half::f16::from_bits(v + 1).to_f32_const();
@@ -511,11 +470,7 @@ mod tests {
             let a = u16::from_le_bytes([fast[2 * i], fast[2 * i + 1]]);
             let b = u16::from_le_bytes([slow[2 * i], slow[2 * i + 1]]);
             let both_nan = half::f16::from_bits(a).is_nan() && half::f16::from_bits(b).is_nan();
-            assert!(
-                a == b || both_nan,
-                "f32 {v} ({:#010x}): {a:#06x} vs {b:#06x}",
-                v.to_bits()
-            );
+            assert!(a == b || both_nan, "f32 {v} ({:#010x}): {a:#06x} vs {b:#06x}", v.to_bits());
         }
     }
 
@@ -598,10 +553,7 @@ mod tests {
     fn integers_round_to_nearest_and_saturate() {
         let mut out = [0u8; 8 * 4];
         encode_f64(DType::I64, &[2.5, 3.5, -1.4, f64::NAN], &mut out);
-        let vals: Vec<i64> = out
-            .chunks(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let vals: Vec<i64> = out.chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(vals, vec![2, 4, -1, 0]);
         let mut u = [0u8; 2];
         encode_f32(DType::U8, &[300.0, -5.0], &mut u);
@@ -610,10 +562,7 @@ mod tests {
 
     #[test]
     fn every_numeric_dtype_round_trips_small_integers() {
-        for dtype in crate::dtype::ALL_DTYPES
-            .into_iter()
-            .filter(|d| d.is_numeric())
-        {
+        for dtype in crate::dtype::ALL_DTYPES.into_iter().filter(|d| d.is_numeric()) {
             let values: Vec<f32> = if dtype == DType::Bool {
                 vec![0.0, 1.0]
             } else if dtype == DType::F8E8M0 {
@@ -628,11 +577,7 @@ mod tests {
             assert_eq!(back, values, "{dtype}");
             let mut back64 = vec![0f64; values.len()];
             decode_f64(dtype, &bytes, &mut back64);
-            assert_eq!(
-                back64.iter().map(|v| *v as f32).collect::<Vec<_>>(),
-                values,
-                "{dtype}"
-            );
+            assert_eq!(back64.iter().map(|v| *v as f32).collect::<Vec<_>>(), values, "{dtype}");
         }
     }
 }

@@ -149,13 +149,7 @@ pub fn map2<T: Real>(out: &mut [T], a: Operand<T>, b: Operand<T>, f: impl Fn(T, 
 
 /// `out[i] = f(a[i], b[i], c[i])`, with scalars broadcast.
 #[inline(always)]
-pub fn map3<T: Real>(
-    out: &mut [T],
-    a: Operand<T>,
-    b: Operand<T>,
-    c: Operand<T>,
-    f: impl Fn(T, T, T) -> T,
-) {
+pub fn map3<T: Real>(out: &mut [T], a: Operand<T>, b: Operand<T>, c: Operand<T>, f: impl Fn(T, T, T) -> T) {
     use Operand::*;
     match c {
         Scalar(c) => map2(out, a, b, |a, b| f(a, b, c)),

@@ -52,27 +52,15 @@ fn sdxl_block(key: &str) -> String {
 
 fn routes(target: &str, block_of: fn(&str) -> String) -> Arc<KeyRoutes> {
     let config = configs::resolve(target).expect("builtin config");
-    Arc::new(KeyRoutes {
-        routes: config
-            .keys()
-            .map(|(k, _)| (k.to_string(), block_of(k)))
-            .collect(),
-    })
+    Arc::new(KeyRoutes { routes: config.keys().map(|(k, _)| (k.to_string(), block_of(k))).collect() })
 }
 
 fn converter(id: &str, from: &str, to: &str, block_of: fn(&str) -> String) -> MethodSpec {
     MethodSpec {
         id: id.into(),
-        description: format!(
-            "Per-block values in {from} to per-key values in {to} (SuperMerger block names)."
-        ),
-        params: vec![same_space("blocks", ValueType::Any)
-            .state_dict()
-            .config(from)],
-        returns: ReturnSpec {
-            config: Some(to.into()),
-            ..returns(ValueType::Any, SpaceSpec::Symbol)
-        },
+        description: format!("Per-block values in {from} to per-key values in {to} (SuperMerger block names)."),
+        params: vec![same_space("blocks", ValueType::Any).state_dict().config(from)],
+        returns: ReturnSpec { config: Some(to.into()), ..returns(ValueType::Any, SpaceSpec::Symbol) },
         implementation: Implementation::Route(routes(to, block_of)),
         is_conversion: true,
     }
@@ -80,18 +68,8 @@ fn converter(id: &str, from: &str, to: &str, block_of: fn(&str) -> String) -> Me
 
 pub fn methods() -> Vec<MethodSpec> {
     vec![
-        converter(
-            "convert_sd1_blocks_to_ldm",
-            "sd1-supermerger_blocks",
-            "sd1-ldm",
-            sd1_block,
-        ),
-        converter(
-            "convert_sdxl_blocks_to_sgm",
-            "sdxl-supermerger_blocks",
-            "sdxl-sgm",
-            sdxl_block,
-        ),
+        converter("convert_sd1_blocks_to_ldm", "sd1-supermerger_blocks", "sd1-ldm", sd1_block),
+        converter("convert_sdxl_blocks_to_sgm", "sdxl-supermerger_blocks", "sdxl-sgm", sdxl_block),
     ]
 }
 
@@ -103,49 +81,25 @@ mod tests {
     fn keys_route_to_supermerger_blocks() {
         let cases = [
             ("model.diffusion_model.time_embed.0.weight", "BASE"),
-            (
-                "model.diffusion_model.input_blocks.4.1.proj_in.weight",
-                "IN04",
-            ),
-            (
-                "model.diffusion_model.input_blocks.11.0.in_layers.0.bias",
-                "IN11",
-            ),
+            ("model.diffusion_model.input_blocks.4.1.proj_in.weight", "IN04"),
+            ("model.diffusion_model.input_blocks.11.0.in_layers.0.bias", "IN11"),
             ("model.diffusion_model.middle_block.1.norm.weight", "M00"),
-            (
-                "model.diffusion_model.output_blocks.11.1.norm.bias",
-                "OUT11",
-            ),
+            ("model.diffusion_model.output_blocks.11.1.norm.bias", "OUT11"),
             ("model.diffusion_model.out.2.weight", "OUT11"),
-            (
-                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
-                "BASE",
-            ),
+            ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "BASE"),
             ("first_stage_model.decoder.conv_in.weight", "BASE"),
         ];
         for (key, block) in cases {
             assert_eq!(sd1_block(key), block, "{key}");
         }
-        assert_eq!(
-            sdxl_block("first_stage_model.decoder.conv_in.weight"),
-            "VAE"
-        );
-        assert_eq!(
-            sdxl_block("model.diffusion_model.label_emb.0.0.weight"),
-            "BASE"
-        );
+        assert_eq!(sdxl_block("first_stage_model.decoder.conv_in.weight"), "VAE");
+        assert_eq!(sdxl_block("model.diffusion_model.label_emb.0.0.weight"), "BASE");
         assert_eq!(sdxl_block("model.diffusion_model.out.2.weight"), "OUT08");
         // every routed block exists in the blocks config
         for m in methods() {
-            let Implementation::Route(r) = &m.implementation else {
-                panic!()
-            };
+            let Implementation::Route(r) = &m.implementation else { panic!() };
             let blocks = configs::resolve(m.params[0].config.as_deref().unwrap()).unwrap();
-            assert!(
-                r.routes.values().all(|b| blocks.get(b).is_some()),
-                "{}",
-                m.id
-            );
+            assert!(r.routes.values().all(|b| blocks.get(b).is_some()), "{}", m.id);
         }
     }
 }

@@ -65,7 +65,8 @@ pub fn methods() -> Vec<MethodSpec> {
     use ValueType::{Float, Tensor};
     vec![MethodSpec {
         id: "clamp".into(),
-        description: "a limited to the range spanned by the bounds; stiffness pulls the range toward the bounds' mean.".into(),
+        description: "a limited to the range spanned by the bounds; stiffness pulls the range toward the bounds' mean."
+            .into(),
         params: vec![
             same_space("a", Tensor),
             same_space("bounds", Tensor).varargs(),
@@ -87,27 +88,14 @@ mod tests {
         let b1 = [1.0f32, 1.0, 0.0, 0.0];
         let b2 = [2.0f32, -1.0, 1.0, 1.0];
         let mut out = [0f32; 4];
-        Kernel::Clamp.apply(
-            &[
-                Operand::Slice(&a),
-                Operand::Slice(&b1),
-                Operand::Slice(&b2),
-                Operand::Scalar(0.0),
-            ],
-            &mut out,
-        );
+        Kernel::Clamp
+            .apply(&[Operand::Slice(&a), Operand::Slice(&b1), Operand::Slice(&b2), Operand::Scalar(0.0)], &mut out);
         assert_eq!(&out[..3], &[2.0, -1.0, 0.5]);
         assert!(out[3].is_nan());
         // Stiffness 1 narrows the range to the bounds nearest the mean (here the mean itself).
         let b3 = [1.5f32, 0.0, 0.5, 0.5];
         Kernel::Clamp.apply(
-            &[
-                Operand::Slice(&a),
-                Operand::Slice(&b1),
-                Operand::Slice(&b2),
-                Operand::Slice(&b3),
-                Operand::Scalar(1.0),
-            ],
+            &[Operand::Slice(&a), Operand::Slice(&b1), Operand::Slice(&b2), Operand::Slice(&b3), Operand::Scalar(1.0)],
             &mut out,
         );
         assert_eq!(out[0], 1.5);

@@ -159,10 +159,7 @@ pub fn methods() -> Vec<MethodSpec> {
         elementwise(
             "subtract",
             "a − b of two weights, giving a delta.",
-            vec![
-                input("a", Tensor, SpaceSpec::fixed(&["weight"])),
-                input("b", Tensor, SpaceSpec::fixed(&["weight"])),
-            ],
+            vec![input("a", Tensor, SpaceSpec::fixed(&["weight"])), input("b", Tensor, SpaceSpec::fixed(&["weight"]))],
             returns(Tensor, SpaceSpec::fixed(&["delta"])),
             Kernel::Subtract,
         ),
@@ -183,32 +180,12 @@ mod tests {
     fn weighted_sum_is_torch_lerp() {
         let a = [1.0f32, -2.0, 3.0];
         let b = [5.0f32, 4.0, -1.0];
-        let out = run(
-            Kernel::WeightedSum,
-            &[
-                Operand::Slice(&a),
-                Operand::Slice(&b),
-                Operand::Scalar(0.25),
-            ],
-            3,
-        );
+        let out = run(Kernel::WeightedSum, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(0.25)], 3);
         assert_eq!(out, vec![2.0, -0.5, 2.0]);
-        let out = run(
-            Kernel::WeightedSum,
-            &[
-                Operand::Slice(&a),
-                Operand::Slice(&b),
-                Operand::Scalar(0.75),
-            ],
-            3,
-        );
+        let out = run(Kernel::WeightedSum, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(0.75)], 3);
         assert_eq!(out, vec![4.0, 2.5, 0.0]);
         let w = [0.0f32, 1.0, 0.5];
-        let out = run(
-            Kernel::WeightedSum,
-            &[Operand::Slice(&a), Operand::Slice(&b), Operand::Slice(&w)],
-            3,
-        );
+        let out = run(Kernel::WeightedSum, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Slice(&w)], 3);
         assert_eq!(out, vec![1.0, 4.0, 1.0]);
     }
 
@@ -217,10 +194,7 @@ mod tests {
         let m: Vec<Vec<f32>> = (0..5).map(|i| vec![i as f32, 10.0 * i as f32]).collect();
         let ops: Vec<Operand<f32>> = m.iter().map(|v| Operand::Slice(v.as_slice())).collect();
         let out = run(Kernel::NAverage, &ops, 2);
-        assert!(
-            (out[0] - 2.0).abs() < 1e-6 && (out[1] - 20.0).abs() < 1e-5,
-            "{out:?}"
-        );
+        assert!((out[0] - 2.0).abs() < 1e-6 && (out[1] - 20.0).abs() < 1e-5, "{out:?}");
     }
 
     #[test]
@@ -228,50 +202,20 @@ mod tests {
         let a = [1.0f32, 2.0];
         let b = [0.5f32, -1.0];
         assert_eq!(
-            run(
-                Kernel::AddDifference,
-                &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(2.0)],
-                2
-            ),
+            run(Kernel::AddDifference, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(2.0)], 2),
             vec![2.0, 0.0]
         );
-        assert_eq!(
-            run(
-                Kernel::Subtract,
-                &[Operand::Slice(&a), Operand::Slice(&b)],
-                2
-            ),
-            vec![0.5, 3.0]
-        );
-        assert_eq!(
-            run(
-                Kernel::Scale,
-                &[Operand::Slice(&a), Operand::Scalar(3.0)],
-                2
-            ),
-            vec![3.0, 6.0]
-        );
+        assert_eq!(run(Kernel::Subtract, &[Operand::Slice(&a), Operand::Slice(&b)], 2), vec![0.5, 3.0]);
+        assert_eq!(run(Kernel::Scale, &[Operand::Slice(&a), Operand::Scalar(3.0)], 2), vec![3.0, 6.0]);
     }
 
     #[test]
     fn shortcuts_follow_sd_mecha() {
-        assert_eq!(
-            Kernel::WeightedSum.shortcut(&[None, None, Some(0.0)]),
-            Some(Shortcut::Operand(0))
-        );
-        assert_eq!(
-            Kernel::WeightedSum.shortcut(&[None, None, Some(1.0)]),
-            Some(Shortcut::Operand(1))
-        );
+        assert_eq!(Kernel::WeightedSum.shortcut(&[None, None, Some(0.0)]), Some(Shortcut::Operand(0)));
+        assert_eq!(Kernel::WeightedSum.shortcut(&[None, None, Some(1.0)]), Some(Shortcut::Operand(1)));
         assert_eq!(Kernel::WeightedSum.shortcut(&[None, None, Some(0.5)]), None);
         assert_eq!(Kernel::WeightedSum.shortcut(&[None, None, None]), None);
-        assert_eq!(
-            Kernel::Scale.shortcut(&[None, Some(0.0)]),
-            Some(Shortcut::Zeros)
-        );
-        assert_eq!(
-            Kernel::AddDifference.shortcut(&[None, None, Some(0.0)]),
-            Some(Shortcut::Operand(0))
-        );
+        assert_eq!(Kernel::Scale.shortcut(&[None, Some(0.0)]), Some(Shortcut::Zeros));
+        assert_eq!(Kernel::AddDifference.shortcut(&[None, None, Some(0.0)]), Some(Shortcut::Operand(0)));
     }
 }

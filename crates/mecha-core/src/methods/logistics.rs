@@ -12,20 +12,16 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec {
             id: "fallback".into(),
             description: "a where it has the key, otherwise default (the `or` operator).".into(),
-            params: vec![
-                same_space("a", Any).state_dict(),
-                same_space("default", Any).state_dict(),
-            ],
+            params: vec![same_space("a", Any).state_dict(), same_space("default", Any).state_dict()],
             returns: returns(Any, SpaceSpec::Symbol),
             implementation: Implementation::Fallback,
             is_conversion: false,
         },
         MethodSpec {
             id: "cast".into(),
-            description:
-                "Rounds values to a dtype (torch names such as \"float16\", \"bfloat16\"). \
+            description: "Rounds values to a dtype (torch names such as \"float16\", \"bfloat16\"). \
                           device is accepted for compatibility; computation stays on the CPU."
-                    .into(),
+                .into(),
             params: vec![
                 same_space("a", Tensor),
                 hyper("device", Str, DefaultValue::Null),
@@ -53,11 +49,8 @@ pub fn methods() -> Vec<MethodSpec> {
         },
         MethodSpec {
             id: "convert_singleton".into(),
-            description: "Broadcasts the single value of a singleton-mecha literal to every key."
-                .into(),
-            params: vec![same_space("singleton", Any)
-                .state_dict()
-                .config(SINGLETON_CONFIG)],
+            description: "Broadcasts the single value of a singleton-mecha literal to every key.".into(),
+            params: vec![same_space("singleton", Any).state_dict().config(SINGLETON_CONFIG)],
             returns: returns(Any, SpaceSpec::Symbol),
             implementation: Implementation::ConvertSingleton,
             is_conversion: true,

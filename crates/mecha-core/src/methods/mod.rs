@@ -120,9 +120,7 @@ pub struct ExternalMethod {
 
 impl std::fmt::Debug for ExternalMethod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExternalMethod")
-            .field("elementwise", &self.elementwise)
-            .finish()
+        f.debug_struct("ExternalMethod").field("elementwise", &self.elementwise).finish()
     }
 }
 
@@ -183,9 +181,7 @@ impl MethodSpec {
     }
 
     pub fn varargs(&self) -> Option<usize> {
-        self.params
-            .iter()
-            .position(|p| p.kind == ParamKind::VarPositional)
+        self.params.iter().position(|p| p.kind == ParamKind::VarPositional)
     }
 
     pub fn is_elementwise(&self) -> bool {
@@ -216,10 +212,7 @@ pub(crate) mod decl {
 
     /// A hyper-parameter with a default; sd-mecha requires these to be in `param` space.
     pub fn hyper(name: &str, value_type: ValueType, default: DefaultValue) -> ParamSpec {
-        ParamSpec {
-            default: Some(default),
-            ..input(name, value_type, SpaceSpec::fixed(&["param"]))
-        }
+        ParamSpec { default: Some(default), ..input(name, value_type, SpaceSpec::fixed(&["param"])) }
     }
 
     impl ParamSpec {
@@ -242,11 +235,7 @@ pub(crate) mod decl {
     }
 
     pub fn returns(value_type: ValueType, space: SpaceSpec) -> ReturnSpec {
-        ReturnSpec {
-            value_type,
-            space,
-            config: None,
-        }
+        ReturnSpec { value_type, space, config: None }
     }
 }
 
@@ -262,18 +251,11 @@ impl Registry {
         methods.extend(limiting::methods());
         methods.extend(logistics::methods());
         methods.extend(blocks::methods());
-        Registry {
-            methods: RwLock::new(methods.into_iter().map(Arc::new).collect()),
-        }
+        Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<MethodSpec>> {
-        self.methods
-            .read()
-            .expect("registry lock")
-            .iter()
-            .find(|m| m.id == id)
-            .cloned()
+        self.methods.read().expect("registry lock").iter().find(|m| m.id == id).cloned()
     }
 
     /// Looks a method up, or fails with the closest known name as a suggestion.
@@ -308,18 +290,8 @@ impl Registry {
 
 /// sd-mecha's rules for a signature.
 fn validate(m: &MethodSpec) -> Result<()> {
-    let fail = |msg: String| {
-        Err(MechaError::recipe(format!(
-            "merge method \"{}\": {msg}",
-            m.id
-        )))
-    };
-    if m.id.is_empty()
-        || !m
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.'".contains(c))
-    {
+    let fail = |msg: String| Err(MechaError::recipe(format!("merge method \"{}\": {msg}", m.id)));
+    if m.id.is_empty() || !m.id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.'".contains(c)) {
         return fail("ids use letters, digits, '_', '-', '.' and quotes".into());
     }
     const RESERVED: [&str; 4] = ["key", "key_relation", "cache", "output_reused"];
@@ -333,31 +305,19 @@ fn validate(m: &MethodSpec) -> Result<()> {
             return fail(format!("parameter \"{}\" is declared twice", p.name));
         }
         if p.default.is_some() && p.space != SpaceSpec::fixed(&["param"]) {
-            return fail(format!(
-                "parameter \"{}\" has a default, so its merge space must be param",
-                p.name
-            ));
+            return fail(format!("parameter \"{}\" has a default, so its merge space must be param", p.name));
         }
         match p.kind {
-            ParamKind::VarPositional if after_varargs => {
-                return fail("only one varargs parameter is allowed".into())
-            }
+            ParamKind::VarPositional if after_varargs => return fail("only one varargs parameter is allowed".into()),
             ParamKind::VarPositional => after_varargs = true,
             ParamKind::Positional if after_varargs => {
-                return fail(format!(
-                    "parameter \"{}\" after varargs must be keyword-only",
-                    p.name
-                ))
+                return fail(format!("parameter \"{}\" after varargs must be keyword-only", p.name))
             }
             _ => {}
         }
     }
-    if m.returns.space == SpaceSpec::Symbol
-        && !m.params.iter().any(|p| p.space == SpaceSpec::Symbol)
-    {
-        return fail(
-            "the result uses the method's merge-space variable, so an input must too".into(),
-        );
+    if m.returns.space == SpaceSpec::Symbol && !m.params.iter().any(|p| p.space == SpaceSpec::Symbol) {
+        return fail("the result uses the method's merge-space variable, so an input must too".into());
     }
     if m.is_conversion
         && (m.params.first().and_then(|p| p.config.as_ref()).is_none()
@@ -386,11 +346,7 @@ mod tests {
                 }
             }
             if m.returns.space == SpaceSpec::Symbol {
-                assert!(
-                    m.params.iter().any(|p| p.space == SpaceSpec::Symbol),
-                    "{}",
-                    m.id
-                );
+                assert!(m.params.iter().any(|p| p.space == SpaceSpec::Symbol), "{}", m.id);
             }
         }
     }

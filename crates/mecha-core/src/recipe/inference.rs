@@ -111,22 +111,12 @@ impl MatchStats {
         if keys.is_empty() {
             return MatchStats::unmatched(config);
         }
-        let canonical: HashSet<&str> = keys
-            .iter()
-            .map(|k| config.resolve_alias(k).unwrap_or(k))
-            .collect();
-        let matched: HashSet<String> = canonical
-            .iter()
-            .filter(|k| config.get(k).is_some())
-            .map(|k| k.to_string())
-            .collect();
+        let canonical: HashSet<&str> = keys.iter().map(|k| config.resolve_alias(k).unwrap_or(k)).collect();
+        let matched: HashSet<String> =
+            canonical.iter().filter(|k| config.get(k).is_some()).map(|k| k.to_string()).collect();
         let extra = canonical.len() - matched.len();
         // Relative to the keys as named in the input, before aliases merge any of them.
-        MatchStats {
-            state_dict_misses: extra as f64 / keys.len() as f64,
-            intersection: matched,
-            count: 1,
-        }
+        MatchStats { state_dict_misses: extra as f64 / keys.len() as f64, intersection: matched, count: 1 }
     }
 
     /// A config constrained without inputs: all its keys, weighing nothing in averages.
@@ -144,16 +134,10 @@ impl MatchStats {
         let misses = if count == 0 {
             0.0
         } else {
-            (self.state_dict_misses * self.count as f64
-                + other.state_dict_misses * other.count as f64)
-                / count as f64
+            (self.state_dict_misses * self.count as f64 + other.state_dict_misses * other.count as f64) / count as f64
         };
         MatchStats {
-            intersection: self
-                .intersection
-                .intersection(&other.intersection)
-                .cloned()
-                .collect(),
+            intersection: self.intersection.intersection(&other.intersection).cloned().collect(),
             state_dict_misses: misses,
             count,
         }
@@ -185,10 +169,7 @@ fn candidate_stats(keys: &IndexSet<String>) -> IndexMap<String, MatchStats> {
 
 impl Candidates {
     fn conflict(&self, new: &str, reason: &str) -> MechaError {
-        let existing: Vec<&str> = self
-            .stats
-            .as_ref()
-            .map_or(vec![], |s| s.keys().map(String::as_str).collect());
+        let existing: Vec<&str> = self.stats.as_ref().map_or(vec![], |s| s.keys().map(String::as_str).collect());
         MechaError::new(
             ErrorKind::Config,
             format!(
@@ -202,10 +183,7 @@ impl Candidates {
     fn constrain_to(&mut self, config: &ModelConfig, reason: &str) -> Result<()> {
         match self.stats.as_mut() {
             None => {
-                self.stats = Some(IndexMap::from([(
-                    config.id.clone(),
-                    MatchStats::unmatched(config),
-                )]));
+                self.stats = Some(IndexMap::from([(config.id.clone(), MatchStats::unmatched(config))]));
             }
             Some(stats) => {
                 if !stats.contains_key(&config.id) && self.requires_known {
@@ -247,10 +225,8 @@ impl Candidates {
             self.stats = Some(match self.stats.take() {
                 None => new,
                 Some(old) => {
-                    let common: IndexMap<String, MatchStats> = old
-                        .iter()
-                        .filter_map(|(id, s)| new.get(id).map(|n| (id.clone(), s.combine(n))))
-                        .collect();
+                    let common: IndexMap<String, MatchStats> =
+                        old.iter().filter_map(|(id, s)| new.get(id).map(|n| (id.clone(), s.combine(n)))).collect();
                     if common.is_empty() && self.requires_known {
                         let ids: Vec<&str> = old.keys().map(String::as_str).collect();
                         let found: Vec<&str> = new.keys().map(String::as_str).collect();
@@ -326,18 +302,11 @@ impl Candidates {
     fn domain(&self, solved: &SolvedConfig) -> HashSet<String> {
         let possible = || self.possible_keys.iter().cloned();
         match solved {
-            SolvedConfig::Named(config) => {
-                match self.stats.as_ref().and_then(|s| s.get(&config.id)) {
-                    Some(stats) => stats
-                        .intersection
-                        .iter()
-                        .cloned()
-                        .chain(possible())
-                        .collect(),
-                    None if !self.possible_keys.is_empty() => possible().collect(),
-                    None => config.keys().map(|(k, _)| k.to_string()).collect(),
-                }
-            }
+            SolvedConfig::Named(config) => match self.stats.as_ref().and_then(|s| s.get(&config.id)) {
+                Some(stats) => stats.intersection.iter().cloned().chain(possible()).collect(),
+                None if !self.possible_keys.is_empty() => possible().collect(),
+                None => config.keys().map(|(k, _)| k.to_string()).collect(),
+            },
             SolvedConfig::Structural(_) => possible().collect(),
         }
     }
@@ -394,18 +363,17 @@ fn analyze(recipe: &Recipe, model_keys: &ModelKeys, root_only: bool) -> Result<A
     // first), so discovery mirrors sd-mecha: depth-first within a component, components
     // breadth-first.
     let mut order: Vec<NodeId> = vec![];
-    let mut attach =
-        |node: NodeId, comp: usize, comps: &mut Components, order: &mut Vec<NodeId>| -> usize {
-            let comp = match node_comp[node] {
-                Some(existing) => comps.union(comp, existing),
-                None => {
-                    order.push(node);
-                    comp
-                }
-            };
-            node_comp[node] = Some(comp);
-            comps.find(comp)
+    let mut attach = |node: NodeId, comp: usize, comps: &mut Components, order: &mut Vec<NodeId>| -> usize {
+        let comp = match node_comp[node] {
+            Some(existing) => comps.union(comp, existing),
+            None => {
+                order.push(node);
+                comp
+            }
         };
+        node_comp[node] = Some(comp);
+        comps.find(comp)
+    };
     let first = comps.new_component();
     let mut queue = VecDeque::from([(recipe.root, first)]);
     let mut seen: HashSet<(NodeId, usize)> = HashSet::new();
@@ -461,35 +429,20 @@ fn analyze(recipe: &Recipe, model_keys: &ModelKeys, root_only: bool) -> Result<A
             NodeKind::Model { .. } => {
                 let hint = Hint::resolve(node.config.as_deref()).map_err(traced)?;
                 let keys = model_keys.get(&n).expect("every model was opened");
-                candidates
-                    .entry(c)
-                    .or_default()
-                    .add_node(keys, &hint, &node.label())
-                    .map_err(traced)?;
+                candidates.entry(c).or_default().add_node(keys, &hint, &node.label()).map_err(traced)?;
             }
             NodeKind::Literal { entries } => {
                 let hint = Hint::resolve(node.config.as_deref()).map_err(traced)?;
-                let keys: IndexSet<String> = entries
-                    .iter()
-                    .filter(|(_, v)| matches!(v, Value::Scalar(_)))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                candidates
-                    .entry(c)
-                    .or_default()
-                    .add_node(&keys, &hint, &node.label())
-                    .map_err(traced)?;
+                let keys: IndexSet<String> =
+                    entries.iter().filter(|(_, v)| matches!(v, Value::Scalar(_))).map(|(k, _)| k.clone()).collect();
+                candidates.entry(c).or_default().add_node(&keys, &hint, &node.label()).map_err(traced)?;
             }
             NodeKind::Merge { method, inputs } => {
                 candidates.entry(c).or_default();
                 if let Some(id) = &method.returns.config {
                     let config = configs::resolve(id).map_err(traced)?;
                     let reason = format!("the result of {}", method.id);
-                    candidates
-                        .get_mut(&c)
-                        .expect("inserted")
-                        .require(&config, &reason)
-                        .map_err(traced)?;
+                    candidates.get_mut(&c).expect("inserted").require(&config, &reason).map_err(traced)?;
                 }
                 for (param, children) in method.params.iter().zip(inputs) {
                     let Some(id) = &param.config else { continue };
@@ -512,25 +465,13 @@ fn analyze(recipe: &Recipe, model_keys: &ModelKeys, root_only: bool) -> Result<A
     }
 
     let comp: HashMap<NodeId, usize> = order.iter().map(|&n| (n, comp_of(n, &mut comps))).collect();
-    Ok(Analysis {
-        comp,
-        order,
-        candidates,
-    })
+    Ok(Analysis { comp, order, candidates })
 }
 
 /// Solves the config of every node reachable from the root. `root_preference` lists configs the
 /// result prefers when they are candidates (sd-mecha prefers `singleton-mecha`).
-pub fn infer(
-    recipe: &Recipe,
-    model_keys: &ModelKeys,
-    root_preference: &[&str],
-) -> Result<ConfigSolution> {
-    let Analysis {
-        comp,
-        order,
-        mut candidates,
-    } = analyze(recipe, model_keys, false)?;
+pub fn infer(recipe: &Recipe, model_keys: &ModelKeys, root_preference: &[&str]) -> Result<ConfigSolution> {
+    let Analysis { comp, order, mut candidates } = analyze(recipe, model_keys, false)?;
     let root_c = comp[&recipe.root];
     for id in root_preference {
         candidates.entry(root_c).or_default().prefer(id)?;
@@ -545,9 +486,7 @@ pub fn infer(
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let cand = &candidates[&c];
-                let config = cand
-                    .finalize()
-                    .map_err(|e| e.within_node(&recipe.trace(n)))?;
+                let config = cand.finalize().map_err(|e| e.within_node(&recipe.trace(n)))?;
                 let domain = Arc::new(cand.domain(&config));
                 e.insert((config, domain))
             }
@@ -555,34 +494,19 @@ pub fn infer(
         configs_out[n] = Some(config.clone());
         domains[n] = Some(domain.clone());
     }
-    Ok(ConfigSolution {
-        configs: configs_out,
-        domains,
-    })
+    Ok(ConfigSolution { configs: configs_out, domains })
 }
 
 /// The configs the root could be, best first (fewest misses), with `preference` applied as
 /// sd-mecha's `convert` does; empty when nothing constrains the root.
-pub fn root_candidates(
-    recipe: &Recipe,
-    model_keys: &ModelKeys,
-    preference: Option<&str>,
-) -> Result<Vec<String>> {
-    let Analysis {
-        comp,
-        mut candidates,
-        ..
-    } = analyze(recipe, model_keys, true)?;
+pub fn root_candidates(recipe: &Recipe, model_keys: &ModelKeys, preference: Option<&str>) -> Result<Vec<String>> {
+    let Analysis { comp, mut candidates, .. } = analyze(recipe, model_keys, true)?;
     let root = candidates.entry(comp[&recipe.root]).or_default();
     if let Some(id) = preference {
         root.prefer(id)?;
     }
-    let mut ranked: Vec<(&String, f64)> = root
-        .stats
-        .iter()
-        .flatten()
-        .map(|(id, s)| (id, s.state_dict_misses))
-        .collect();
+    let mut ranked: Vec<(&String, f64)> =
+        root.stats.iter().flatten().map(|(id, s)| (id, s.state_dict_misses)).collect();
     ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(ranked.into_iter().map(|(id, _)| id.clone()).collect())
 }

@@ -56,23 +56,12 @@ impl Writer<'_> {
 
     fn node(&mut self, id: NodeId) -> String {
         let node = self.recipe.node(id);
-        let config = format_optional(
-            &self.notes.configs[id]
-                .clone()
-                .or_else(|| node.config.clone()),
-        );
-        let space = format_optional(
-            &self.notes.spaces[id]
-                .clone()
-                .or_else(|| node.merge_space.clone()),
-        );
+        let config = format_optional(&self.notes.configs[id].clone().or_else(|| node.config.clone()));
+        let space = format_optional(&self.notes.spaces[id].clone().or_else(|| node.merge_space.clone()));
         match &node.kind {
             NodeKind::Model { path } => {
                 let path = self.notes.paths[id].as_deref().unwrap_or(path);
-                let line = format!(
-                    "model {} model_config={config} merge_space={space}",
-                    quote(path)
-                );
+                let line = format!("model {} model_config={config} merge_space={space}", quote(path));
                 self.emit(line)
             }
             NodeKind::Literal { entries } => {
@@ -88,9 +77,7 @@ impl Writer<'_> {
                 if self.notes.configs[id].is_none() && node.config.is_none() {
                     dict
                 } else {
-                    self.emit(format!(
-                        "literal {dict} model_config={config} merge_space={space}"
-                    ))
+                    self.emit(format!("literal {dict} model_config={config} merge_space={space}"))
                 }
             }
             NodeKind::Merge { method, inputs } => {
@@ -114,12 +101,7 @@ impl Writer<'_> {
 
 /// Serializes a recipe to `.mecha` text.
 pub fn serialize(recipe: &Recipe, notes: &Annotations) -> String {
-    let mut w = Writer {
-        recipe,
-        notes,
-        lines: vec![],
-        index: HashMap::new(),
-    };
+    let mut w = Writer { recipe, notes, lines: vec![], index: HashMap::new() };
     w.node(recipe.root);
     let mut text = format!("version {FORMAT_VERSION}");
     for line in w.lines {
@@ -150,14 +132,7 @@ mod tests {
         let r = b.finish(root).unwrap();
         let spaces = infer(&r, &RootSpace::default()).unwrap();
         let none = vec![None; r.nodes.len()];
-        let text = serialize(
-            &r,
-            &Annotations {
-                configs: &none,
-                spaces: &spaces,
-                paths: &none,
-            },
-        );
+        let text = serialize(&r, &Annotations { configs: &none, spaces: &spaces, paths: &none });
         assert_eq!(
             text,
             "version 0.1.0\n\

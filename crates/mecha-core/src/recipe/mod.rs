@@ -140,9 +140,7 @@ impl RecipeBuilder {
 
     pub fn model(&mut self, path: &str, config: Option<&str>, merge_space: Option<&str>) -> NodeId {
         self.push(Node {
-            kind: NodeKind::Model {
-                path: path.to_string(),
-            },
+            kind: NodeKind::Model { path: path.to_string() },
             config: config.map(str::to_string),
             merge_space: merge_space.map(str::to_string),
         })
@@ -193,10 +191,7 @@ impl RecipeBuilder {
         });
         let method = registry().get("convert_singleton").expect("builtin");
         self.push(Node {
-            kind: NodeKind::Merge {
-                method,
-                inputs: vec![vec![literal]],
-            },
+            kind: NodeKind::Merge { method, inputs: vec![vec![literal]] },
             config: None,
             merge_space: None,
         })
@@ -211,18 +206,12 @@ impl RecipeBuilder {
 
     /// Calls a merge method with Python's binding rules: positional arguments fill positional
     /// parameters then varargs, keywords match any non-varargs parameter, defaults fill the rest.
-    pub fn merge(
-        &mut self,
-        method_id: &str,
-        args: Vec<Arg>,
-        kwargs: Vec<(String, Arg)>,
-    ) -> Result<NodeId> {
+    pub fn merge(&mut self, method_id: &str, args: Vec<Arg>, kwargs: Vec<(String, Arg)>) -> Result<NodeId> {
         let method = registry().resolve(method_id)?;
         let call = |msg: String| MechaError::recipe(format!("{method_id}(): {msg}"));
         let mut bound: Vec<Option<Vec<Arg>>> = vec![None; method.params.len()];
-        let positional: Vec<usize> = (0..method.params.len())
-            .filter(|&i| method.params[i].kind == ParamKind::Positional)
-            .collect();
+        let positional: Vec<usize> =
+            (0..method.params.len()).filter(|&i| method.params[i].kind == ParamKind::Positional).collect();
         let mut args = args.into_iter();
         for &i in &positional {
             match args.next() {
@@ -245,10 +234,9 @@ impl RecipeBuilder {
         }
         for (name, arg) in kwargs {
             let Some((i, p)) = method.param(&name) else {
-                let hint =
-                    crate::util::nearest(&name, method.params.iter().map(|p| p.name.as_str()))
-                        .map(|n| format!(" (did you mean \"{n}\"?)"))
-                        .unwrap_or_default();
+                let hint = crate::util::nearest(&name, method.params.iter().map(|p| p.name.as_str()))
+                    .map(|n| format!(" (did you mean \"{n}\"?)"))
+                    .unwrap_or_default();
                 return Err(call(format!("unknown parameter \"{name}\"{hint}")));
             };
             if p.kind == ParamKind::VarPositional {
@@ -268,17 +256,10 @@ impl RecipeBuilder {
                     None => return Err(call(format!("missing required argument \"{}\"", p.name))),
                 },
             };
-            let ids = args
-                .into_iter()
-                .map(|a| self.arg_node(a))
-                .collect::<Result<Vec<_>>>()?;
+            let ids = args.into_iter().map(|a| self.arg_node(a)).collect::<Result<Vec<_>>>()?;
             inputs.push(ids);
         }
-        Ok(self.push(Node {
-            kind: NodeKind::Merge { method, inputs },
-            config: None,
-            merge_space: None,
-        }))
+        Ok(self.push(Node { kind: NodeKind::Merge { method, inputs }, config: None, merge_space: None }))
     }
 
     pub fn node(&self, id: NodeId) -> Option<&Node> {
@@ -289,11 +270,7 @@ impl RecipeBuilder {
         if root >= self.nodes.len() {
             return Err(MechaError::recipe("the recipe has no root node"));
         }
-        Ok(Recipe {
-            nodes: self.nodes,
-            root,
-            source_index: self.source_index,
-        })
+        Ok(Recipe { nodes: self.nodes, root, source_index: self.source_index })
     }
 }
 
@@ -338,10 +315,7 @@ impl Recipe {
             NodeKind::Merge { method, inputs } => inputs
                 .iter()
                 .enumerate()
-                .flat_map(|(i, ids)| {
-                    ids.iter()
-                        .map(move |n| (*n, Some(method.params[i].name.as_str())))
-                })
+                .flat_map(|(i, ids)| ids.iter().map(move |n| (*n, Some(method.params[i].name.as_str()))))
                 .collect(),
         }
     }
@@ -386,10 +360,7 @@ impl Recipe {
 
     /// Model nodes reachable from the root, in post-order (the order sd-mecha visits them).
     pub fn models(&self) -> Vec<NodeId> {
-        self.post_order()
-            .into_iter()
-            .filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. }))
-            .collect()
+        self.post_order().into_iter().filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. })).collect()
     }
 
     /// Nodes reachable from the root, children before parents, each once.
@@ -426,33 +397,14 @@ mod tests {
                 vec![("alpha".into(), Arg::Value(Scalar::Float(0.3)))],
             )
             .unwrap();
-        let NodeKind::Merge { inputs, .. } = &b.node(ws).unwrap().kind else {
-            panic!()
-        };
+        let NodeKind::Merge { inputs, .. } = &b.node(ws).unwrap().kind else { panic!() };
         assert_eq!(inputs.len(), 3);
         assert_eq!(inputs[0], vec![a]);
 
-        let err = b
-            .merge("weighted_sum", vec![Arg::Node(a)], vec![])
-            .unwrap_err();
-        assert!(
-            err.message.contains("missing required argument \"b\""),
-            "{}",
-            err.message
-        );
-        let err = b
-            .merge(
-                "subtract",
-                vec![Arg::Node(a), Arg::Node(c), Arg::Node(c)],
-                vec![],
-            )
-            .unwrap_err();
-        assert!(
-            err.message
-                .contains("takes 2 positional arguments but 3 were given"),
-            "{}",
-            err.message
-        );
+        let err = b.merge("weighted_sum", vec![Arg::Node(a)], vec![]).unwrap_err();
+        assert!(err.message.contains("missing required argument \"b\""), "{}", err.message);
+        let err = b.merge("subtract", vec![Arg::Node(a), Arg::Node(c), Arg::Node(c)], vec![]).unwrap_err();
+        assert!(err.message.contains("takes 2 positional arguments but 3 were given"), "{}", err.message);
         let err = b
             .merge(
                 "weighted_sum",
@@ -460,25 +412,11 @@ mod tests {
                 vec![("alpah".into(), Arg::Value(Scalar::Float(0.1)))],
             )
             .unwrap_err();
-        assert!(
-            err.message.contains("did you mean \"alpha\""),
-            "{}",
-            err.message
-        );
-        let err = b
-            .merge("weighted_sum", vec![Arg::Node(a), Arg::Node(99)], vec![])
-            .unwrap_err();
+        assert!(err.message.contains("did you mean \"alpha\""), "{}", err.message);
+        let err = b.merge("weighted_sum", vec![Arg::Node(a), Arg::Node(99)], vec![]).unwrap_err();
         assert!(err.message.contains("node 99"), "{}", err.message);
-        let avg = b
-            .merge(
-                "n_average",
-                vec![Arg::Node(a), Arg::Node(c), Arg::Node(a)],
-                vec![],
-            )
-            .unwrap();
-        let NodeKind::Merge { inputs, .. } = &b.node(avg).unwrap().kind else {
-            panic!()
-        };
+        let avg = b.merge("n_average", vec![Arg::Node(a), Arg::Node(c), Arg::Node(a)], vec![]).unwrap();
+        let NodeKind::Merge { inputs, .. } = &b.node(avg).unwrap().kind else { panic!() };
         assert_eq!(inputs[0], vec![a, c, a]);
     }
 

@@ -17,6 +17,8 @@ pub enum RootSpace {
     Strict(String),
     /// Any space; ambiguity at the root is settled by preference: weight, then delta, then param.
     Preferred,
+    /// No requirement and no preference: an ambiguous root is an error (sd-mecha's `serialize`).
+    Free,
 }
 
 impl Default for RootSpace {
@@ -86,10 +88,7 @@ fn describe(allowed: &[String]) -> String {
 /// Solves the merge space of every node reachable from the root (`None` for the others).
 pub fn infer(recipe: &Recipe, root_space: &RootSpace) -> Result<Vec<Option<String>>> {
     let order = recipe.post_order();
-    let mut s = Solver {
-        parent: vec![],
-        constraints: vec![],
-    };
+    let mut s = Solver { parent: vec![], constraints: vec![] };
     let mut out: Vec<usize> = vec![usize::MAX; recipe.nodes.len()];
 
     for &n in &order {
@@ -102,18 +101,11 @@ pub fn infer(recipe: &Recipe, root_space: &RootSpace) -> Result<Vec<Option<Strin
                     if !SPACES.contains(&hint.as_str()) {
                         return Err(MechaError::new(
                             ErrorKind::MergeSpace,
-                            format!(
-                                "unknown merge space \"{hint}\"; use one of {}",
-                                SPACES.join(", ")
-                            ),
+                            format!("unknown merge space \"{hint}\"; use one of {}", SPACES.join(", ")),
                         )
                         .within_node(&label()));
                     }
-                    s.constrain(
-                        out[n],
-                        vec![hint.clone()],
-                        format!("{} is declared {hint}", node.label()),
-                    );
+                    s.constrain(out[n], vec![hint.clone()], format!("{} is declared {hint}", node.label()));
                 }
                 if let NodeKind::Literal { entries } = &node.kind {
                     for v in entries.values() {
@@ -141,12 +133,8 @@ pub fn infer(recipe: &Recipe, root_space: &RootSpace) -> Result<Vec<Option<Strin
                             SpaceSpec::Symbol => s.union(out[child], symbol),
                             fixed => {
                                 let allowed = spaces_of(fixed);
-                                let why = format!(
-                                    "{} input \"{}\" requires {}",
-                                    method.id,
-                                    param.name,
-                                    describe(&allowed)
-                                );
+                                let why =
+                                    format!("{} input \"{}\" requires {}", method.id, param.name, describe(&allowed));
                                 s.constrain(out[child], allowed, why);
                             }
                         }
@@ -156,11 +144,7 @@ pub fn infer(recipe: &Recipe, root_space: &RootSpace) -> Result<Vec<Option<Strin
         }
     }
     if let RootSpace::Strict(space) = root_space {
-        s.constrain(
-            out[recipe.root],
-            vec![space.clone()],
-            format!("the recipe's result must be {space}"),
-        );
+        s.constrain(out[recipe.root], vec![space.clone()], format!("the recipe's result must be {space}"));
     }
 
     let mut solved: Vec<Option<String>> = vec![None; recipe.nodes.len()];
@@ -170,23 +154,15 @@ pub fn infer(recipe: &Recipe, root_space: &RootSpace) -> Result<Vec<Option<Strin
         for (i, c) in s.constraints[class].iter().enumerate() {
             allowed.retain(|x| c.allowed.contains(x));
             if allowed.is_empty() {
-                let earlier: Vec<&str> = s.constraints[class][..i]
-                    .iter()
-                    .map(|c| c.why.as_str())
-                    .collect();
-                let mut msg = format!(
-                    "merge-space constraints are unsatisfiable: {}, but {}",
-                    earlier.join(" and "),
-                    c.why
-                );
+                let earlier: Vec<&str> = s.constraints[class][..i].iter().map(|c| c.why.as_str()).collect();
+                let mut msg =
+                    format!("merge-space constraints are unsatisfiable: {}, but {}", earlier.join(" and "), c.why);
                 if c.why.contains("requires delta") {
                     msg.push_str(". Build a delta with subtract(a, b) (or `a.sub(b)`), or declare the model with mergeSpace: 'delta'");
                 } else if c.why.contains("must be weight") {
                     msg.push_str(". Add the delta to a model (`base.add(delta)`), or pass strictMergeSpace: null (or the space you want) to merge()");
                 }
-                return Err(
-                    MechaError::new(ErrorKind::MergeSpace, msg).within_node(&recipe.trace(n))
-                );
+                return Err(MechaError::new(ErrorKind::MergeSpace, msg).within_node(&recipe.trace(n)));
             }
         }
         let root_class = class == s.find(out[recipe.root]);
@@ -225,71 +201,42 @@ mod tests {
     #[test]
     fn weighted_sum_is_weight_and_alpha_is_param() {
         let (mut b, a, c) = two_models();
-        let root = b
-            .merge(
-                "weighted_sum",
-                vec![Arg::Node(a), Arg::Node(c), Arg::Value(Scalar::Float(0.3))],
-                vec![],
-            )
-            .unwrap();
+        let root =
+            b.merge("weighted_sum", vec![Arg::Node(a), Arg::Node(c), Arg::Value(Scalar::Float(0.3))], vec![]).unwrap();
         let r = b.finish(root).unwrap();
         let spaces = infer(&r, &RootSpace::default()).unwrap();
         assert_eq!(spaces[root].as_deref(), Some("weight"));
-        let literal = r
-            .nodes
-            .iter()
-            .position(|n| matches!(n.kind, NodeKind::Literal { .. }))
-            .unwrap();
+        let literal = r.nodes.iter().position(|n| matches!(n.kind, NodeKind::Literal { .. })).unwrap();
         assert_eq!(spaces[literal].as_deref(), Some("param"));
     }
 
     #[test]
     fn add_needs_a_delta() {
         let (mut b, a, c) = two_models();
-        let root = b
-            .merge("add_difference", vec![Arg::Node(a), Arg::Node(c)], vec![])
-            .unwrap();
+        let root = b.merge("add_difference", vec![Arg::Node(a), Arg::Node(c)], vec![]).unwrap();
         let r = b.finish(root).unwrap();
         let err = infer(&r, &RootSpace::default()).unwrap_err();
         assert_eq!(err.kind, ErrorKind::MergeSpace);
         assert!(err.message.contains("requires delta"), "{}", err.message);
-        assert!(
-            err.node.as_deref().unwrap().contains("b: model \"c\""),
-            "{:?}",
-            err.node
-        );
+        assert!(err.node.as_deref().unwrap().contains("b: model \"c\""), "{:?}", err.node);
     }
 
     #[test]
     fn delta_root_needs_permission() {
         let (mut b, a, c) = two_models();
-        let d = b
-            .merge("subtract", vec![Arg::Node(a), Arg::Node(c)], vec![])
-            .unwrap();
+        let d = b.merge("subtract", vec![Arg::Node(a), Arg::Node(c)], vec![]).unwrap();
         let r = b.finish(d).unwrap();
         assert!(infer(&r, &RootSpace::default()).is_err());
-        assert_eq!(
-            infer(&r, &RootSpace::Preferred).unwrap()[d].as_deref(),
-            Some("delta")
-        );
-        assert_eq!(
-            infer(&r, &RootSpace::Strict("delta".into())).unwrap()[d].as_deref(),
-            Some("delta")
-        );
+        assert_eq!(infer(&r, &RootSpace::Preferred).unwrap()[d].as_deref(), Some("delta"));
+        assert_eq!(infer(&r, &RootSpace::Strict("delta".into())).unwrap()[d].as_deref(), Some("delta"));
     }
 
     #[test]
     fn add_difference_of_subtract_is_weight() {
         let (mut b, a, c) = two_models();
-        let d = b
-            .merge("subtract", vec![Arg::Node(c), Arg::Node(a)], vec![])
-            .unwrap();
+        let d = b.merge("subtract", vec![Arg::Node(c), Arg::Node(a)], vec![]).unwrap();
         let root = b
-            .merge(
-                "add_difference",
-                vec![Arg::Node(a), Arg::Node(d), Arg::Value(Scalar::Float(0.5))],
-                vec![],
-            )
+            .merge("add_difference", vec![Arg::Node(a), Arg::Node(d), Arg::Value(Scalar::Float(0.5))], vec![])
             .unwrap();
         let r = b.finish(root).unwrap();
         let spaces = infer(&r, &RootSpace::default()).unwrap();

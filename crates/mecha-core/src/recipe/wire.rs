@@ -9,7 +9,8 @@
 //!   "root": 2 }
 //! ```
 //!
-//! Values are JSON numbers (floats), `{ "int": 3 }`, `{ "float": "inf" | "-inf" | "nan" }`,
+//! Values are JSON numbers (floats), `{ "int": 3 }`, `{ "float": "inf" | "-inf" | "nan" | "-0.0" }`
+//! (what JSON numbers cannot say),
 //! strings, booleans, `null`, or `{ "node": i }` referring to an earlier entry of `nodes`.
 //! `root` defaults to the last node.
 
@@ -34,31 +35,21 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
     Ok(match v {
         Json::Null => Parsed::Scalar(Scalar::Null),
         Json::Bool(b) => Parsed::Scalar(Scalar::Bool(*b)),
-        Json::Number(n) => Parsed::Scalar(Scalar::Float(
-            n.as_f64()
-                .ok_or_else(|| parse_error(format!("{at}: number out of range")))?,
-        )),
+        Json::Number(n) => {
+            Parsed::Scalar(Scalar::Float(n.as_f64().ok_or_else(|| parse_error(format!("{at}: number out of range")))?))
+        }
         Json::String(s) => Parsed::Scalar(Scalar::Str(s.clone())),
         Json::Object(o) if o.len() == 1 && o.contains_key("node") => {
-            let i = o["node"]
-                .as_u64()
-                .ok_or_else(|| parse_error(format!("{at}: \"node\" must be a node index")))?
-                as usize;
+            let i =
+                o["node"].as_u64().ok_or_else(|| parse_error(format!("{at}: \"node\" must be a node index")))? as usize;
             Parsed::Node(*ids.get(i).ok_or_else(|| {
-                parse_error(format!(
-                    "{at}: reference to node {i}, which is not defined before this point"
-                ))
+                parse_error(format!("{at}: reference to node {i}, which is not defined before this point"))
             })?)
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("float") => {
-            let f = o["float"]
-                .as_str()
-                .and_then(|s| s.parse::<f64>().ok())
-                .filter(|f| !f.is_finite());
+            let f = o["float"].as_str().and_then(|s| s.parse::<f64>().ok());
             Parsed::Scalar(Scalar::Float(f.ok_or_else(|| {
-                parse_error(format!(
-                    "{at}: \"float\" holds \"inf\", \"-inf\" or \"nan\""
-                ))
+                parse_error(format!("{at}: \"float\" holds a number such as \"inf\", \"nan\" or \"-0.0\""))
             })?))
         }
         Json::Object(o) if o.len() == 1 && o.contains_key("int") => {
@@ -67,19 +58,13 @@ fn parse_value(v: &Json, ids: &[NodeId], at: &str) -> Result<Parsed> {
                 Json::String(s) => s.parse().ok(),
                 _ => None,
             };
-            Parsed::Scalar(Scalar::Int(i.ok_or_else(|| {
-                parse_error(format!("{at}: \"int\" must hold an integer"))
-            })?))
+            Parsed::Scalar(Scalar::Int(i.ok_or_else(|| parse_error(format!("{at}: \"int\" must hold an integer")))?))
         }
         other => return Err(parse_error(format!("{at}: unsupported value {other}"))),
     })
 }
 
-fn opt_str<'a>(
-    o: &'a serde_json::Map<String, Json>,
-    key: &str,
-    at: &str,
-) -> Result<Option<&'a str>> {
+fn opt_str<'a>(o: &'a serde_json::Map<String, Json>, key: &str, at: &str) -> Result<Option<&'a str>> {
     match o.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::String(s)) => Ok(Some(s)),
@@ -89,8 +74,7 @@ fn opt_str<'a>(
 
 /// Reads the JSON form into a bound recipe.
 pub fn from_json(text: &str) -> Result<Recipe> {
-    let json: Json = serde_json::from_str(text)
-        .map_err(|e| parse_error(format!("recipe JSON is invalid: {e}")))?;
+    let json: Json = serde_json::from_str(text).map_err(|e| parse_error(format!("recipe JSON is invalid: {e}")))?;
     from_json_value(&json)
 }
 
@@ -106,22 +90,16 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
     let mut ids: Vec<NodeId> = Vec::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
         let at = format!("nodes[{i}]");
-        let o = node
-            .as_object()
-            .ok_or_else(|| parse_error(format!("{at} must be an object")))?;
+        let o = node.as_object().ok_or_else(|| parse_error(format!("{at} must be an object")))?;
         let config = opt_str(o, "config", &at)?;
         let space = opt_str(o, "mergeSpace", &at)?;
         let id = if let Some(path) = o.get("model") {
-            let path = path
-                .as_str()
-                .ok_or_else(|| parse_error(format!("{at}: \"model\" must be a path string")))?;
+            let path = path.as_str().ok_or_else(|| parse_error(format!("{at}: \"model\" must be a path string")))?;
             b.model(path, config, space)
         } else if let Some(value) = o.get("literal") {
             literal(&mut b, value, config, space, &ids, &at)?
         } else if let Some(method) = o.get("merge") {
-            let method = method
-                .as_str()
-                .ok_or_else(|| parse_error(format!("{at}: \"merge\" must be a method id")))?;
+            let method = method.as_str().ok_or_else(|| parse_error(format!("{at}: \"merge\" must be a method id")))?;
             let to_arg = |v: &Json, at: String| -> Result<Arg> {
                 Ok(match parse_value(v, &ids, &at)? {
                     Parsed::Node(n) => Arg::Node(n),
@@ -130,11 +108,9 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
             };
             let args = match o.get("args") {
                 None => vec![],
-                Some(Json::Array(a)) => a
-                    .iter()
-                    .enumerate()
-                    .map(|(j, v)| to_arg(v, format!("{at}.args[{j}]")))
-                    .collect::<Result<_>>()?,
+                Some(Json::Array(a)) => {
+                    a.iter().enumerate().map(|(j, v)| to_arg(v, format!("{at}.args[{j}]"))).collect::<Result<_>>()?
+                }
                 Some(_) => return Err(parse_error(format!("{at}: \"args\" must be an array"))),
             };
             let kwargs = match o.get("kwargs") {
@@ -145,12 +121,9 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
                     .collect::<Result<_>>()?,
                 Some(_) => return Err(parse_error(format!("{at}: \"kwargs\" must be an object"))),
             };
-            b.merge(method, args, kwargs)
-                .map_err(|e| e.within_node(&at))?
+            b.merge(method, args, kwargs).map_err(|e| e.within_node(&at))?
         } else {
-            return Err(parse_error(format!(
-                "{at} must have one of \"model\", \"literal\" or \"merge\""
-            )));
+            return Err(parse_error(format!("{at} must have one of \"model\", \"literal\" or \"merge\"")));
         };
         b.set_source_index(id, i);
         ids.push(id);
@@ -158,16 +131,9 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
     let root = match json.get("root") {
         None | Some(Json::Null) => *ids.last().expect("non-empty"),
         Some(r) => {
-            let i = r
-                .as_u64()
-                .ok_or_else(|| parse_error("\"root\" must be a node index"))?
-                as usize;
-            *ids.get(i).ok_or_else(|| {
-                parse_error(format!(
-                    "\"root\" refers to node {i}, but there are {} nodes",
-                    ids.len()
-                ))
-            })?
+            let i = r.as_u64().ok_or_else(|| parse_error("\"root\" must be a node index"))? as usize;
+            *ids.get(i)
+                .ok_or_else(|| parse_error(format!("\"root\" refers to node {i}, but there are {} nodes", ids.len())))?
         }
     };
     b.finish(root)
@@ -194,20 +160,14 @@ fn literal(
                 };
                 entries.insert(k.clone(), v);
             }
-            return b
-                .literal(entries, config, space)
-                .map_err(|e| e.within_node(at));
+            return b.literal(entries, config, space).map_err(|e| e.within_node(at));
         }
     }
     let entry = match parse_value(value, ids, &format!("{at}.literal"))? {
         Parsed::Node(n) => Value::Node(n),
         Parsed::Scalar(s) => Value::Scalar(s),
     };
-    let node = b.literal(
-        IndexMap::from([("key".to_string(), entry)]),
-        Some(SINGLETON_CONFIG),
-        space,
-    )?;
+    let node = b.literal(IndexMap::from([("key".to_string(), entry)]), Some(SINGLETON_CONFIG), space)?;
     if config == Some(SINGLETON_CONFIG) {
         Ok(node)
     } else {
@@ -244,10 +204,9 @@ pub fn to_json(recipe: &Recipe) -> Json {
         .nodes
         .iter()
         .map(|n| match &n.kind {
-            NodeKind::Model { path } => with_hints(
-                serde_json::Map::from_iter([("model".into(), path.clone().into())]),
-                n,
-            ),
+            NodeKind::Model { path } => {
+                with_hints(serde_json::Map::from_iter([("model".into(), path.clone().into())]), n)
+            }
             NodeKind::Literal { entries } => {
                 let value: serde_json::Map<String, Json> = entries
                     .iter()
@@ -259,10 +218,7 @@ pub fn to_json(recipe: &Recipe) -> Json {
                         (k.clone(), v)
                     })
                     .collect();
-                with_hints(
-                    serde_json::Map::from_iter([("literal".into(), Json::Object(value))]),
-                    n,
-                )
+                with_hints(serde_json::Map::from_iter([("literal".into(), Json::Object(value))]), n)
             }
             NodeKind::Merge { method, inputs } => {
                 let mut args = vec![];

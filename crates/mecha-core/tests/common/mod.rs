@@ -42,11 +42,7 @@ pub fn write_file(path: &Path, tensors: &[(&str, Raw)]) {
 pub fn f32_tensor(dtype: DType, shape: &[usize], values: &[f32]) -> Raw {
     let mut data = vec![0u8; values.len() * dtype.bits() / 8];
     mecha_core::kernels::convert::encode_f32(dtype, values, &mut data);
-    Raw {
-        dtype,
-        shape: shape.to_vec(),
-        data,
-    }
+    Raw { dtype, shape: shape.to_vec(), data }
 }
 
 pub type Tensors = HashMap<String, (DType, Vec<usize>, Vec<u8>)>;
@@ -60,8 +56,7 @@ pub fn read_file(path: &Path) -> (Tensors, HashMap<String, String>) {
         .tensors()
         .into_iter()
         .map(|(name, view)| {
-            let dtype =
-                DType::from_safetensors_name(&view.dtype().to_string()).expect("known dtype");
+            let dtype = DType::from_safetensors_name(&view.dtype().to_string()).expect("known dtype");
             (name, (dtype, view.shape().to_vec(), view.data().to_vec()))
         })
         .collect();
@@ -76,14 +71,10 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
