@@ -113,7 +113,7 @@ export function callMethod(
 type WireValue = number | boolean | string | null | { int: number } | { float: string } | { node: number }
 type WireNode =
   | { model: string; config?: string; mergeSpace?: string }
-  | { literal: WireValue | Record<string, WireValue>; config?: string; mergeSpace?: string }
+  | { literal: WireValue | { dict: Record<string, WireValue> }; config?: string; mergeSpace?: string }
   | { merge: string; args: WireValue[]; kwargs: Record<string, WireValue> }
 
 export interface WireRecipe {
@@ -156,7 +156,7 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
   }
   const value = (v: RecipeInput): WireValue => {
     if (v instanceof RecipeNode) return { node: visit(v) }
-    if (isDict(v)) return { node: push({ literal: dict(v) }) }
+    if (isDict(v)) return { node: push({ literal: { dict: dict(v) } }) }
     return scalar(v)
   }
   const visit = (node: RecipeNode): number => {
@@ -167,7 +167,7 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
       wire = { model: node.path, config: node.config, mergeSpace: node.mergeSpace }
     } else if (node instanceof LiteralNode) {
       wire = {
-        literal: isDict(node.value) ? dict(node.value) : scalar(node.value),
+        literal: isDict(node.value) ? { dict: dict(node.value) } : scalar(node.value),
         config: node.config,
         mergeSpace: node.mergeSpace,
       }
@@ -203,9 +203,9 @@ export function fromWire(wire: WireRecipe): RecipeNode {
     } else if ('literal' in n) {
       const v = n.literal
       const dict: LiteralDict | Scalar =
-        v !== null && typeof v === 'object' && !('node' in v || 'int' in v || 'float' in v)
-          ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, value(x)]))
-          : (value(v as WireValue) as Scalar)
+        v !== null && typeof v === 'object' && 'dict' in v
+          ? Object.fromEntries(Object.entries(v.dict).map(([k, x]) => [k, value(x)]))
+          : (value(v) as Scalar)
       built.push(new LiteralNode(dict, n.config, n.mergeSpace as MergeSpace | undefined))
     } else {
       const kwargs = Object.fromEntries(Object.entries(n.kwargs).map(([k, x]) => [k, value(x)]))

@@ -12,6 +12,8 @@
 //! Values are JSON numbers (floats), `{ "int": 3 }`, `{ "float": "inf" | "-inf" | "nan" | "-0.0" }`
 //! (what JSON numbers cannot say),
 //! strings, booleans, `null`, or `{ "node": i }` referring to an earlier entry of `nodes`.
+//! A literal is a value or a dict of values; `{ "literal": { "dict": { … } } }` always means a
+//! dict (write it so for a one-entry dict whose key is `int`, `float`, `node` or `dict`).
 //! `root` defaults to the last node.
 
 use indexmap::IndexMap;
@@ -150,8 +152,13 @@ fn literal(
     at: &str,
 ) -> Result<NodeId> {
     if let Json::Object(o) = value {
-        let is_tagged = o.len() == 1 && ["node", "int", "float"].iter().any(|t| o.contains_key(*t));
-        if !is_tagged {
+        // `{"dict": {...}}` is always a dict; a bare object is one unless it is a tagged value.
+        let dict = match o.get("dict") {
+            Some(Json::Object(d)) if o.len() == 1 => Some(d),
+            _ if o.len() == 1 && ["node", "int", "float"].iter().any(|t| o.contains_key(*t)) => None,
+            _ => Some(o),
+        };
+        if let Some(o) = dict {
             let mut entries = IndexMap::new();
             for (k, v) in o {
                 let v = match parse_value(v, ids, &format!("{at}.literal.{k}"))? {
@@ -218,7 +225,8 @@ pub fn to_json(recipe: &Recipe) -> Json {
                         (k.clone(), v)
                     })
                     .collect();
-                with_hints(serde_json::Map::from_iter([("literal".into(), Json::Object(value))]), n)
+                let dict = serde_json::json!({ "dict": Json::Object(value) });
+                with_hints(serde_json::Map::from_iter([("literal".into(), dict)]), n)
             }
             NodeKind::Merge { method, inputs } => {
                 let mut args = vec![];
@@ -236,4 +244,30 @@ pub fn to_json(recipe: &Recipe) -> Json {
         })
         .collect();
     serde_json::json!({ "nodes": nodes, "root": recipe.root })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::mecha::{serialize, Annotations};
+    use crate::recipe::parse::parse;
+
+    fn text_of(r: &Recipe) -> String {
+        let none = vec![None; r.nodes.len()];
+        serialize(r, &Annotations { configs: &none, spaces: &none, paths: &none })
+    }
+
+    #[test]
+    fn parsed_recipes_survive_the_json_form() {
+        // Found by fuzzing: a dict key named like a value tag (`int`) must stay a dict key.
+        for dict in ["int=0.3", "node=1", "float=2", "dict=3", "key=-0.0", "key=inf", "key=9007199254740993"] {
+            let text = format!(
+                "version 0.1.0\nmodel \"a\" model_config=null merge_space=\"weight\"\nmodel \"b\" model_config=null merge_space=\"weight\"\n\
+                 dict {dict}\nliteral &2 model_config=\"singleton-mecha\" merge_space=\"param\"\nmerge \"weighted_sum\" &0 &1 &3"
+            );
+            let parsed = parse(&text).unwrap();
+            let again = from_json_value(&to_json(&parsed)).unwrap();
+            assert_eq!(text_of(&again), text_of(&parsed), "{dict}");
+        }
+    }
 }
