@@ -4,7 +4,19 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { ParseError, RecipeError, deserialize, inspect, merge, model, serialize, weightedSum } from '../dist/index.js'
+import {
+  ConfigError,
+  MergeSpaceError,
+  ParseError,
+  RecipeError,
+  deserialize,
+  inspect,
+  merge,
+  model,
+  plan,
+  serialize,
+  weightedSum,
+} from '../dist/index.js'
 import { tempDir, writeSafetensors } from './helpers.ts'
 
 const dir = tempDir()
@@ -79,4 +91,26 @@ test('the CLI merges, plans and serializes .mecha files', (t) => {
   const failed = run('merge', bad, '-o', out)
   t.is(failed.status, 1)
   t.regex(failed.stderr, /ParseError: line 2, column 22: reference &3/)
+})
+
+test('malformed recipes give typed errors naming the node, and never crash', async (t) => {
+  // A string where a number is expected: found when planning, with the path to the node.
+  const typeMismatch = deserialize(text.replace('dict key=0.3', 'dict key="heavy"'))
+  const err = t.throws(() => plan(typeMismatch), {
+    instanceOf: RecipeError,
+    message: /"alpha" expects tensors or numbers/,
+  })
+  t.is((err as unknown as RecipeError).node, 'weighted_sum')
+  // Two weights added: the merge-space constraint that fails is named.
+  const spaces = deserialize(`${text}\nmerge "add_difference" &0 &1`)
+  t.throws(() => serialize(spaces), { instanceOf: MergeSpaceError, message: /add_difference input "b" requires delta/ })
+  await t.throwsAsync(merge(spaces), { instanceOf: MergeSpaceError })
+  // An unknown config id in the text.
+  const config = deserialize(text.replace('model_config="structural"', 'model_config="sd9-nope"'))
+  t.throws(() => serialize(config), { instanceOf: ConfigError, message: /unknown model config "sd9-nope"/ })
+  // A forward reference.
+  t.throws(() => deserialize('version 0.1.0\nmerge "weighted_sum" &1 &2\nmodel "a"'), {
+    instanceOf: ParseError,
+    message: /line 2/,
+  })
 })
