@@ -111,3 +111,13 @@ export function tempDir(): string {
 }
 
 export const files = (dir: string) => readdirSync(dir).sort()
+
+/** Two one-tensor models (`w`: [1, 2] and [3, 4], f32) in a fresh folder. */
+export function twoSmallModels() {
+  const dir = tempDir()
+  const a = join(dir, 'a.safetensors')
+  const b = join(dir, 'b.safetensors')
+  writeSafetensors(a, { w: { dtype: 'F32', shape: [2], values: [1, 2] } })
+  writeSafetensors(b, { w: { dtype: 'F32', shape: [2], values: [3, 4] } })
+  return { dir, a, b }
+}

@@ -17,13 +17,9 @@ import {
   serialize,
   weightedSum,
 } from '../dist/index.js'
-import { tempDir, writeSafetensors } from './helpers.ts'
+import { twoSmallModels, writeSafetensors } from './helpers.ts'
 
-const dir = tempDir()
-const a = join(dir, 'a.safetensors')
-const b = join(dir, 'b.safetensors')
-writeSafetensors(a, { w: { dtype: 'F32', shape: [2], values: [1, 2] } })
-writeSafetensors(b, { w: { dtype: 'F32', shape: [2], values: [3, 4] } })
+const { dir, a, b } = twoSmallModels()
 
 const text = [
   'version 0.1.0',

@@ -1,5 +1,4 @@
 import test from 'ava'
-import { join } from 'node:path'
 
 import {
   MergeNode,
@@ -12,13 +11,9 @@ import {
   serialize,
   weightedSum,
 } from '../dist/index.js'
-import { tempDir, writeSafetensors } from './helpers.ts'
+import { twoSmallModels } from './helpers.ts'
 
-const dir = tempDir()
-const a = join(dir, 'a.safetensors')
-const b = join(dir, 'b.safetensors')
-writeSafetensors(a, { w: { dtype: 'F32', shape: [2], values: [1, 2] } })
-writeSafetensors(b, { w: { dtype: 'F32', shape: [2], values: [3, 4] } })
+const { a, b } = twoSmallModels()
 
 test('builders and operators build sd-mecha method calls', (t) => {
   const ws = weightedSum(model(a), model(b), { alpha: 0.3 })

@@ -31,22 +31,12 @@ pub fn methods() -> Vec<MethodSpec> {
             implementation: Implementation::Cast,
             is_conversion: false,
         },
-        MethodSpec {
-            id: "pick_component".into(),
-            description: "Keeps only the keys of one component of a's model config (e.g. \"unet\", \"clip_l\").".into(),
-            params: vec![same_space("a", Any).state_dict(), input("component", Str, SpaceSpec::fixed(&["param"]))],
-            returns: returns(Any, SpaceSpec::Symbol),
-            implementation: Implementation::Component { omit: false },
-            is_conversion: false,
-        },
-        MethodSpec {
-            id: "omit_component".into(),
-            description: "Drops the keys of one component of a's model config.".into(),
-            params: vec![same_space("a", Any).state_dict(), input("component", Str, SpaceSpec::fixed(&["param"]))],
-            returns: returns(Any, SpaceSpec::Symbol),
-            implementation: Implementation::Component { omit: true },
-            is_conversion: false,
-        },
+        component_method(
+            "pick_component",
+            "Keeps only the keys of one component of a's model config (e.g. \"diffuser\", \"clip_l\").",
+            false,
+        ),
+        component_method("omit_component", "Drops the keys of one component of a's model config.", true),
         MethodSpec {
             id: "convert_singleton".into(),
             description: "Broadcasts the single value of a singleton-mecha literal to every key.".into(),
@@ -56,4 +46,17 @@ pub fn methods() -> Vec<MethodSpec> {
             is_conversion: true,
         },
     ]
+}
+
+/// `pick_component` / `omit_component`: `a` filtered by one component of its config.
+fn component_method(id: &str, description: &str, omit: bool) -> MethodSpec {
+    use ValueType::{Any, Str};
+    MethodSpec {
+        id: id.into(),
+        description: description.into(),
+        params: vec![same_space("a", Any).state_dict(), input("component", Str, SpaceSpec::fixed(&["param"]))],
+        returns: returns(Any, SpaceSpec::Symbol),
+        implementation: Implementation::Component { omit },
+        is_conversion: false,
+    }
 }
