@@ -101,7 +101,7 @@ export function cast(a: RecipeInput, options: CastOptions = {}): MergeNode {
 }
 
 /**
- * `pick_component`: Keeps only the keys of one component of a's model config (e.g. "unet", "clip_l").
+ * `pick_component`: Keeps only the keys of one component of a's model config (e.g. "diffuser", "clip_l").
  * @param a T, same space as the result
  * @param component str, param
  * @returns T in same space as the result
