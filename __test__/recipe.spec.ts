@@ -5,6 +5,7 @@ import {
   addDifference,
   int,
   literal,
+  merge,
   methods,
   model,
   nAverage,
@@ -76,4 +77,12 @@ test('methods.list() describes every method for UIs', (t) => {
   for (const id of ['weighted_sum', 'add_difference', 'subtract', 'n_average', 'fallback', 'cast', 'scale']) {
     t.truthy(methods.get(id), id)
   }
+})
+
+test('literal dicts may hold recipe nodes, one per key', async (t) => {
+  const perKey = literal({ w: weightedSum(model(a), model(b), { alpha: 0.5 }) }, { mergeSpace: 'weight' })
+  const text = serialize(perKey)
+  t.regex(text, /dict w=&\d+\nliteral &\d+ model_config="structural" merge_space="weight"$/)
+  const result = await merge(perKey, { outputDtype: 'f32' })
+  t.deepEqual(Array.from(result.get('w')!.data as Float32Array), [2, 3])
 })
