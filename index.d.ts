@@ -155,6 +155,8 @@ export interface MergeReportInfo {
   output?: string
   keysWritten: number
   keysSkipped: Array<SkippedKeyInfo>
+  /** Keys written with NaN or infinity in them. */
+  nonFiniteOutputs: Array<string>
   bytesRead: number
   bytesWritten: number
   seconds: number
@@ -199,6 +201,10 @@ export interface NativeMergeOptions {
   progressIntervalMs?: number
   /** Passed to JavaScript merge methods with every call, to tell concurrent merges apart. */
   context?: number
+  /** Treat input tensors holding NaN or infinity as missing (default true, as sd-mecha). */
+  omitNonFiniteInputs?: boolean
+  /** Report keys written with NaN or infinity (default true). */
+  checkFiniteOutput?: boolean
 }
 
 export interface OutputTensorInfo {

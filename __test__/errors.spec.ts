@@ -161,3 +161,18 @@ test('progress is reported and reaches the total', async (t) => {
   t.is(report.keysWritten, 1)
   t.is(seen.at(-1), 1)
 })
+
+test('inputs holding NaN are treated as missing, as sd-mecha does by default', async (t) => {
+  const { dir, a, b } = twoModels()
+  const nan = join(dir, 'nan.safetensors')
+  const values = randomValues(3, 32)
+  values[5] = NaN
+  writeSafetensors(nan, { w: { dtype: 'F16', shape: [4, 8], values } })
+  const skipped = await merge(weightedSum(model(nan), model(b)))
+  t.is(skipped.size, 0)
+  t.regex(skipped.report.keysSkipped[0].reason, /non-finite values .* in .*nan\.safetensors/)
+  const filled = await merge(model(nan).or(model(a)))
+  t.deepEqual(filled.get('w')!.data, (await merge(model(a))).get('w')!.data)
+  const kept = await merge(weightedSum(model(nan), model(b)), { omitNonFiniteInputs: false })
+  t.deepEqual(kept.report.nonFiniteOutputs, ['w'])
+})

@@ -90,6 +90,9 @@ function printReport(report: MergeReport) {
       `(${fmtBytes(rate)}/s written, ${fmtBytes(report.bytesRead)} read), ${report.threads} threads, ` +
       `peak memory ${fmtBytes(report.peakRssBytes)}`,
   )
+  if (report.nonFiniteOutputs.length) {
+    console.log(`  warning: ${report.nonFiniteOutputs.length} keys hold NaN or infinity: ${report.nonFiniteOutputs.slice(0, 5).join(', ')}`)
+  }
   if (report.keysSkipped.length) {
     console.log(`  ${report.keysSkipped.length} keys skipped:`)
     for (const s of report.keysSkipped.slice(0, 20)) console.log(`    ${s.key}: ${s.reason}`)

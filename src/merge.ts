@@ -32,6 +32,13 @@ export interface MergeOptions {
   signal?: AbortSignal
   /** Elements per work chunk (advanced tuning). */
   chunkElements?: number
+  /**
+   * Treat input tensors holding NaN or infinity as missing (default `true`, as sd-mecha): a
+   * `fallback` takes its other input, other keys are skipped and reported.
+   */
+  omitNonFiniteInputs?: boolean
+  /** List keys written with NaN or infinity in `report.nonFiniteOutputs` (default `true`). */
+  checkFiniteOutput?: boolean
 }
 
 export interface SkippedKey {
@@ -45,6 +52,8 @@ export interface MergeReport {
   keysWritten: number
   /** Keys present in some input but not produced, and why (e.g. missing from one model). */
   keysSkipped: SkippedKey[]
+  /** Keys written with NaN or infinity in them (sd-mecha warns about these). */
+  nonFiniteOutputs: string[]
   bytesRead: number
   bytesWritten: number
   seconds: number
@@ -124,6 +133,8 @@ export async function mergeWire(
           chunk: options.chunkElements,
           progressIntervalMs: options.progressIntervalMs,
           context,
+          omitNonFiniteInputs: options.omitNonFiniteInputs,
+          checkFiniteOutput: options.checkFiniteOutput,
         },
         token,
         progress,

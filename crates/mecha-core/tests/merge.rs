@@ -299,3 +299,43 @@ fn progress_is_reported_and_ends_complete() {
     assert_eq!(last.bytes_done, result.report.bytes_written);
     assert!(reports.windows(2).all(|w| w[0].keys_done <= w[1].keys_done));
 }
+
+#[test]
+fn inputs_with_nan_are_treated_as_missing_like_sd_mecha() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pb, b) = model(dir.path(), "b.safetensors", DType::F16, 2);
+    let nan = dir.path().join("nan.safetensors");
+    let mut poisoned = values(3, SHAPE.iter().product());
+    poisoned[17] = f32::NAN;
+    write_file(
+        &nan,
+        &[
+            ("model.w", f32_tensor(DType::F16, &SHAPE, &poisoned)),
+            ("model.b", f32_tensor(DType::F16, &[3], &[1.0, 2.0, 3.0])),
+        ],
+    );
+    let two = |method: &str| {
+        let mut r = RecipeBuilder::new();
+        let (nn, nb) =
+            (r.model(nan.to_str().unwrap(), None, Some("weight")), r.model(pb.to_str().unwrap(), None, Some("weight")));
+        let root = r.merge(method, vec![Arg::Node(nn), Arg::Node(nb)], vec![]).unwrap();
+        r.finish(root).unwrap()
+    };
+    // weighted_sum: the key is skipped and the reason names the file.
+    let out = dir.path().join("ws.safetensors");
+    let result = run(two("weighted_sum"), &options(&out)).unwrap();
+    let skipped: Vec<_> = result.report.keys_skipped.iter().filter(|s| s.key == "model.w").collect();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].reason.contains("non-finite") && skipped[0].reason.contains("nan.safetensors"), "{skipped:?}");
+    assert!(read_file(&out).0.contains_key("model.b"));
+    // fallback: the other input fills in.
+    let out = dir.path().join("fb.safetensors");
+    run(two("fallback"), &f32_options(&out)).unwrap();
+    assert_eq!(output_values(&out, "model.w").1, b);
+    // Turned off, the NaN goes through and is reported.
+    let out = dir.path().join("kept.safetensors");
+    let keep = MergeOptions { omit_non_finite_inputs: false, ..options(&out) };
+    let result = run(two("weighted_sum"), &keep).unwrap();
+    assert_eq!(result.report.non_finite_outputs, vec!["model.w".to_string()]);
+    assert!(output_values(&out, "model.w").1[17].is_nan());
+}

@@ -490,6 +490,10 @@ pub struct NativeMergeOptions {
     pub progress_interval_ms: Option<u32>,
     /// Passed to JavaScript merge methods with every call, to tell concurrent merges apart.
     pub context: Option<u32>,
+    /// Treat input tensors holding NaN or infinity as missing (default true, as sd-mecha).
+    pub omit_non_finite_inputs: Option<bool>,
+    /// Report keys written with NaN or infinity (default true).
+    pub check_finite_output: Option<bool>,
 }
 
 #[napi(object)]
@@ -514,6 +518,8 @@ pub struct MergeReportInfo {
     pub output: Option<String>,
     pub keys_written: u32,
     pub keys_skipped: Vec<SkippedKeyInfo>,
+    /// Keys written with NaN or infinity in them.
+    pub non_finite_outputs: Vec<String>,
     pub bytes_read: f64,
     pub bytes_written: f64,
     pub seconds: f64,
@@ -528,6 +534,7 @@ impl From<MergeReport> for MergeReportInfo {
             output: r.output.map(|p| p.display().to_string()),
             keys_written: r.keys_written as u32,
             keys_skipped: r.keys_skipped.into_iter().map(|s| SkippedKeyInfo { key: s.key, reason: s.reason }).collect(),
+            non_finite_outputs: r.non_finite_outputs,
             bytes_read: r.bytes_read as f64,
             bytes_written: r.bytes_written as f64,
             seconds: r.seconds,
@@ -595,6 +602,8 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
         },
         threads: options.threads.unwrap_or(0) as usize,
         host_context: options.context.unwrap_or(0) as u64,
+        omit_non_finite_inputs: options.omit_non_finite_inputs.unwrap_or(defaults.omit_non_finite_inputs),
+        check_finite_output: options.check_finite_output.unwrap_or(defaults.check_finite_output),
         chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
         progress_interval: options
             .progress_interval_ms

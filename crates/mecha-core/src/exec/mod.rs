@@ -5,17 +5,18 @@ pub mod memory;
 pub mod plan;
 pub mod run;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{MechaError, Result};
 use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
 use crate::recipe::Recipe;
 use plan::{Plan, PlanOptions, SkippedKey};
-use run::{ProgressSink, RunOptions, TensorSink};
+use run::{ProgressSink, RunOptions, RunStats, TensorSink};
 
 #[derive(Clone, Debug)]
 pub enum OutputTarget {
@@ -33,6 +34,10 @@ pub struct MergeOptions {
     pub progress_interval: Duration,
     /// Handed to external methods with every call (see `ExternalCall::context`).
     pub host_context: u64,
+    /// Treat input tensors holding NaN or infinity as missing (sd-mecha's default).
+    pub omit_non_finite_inputs: bool,
+    /// List the keys whose output holds NaN or infinity in the report (sd-mecha's default).
+    pub check_finite_output: bool,
 }
 
 impl Default for MergeOptions {
@@ -44,6 +49,8 @@ impl Default for MergeOptions {
             chunk: run::DEFAULT_CHUNK,
             progress_interval: Duration::from_millis(100),
             host_context: 0,
+            omit_non_finite_inputs: true,
+            check_finite_output: true,
         }
     }
 }
@@ -53,6 +60,8 @@ pub struct MergeReport {
     pub output: Option<PathBuf>,
     pub keys_written: usize,
     pub keys_skipped: Vec<SkippedKey>,
+    /// Keys written with NaN or infinity in them (sd-mecha warns about these).
+    pub non_finite_outputs: Vec<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
@@ -99,37 +108,25 @@ pub fn planned_tensors(plan: &Plan) -> Vec<PlannedTensor> {
     plan.keys.iter().map(|k| PlannedTensor { name: k.name.clone(), dtype: k.dtype, shape: k.shape.clone() }).collect()
 }
 
-/// Plans and runs a merge. A file output appears at its path only once complete.
-pub fn merge(
-    recipe: Recipe,
-    options: &MergeOptions,
-    cancel: &AtomicBool,
-    progress: Option<&dyn ProgressSink>,
-) -> Result<MergeResult> {
-    let started = Instant::now();
-    memory::reset_peak_rss();
-    let plan = plan::plan(recipe, &options.plan)?;
-    let run_options = RunOptions {
-        threads: options.threads,
-        chunk: options.chunk,
-        host_context: options.host_context,
-        cancel,
-        progress,
-        progress_interval: options.progress_interval,
-    };
-    let (stats, tensors) = match &options.output {
+/// Where one pass of a merge wrote: a file not yet renamed into place, or buffers.
+enum Written {
+    File(SafetensorsWriter),
+    Memory(Vec<OutputTensor>),
+}
+
+fn run_once(plan: &Plan, options: &MergeOptions, run_options: &RunOptions) -> Result<(RunStats, Written)> {
+    match &options.output {
         OutputTarget::File(path) => {
             ensure_not_an_input(path, &plan.input_paths())?;
             let metadata = vec![("mecha_recipe".to_string(), plan.serialized.clone())];
-            let layout = FileLayout::new(&planned_tensors(&plan), &metadata);
+            let layout = FileLayout::new(&planned_tensors(plan), &metadata);
             let writer = SafetensorsWriter::create(path, layout)?;
-            let stats = run::run(&plan, &writer, &run_options)?;
-            writer.commit()?;
-            (stats, vec![])
+            let stats = run::run(plan, &writer, run_options)?;
+            Ok((stats, Written::File(writer)))
         }
         OutputTarget::Memory => {
             let sink = MemorySink { buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect() };
-            let stats = run::run(&plan, &sink, &run_options)?;
+            let stats = run::run(plan, &sink, run_options)?;
             let tensors = plan
                 .keys
                 .iter()
@@ -141,8 +138,58 @@ pub fn merge(
                     data: b.into_inner().expect("tensor buffer lock"),
                 })
                 .collect();
-            (stats, tensors)
+            Ok((stats, Written::Memory(tensors)))
         }
+    }
+}
+
+/// Plans and runs a merge. A file output appears at its path only once complete.
+///
+/// With `omit_non_finite_inputs` (sd-mecha's default), input tensors holding NaN or infinity are
+/// treated as missing: when a pass finds some, the keys are planned again without them (a
+/// `fallback` then takes its other input; other keys are skipped and reported) and the merge runs
+/// again. NaN-free inputs, the usual case, take one pass.
+pub fn merge(
+    recipe: Recipe,
+    options: &MergeOptions,
+    cancel: &AtomicBool,
+    progress: Option<&dyn ProgressSink>,
+) -> Result<MergeResult> {
+    let started = Instant::now();
+    memory::reset_peak_rss();
+    let mut finalized = plan::finalize(recipe, &options.plan.root_space)?;
+    if finalized.inputs.is_empty() {
+        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
+    }
+    let run_options = RunOptions {
+        check_inputs: options.omit_non_finite_inputs,
+        check_outputs: options.check_finite_output,
+        threads: options.threads,
+        chunk: options.chunk,
+        host_context: options.host_context,
+        cancel,
+        progress,
+        progress_interval: options.progress_interval,
+    };
+    let mut excluded = HashSet::new();
+    let (plan, stats, written) = loop {
+        let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
+        let (stats, written) = run_once(&plan, options, &run_options)?;
+        let before = excluded.len();
+        if options.omit_non_finite_inputs {
+            excluded.extend(stats.non_finite_inputs.iter().copied());
+        }
+        if excluded.len() == before {
+            break (plan, stats, written);
+        }
+        finalized = plan.finalized; // the unfinished output is dropped, and deleted
+    };
+    let tensors = match written {
+        Written::File(writer) => {
+            writer.commit()?;
+            vec![]
+        }
+        Written::Memory(tensors) => tensors,
     };
     let report = MergeReport {
         output: match &options.output {
@@ -151,6 +198,7 @@ pub fn merge(
         },
         keys_written: plan.keys.len(),
         keys_skipped: plan.skipped.clone(),
+        non_finite_outputs: stats.non_finite_outputs.iter().map(|&k| plan.keys[k].name.clone()).collect(),
         bytes_read: stats.bytes_read,
         bytes_written: stats.bytes_written,
         seconds: started.elapsed().as_secs_f64(),

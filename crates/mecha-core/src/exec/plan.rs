@@ -144,6 +144,13 @@ impl KeyPlan {
         self.dtype.byte_len(self.numel()).expect("planned dtypes have whole-byte sizes")
     }
 
+    /// Whether the key reads any of these input tensors.
+    pub fn reads_any(&self, tensors: &HashSet<TensorId>) -> bool {
+        self.exprs
+            .iter()
+            .any(|e| matches!(&e.op, Op::Source { input, entry } if tensors.contains(&(*input, entry.start))))
+    }
+
     /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
     pub fn passthrough(&self) -> Option<(usize, &TensorEntry)> {
         match &self.exprs[self.root].op {
@@ -287,13 +294,22 @@ pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
     Ok(Finalized { recipe, spaces, configs, inputs: files, model_input })
 }
 
+/// An input tensor, as (input file index, data offset): what a merge found non-finite values in.
+pub type TensorId = (usize, usize);
+
 pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let finalized = finalize(recipe, &options.root_space)?;
     if finalized.inputs.is_empty() {
         return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
     }
+    plan_keys(finalized, options, &HashSet::new())
+}
+
+/// Plans the keys of a finalized recipe, treating the `excluded` input tensors as missing (as
+/// sd-mecha's `omit_non_finite_inputs` does for tensors holding NaN or infinity).
+pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &HashSet<TensorId>) -> Result<Plan> {
     let root_config = finalized.root_config();
-    let ctx = Context { f: &finalized, options };
+    let ctx = Context { f: &finalized, options, excluded };
     let mut keys = vec![];
     let mut failures: HashMap<String, String> = HashMap::new();
     // sd-mecha writes the root config's keys that can be built, in config order.
@@ -332,6 +348,7 @@ pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
 struct Context<'a> {
     f: &'a Finalized,
     options: &'a PlanOptions,
+    excluded: &'a HashSet<TensorId>,
 }
 
 /// What a node yields for one key: a numeric expression or a text/null parameter value.
@@ -446,6 +463,9 @@ impl KeyBuilder<'_> {
                 let Some(entry) = found else {
                     return Ok(Err(format!("missing from {}", file.path().display())));
                 };
+                if self.ctx.excluded.contains(&(input, entry.start)) {
+                    return Ok(Err(format!("non-finite values (NaN or infinity) in {}", file.path().display())));
+                }
                 let id = self.push(Expr {
                     op: Op::Source { input, entry: entry.clone() },
                     shape: Some(entry.shape.clone()),

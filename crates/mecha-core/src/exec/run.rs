@@ -4,7 +4,7 @@
 //! O(threads × chunk × inputs), whatever the model size, and the output bytes do not depend on
 //! the thread count.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -14,7 +14,9 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
-use crate::exec::plan::{Compute, Expr, ExprId, ExternalOperand, KeyPlan, Op, Plan};
+use crate::exec::plan::{Compute, Expr, ExprId, ExternalOperand, Op, Plan, TensorId};
+use crate::io::reader::TensorEntry;
+use crate::kernels::convert::has_non_finite;
 use crate::kernels::{Operand, Real};
 use crate::methods::{ExternalArg, ExternalCall, ExternalMethod};
 
@@ -47,9 +49,17 @@ pub trait ProgressSink: Sync {
 pub struct RunStats {
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Input tensors found to hold NaN or infinity (when checked).
+    pub non_finite_inputs: HashSet<TensorId>,
+    /// Keys whose output holds NaN or infinity (when checked), by index in the plan.
+    pub non_finite_outputs: Vec<usize>,
 }
 
 pub struct RunOptions<'a> {
+    /// Scan input tensors for NaN and infinity (sd-mecha's `omit_non_finite_inputs`).
+    pub check_inputs: bool,
+    /// Scan outputs for NaN and infinity (sd-mecha's `check_finite_output`).
+    pub check_outputs: bool,
     pub threads: usize,
     pub chunk: usize,
     /// Passed to external (host) methods so the host can tell concurrent merges apart.
@@ -114,7 +124,16 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         sink: options.progress,
         interval: options.progress_interval,
     };
-    let worker = Worker { plan, sink, bytes_read: &tracker.bytes_read, host_context: options.host_context };
+    let worker = Worker {
+        plan,
+        sink,
+        bytes_read: &tracker.bytes_read,
+        host_context: options.host_context,
+        check_inputs: options.check_inputs,
+        check_outputs: options.check_outputs,
+        non_finite_inputs: Mutex::new(HashSet::new()),
+        non_finite_outputs: (0..plan.keys.len()).map(|_| AtomicBool::new(false)).collect(),
+    };
     pool.install(|| {
         units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
             for (k, range) in unit {
@@ -135,7 +154,13 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         })
     })?;
     tracker.report(true, plan.keys.last().map_or("", |k| k.name.as_str()));
-    Ok(RunStats { bytes_read: tracker.bytes_read.into_inner(), bytes_written: tracker.bytes_done.into_inner() })
+    let Worker { non_finite_inputs, non_finite_outputs, .. } = worker;
+    Ok(RunStats {
+        bytes_read: tracker.bytes_read.into_inner(),
+        bytes_written: tracker.bytes_done.into_inner(),
+        non_finite_inputs: non_finite_inputs.into_inner().expect("scan lock"),
+        non_finite_outputs: (0..plan.keys.len()).filter(|&k| non_finite_outputs[k].load(Ordering::Relaxed)).collect(),
+    })
 }
 
 struct Tracker<'a> {
@@ -245,6 +270,10 @@ struct Worker<'a> {
     sink: &'a dyn TensorSink,
     bytes_read: &'a AtomicU64,
     host_context: u64,
+    check_inputs: bool,
+    check_outputs: bool,
+    non_finite_inputs: Mutex<HashSet<TensorId>>,
+    non_finite_outputs: Vec<AtomicBool>,
 }
 
 impl Worker<'_> {
@@ -264,6 +293,10 @@ impl Worker<'_> {
             let mut raw = std::mem::take(&mut scratch.raw);
             raw.resize(len, 0);
             let result = file.read(entry, start, &mut raw).and_then(|()| sink.write(k, start, &raw));
+            if result.is_ok() && (self.check_inputs || self.check_outputs) && has_non_finite(entry.dtype, &raw) {
+                self.found_non_finite_input(input, entry);
+                self.non_finite_outputs[k].store(true, Ordering::Relaxed);
+            }
             scratch.raw = raw;
             result?;
             bytes_read.fetch_add(len as u64, Ordering::Relaxed);
@@ -272,18 +305,18 @@ impl Worker<'_> {
         let mut out = std::mem::take(&mut scratch.bytes);
         out.resize(range.len() * out_width, 0);
         match key.compute {
-            Compute::F32 => self.evaluate::<f32>(key, range.clone(), scratch, &mut out)?,
-            Compute::F64 => self.evaluate::<f64>(key, range.clone(), scratch, &mut out)?,
+            Compute::F32 => self.evaluate::<f32>(k, range.clone(), scratch, &mut out)?,
+            Compute::F64 => self.evaluate::<f64>(k, range.clone(), scratch, &mut out)?,
         }
         let result = sink.write(k, range.start * out_width, &out);
         scratch.bytes = out;
         result.map(|()| (range.len() * out_width) as u64)
     }
-    fn evaluate<T: Real>(&self, key: &KeyPlan, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
+    fn evaluate<T: Real>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
     where
         Scratch: Pool<T>,
     {
-        let (plan, bytes_read) = (self.plan, self.bytes_read);
+        let (plan, bytes_read, key) = (self.plan, self.bytes_read, &self.plan.keys[k]);
         let n = range.len();
         let key_numel = key.numel();
         // Free each buffer after its last reader.
@@ -315,6 +348,9 @@ impl Worker<'_> {
                     let mut raw = std::mem::take(&mut scratch.raw);
                     raw.resize(r.len() * width, 0);
                     let read = file.read(entry, r.start * width, &mut raw);
+                    if read.is_ok() && self.check_inputs && has_non_finite(entry.dtype, &raw) {
+                        self.found_non_finite_input(*input, entry);
+                    }
                     let mut buf = scratch.take(r.len());
                     T::decode(entry.dtype, &raw, &mut buf);
                     bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
@@ -392,7 +428,14 @@ impl Worker<'_> {
                 scratch.give(buf);
             }
         }
+        if self.check_outputs && has_non_finite(key.dtype, out) {
+            self.non_finite_outputs[k].store(true, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    fn found_non_finite_input(&self, input: usize, entry: &TensorEntry) {
+        self.non_finite_inputs.lock().expect("scan lock").insert((input, entry.start));
     }
 
     /// Calls a host method with its operands' values (in f32, the hosts' type) and checks the

@@ -427,6 +427,32 @@ pub fn encode_f64(dtype: DType, src: &[f64], out: &mut [u8]) {
     }
 }
 
+/// Whether stored values of a float dtype include NaN or an infinity (integers never do). Works
+/// on the raw bytes, so copied tensors are checked without decoding them.
+pub fn has_non_finite(dtype: DType, bytes: &[u8]) -> bool {
+    // An all-ones exponent means NaN or infinity in the IEEE-style formats.
+    let by_exponent = |width: usize, mask: u64| {
+        bytes.chunks_exact(width).any(|c| {
+            let mut b = [0u8; 8];
+            b[..width].copy_from_slice(c);
+            u64::from_le_bytes(b) & mask == mask
+        })
+    };
+    match dtype {
+        DType::F16 => bytes.chunks_exact(2).any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
+        DType::BF16 => bytes.chunks_exact(2).any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        DType::F32 => {
+            bytes.chunks_exact(4).any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+        }
+        DType::F64 => by_exponent(8, 0x7FF0_0000_0000_0000),
+        DType::F8E4M3 => bytes.iter().any(|b| b & 0x7F == 0x7F),
+        DType::F8E5M2 => bytes.iter().any(|b| b & 0x7C == 0x7C),
+        DType::F8E4M3Fnuz | DType::F8E5M2Fnuz => bytes.contains(&0x80),
+        DType::F8E8M0 => bytes.contains(&0xFF),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +573,21 @@ mod tests {
         }
         assert_eq!(E5M2.encode(1e6), 0x7C); // overflow to inf
         assert_eq!(E5M2.decode(0x7C), f32::INFINITY);
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        for dtype in crate::dtype::ALL_DTYPES.into_iter().filter(|d| d.is_float()) {
+            let finite: Vec<f32> = if dtype == DType::F8E8M0 { vec![1.0, 2.0] } else { vec![0.0, -1.5, 2.0] };
+            let mut bytes = vec![0u8; finite.len() * dtype.bits() / 8];
+            encode_f32(dtype, &finite, &mut bytes);
+            assert!(!has_non_finite(dtype, &bytes), "{dtype}");
+            let mut nan = vec![0u8; dtype.bits() / 8];
+            encode_f32(dtype, &[f32::NAN], &mut nan);
+            bytes.extend(nan);
+            assert!(has_non_finite(dtype, &bytes), "{dtype}");
+        }
+        assert!(!has_non_finite(DType::I64, &[0xFF; 8]));
     }
 
     #[test]
