@@ -91,7 +91,9 @@ function printReport(report: MergeReport) {
       `peak memory ${fmtBytes(report.peakRssBytes)}`,
   )
   if (report.nonFiniteOutputs.length) {
-    console.log(`  warning: ${report.nonFiniteOutputs.length} keys hold NaN or infinity: ${report.nonFiniteOutputs.slice(0, 5).join(', ')}`)
+    console.log(
+      `  warning: ${report.nonFiniteOutputs.length} keys hold NaN or infinity: ${report.nonFiniteOutputs.slice(0, 5).join(', ')}`,
+    )
   }
   if (report.keysSkipped.length) {
     console.log(`  ${report.keysSkipped.length} keys skipped:`)
