@@ -428,27 +428,27 @@ pub fn encode_f64(dtype: DType, src: &[f64], out: &mut [u8]) {
 }
 
 /// Whether stored values of a float dtype include NaN or an infinity (integers never do). Works
-/// on the raw bytes, so copied tensors are checked without decoding them.
+/// on the raw bytes, so copied tensors are checked without decoding them. The scans fold with
+/// `|` rather than stopping early so the compiler vectorises them: they run over every input.
 pub fn has_non_finite(dtype: DType, bytes: &[u8]) -> bool {
     // An all-ones exponent means NaN or infinity in the IEEE-style formats.
-    let by_exponent = |width: usize, mask: u64| {
-        bytes.chunks_exact(width).any(|c| {
+    fn scan<const W: usize>(bytes: &[u8], mask: u64) -> bool {
+        bytes.chunks_exact(W).fold(false, |found, c| {
             let mut b = [0u8; 8];
-            b[..width].copy_from_slice(c);
-            u64::from_le_bytes(b) & mask == mask
+            b[..W].copy_from_slice(c);
+            found | (u64::from_le_bytes(b) & mask == mask)
         })
-    };
+    }
+    let bytes_with = |f: fn(u8) -> bool| bytes.iter().fold(false, |found, &b| found | f(b));
     match dtype {
-        DType::F16 => bytes.chunks_exact(2).any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00),
-        DType::BF16 => bytes.chunks_exact(2).any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
-        DType::F32 => {
-            bytes.chunks_exact(4).any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
-        }
-        DType::F64 => by_exponent(8, 0x7FF0_0000_0000_0000),
-        DType::F8E4M3 => bytes.iter().any(|b| b & 0x7F == 0x7F),
-        DType::F8E5M2 => bytes.iter().any(|b| b & 0x7C == 0x7C),
-        DType::F8E4M3Fnuz | DType::F8E5M2Fnuz => bytes.contains(&0x80),
-        DType::F8E8M0 => bytes.contains(&0xFF),
+        DType::F16 => scan::<2>(bytes, 0x7C00),
+        DType::BF16 => scan::<2>(bytes, 0x7F80),
+        DType::F32 => scan::<4>(bytes, 0x7F80_0000),
+        DType::F64 => scan::<8>(bytes, 0x7FF0_0000_0000_0000),
+        DType::F8E4M3 => bytes_with(|b| b & 0x7F == 0x7F),
+        DType::F8E5M2 => bytes_with(|b| b & 0x7C == 0x7C),
+        DType::F8E4M3Fnuz | DType::F8E5M2Fnuz => bytes_with(|b| b == 0x80),
+        DType::F8E8M0 => bytes_with(|b| b == 0xFF),
         _ => false,
     }
 }
