@@ -1,0 +1,318 @@
+//! Running recipes: merge (on its own thread, with progress and cancel), plan, serialize,
+//! deserialize and conversions.
+
+use crate::errors::{parse_dtype, throw, ErrorInfo};
+use mecha_core::exec::plan::{MergeDtype, PlanOptions};
+use mecha_core::exec::run::{Progress, ProgressSink};
+use mecha_core::exec::{MergeOptions, MergeReport, OutputTarget};
+use mecha_core::recipe::spaces::RootSpace;
+use mecha_core::DType;
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi_derive::napi;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// `None` → weight (merges); `"any"` → any space, preferring weight; `"free"` → no requirement;
+/// otherwise that space.
+fn root_space(strict: Option<String>) -> RootSpace {
+    match strict.as_deref() {
+        None => RootSpace::default(),
+        Some("any") => RootSpace::Preferred,
+        Some("free") => RootSpace::Free,
+        Some(s) => RootSpace::Strict(s.to_string()),
+    }
+}
+
+/// Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved
+/// model configs and merge spaces (model headers are read).
+#[napi]
+pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<String>) -> napi::Result<String> {
+    let run = || -> mecha_core::Result<String> {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// Parses `.mecha` text into the JSON recipe form (node ids are the instruction order, children
+/// first). Throws `ParseError` / `RecipeError` naming the line and column.
+#[napi]
+pub fn deserialize(env: Env, text: String) -> napi::Result<String> {
+    let recipe = mecha_core::recipe::parse::parse(&text).map_err(|e| throw(&env, &e))?;
+    Ok(mecha_core::recipe::wire::to_json(&recipe).to_string())
+}
+
+#[napi(object)]
+pub struct PlanInput {
+    pub path: String,
+    pub config: String,
+}
+
+/// What a merge would do, decided from headers only.
+#[napi(object)]
+pub struct PlanInfo {
+    /// Solved config of the result (`structural` for unknown architectures).
+    pub config: String,
+    pub merge_space: String,
+    pub inputs: Vec<PlanInput>,
+    pub keys: u32,
+    pub output_bytes: f64,
+    pub keys_skipped: Vec<SkippedKeyInfo>,
+    pub threads: u32,
+    /// Working memory of the merge threads (buffers), excluding the process itself.
+    pub estimated_working_bytes: f64,
+    pub recipe: String,
+}
+
+/// Plans a merge without reading tensor data: configs, spaces, kept and skipped keys, memory.
+#[napi]
+pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi::Result<PlanInfo> {
+    let run = || -> mecha_core::Result<PlanInfo> {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        let options = merge_options(options)?;
+        let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
+        let f = &plan.finalized;
+        let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
+        let inputs = (0..f.recipe.nodes.len())
+            .filter_map(|n| f.model_input[n].map(|i| (n, i)))
+            .map(|(n, i)| PlanInput {
+                path: f.inputs[i].path().display().to_string(),
+                config: f.configs.configs[n].as_ref().map_or("", |c| c.id()).to_string(),
+            })
+            .collect();
+        Ok(PlanInfo {
+            config: f.root_config().id().to_string(),
+            merge_space: f.spaces[f.recipe.root].clone().unwrap_or_default(),
+            inputs,
+            keys: plan.keys.len() as u32,
+            output_bytes: plan.output_bytes() as f64,
+            keys_skipped: plan
+                .skipped
+                .iter()
+                .map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() })
+                .collect(),
+            threads: threads as u32,
+            estimated_working_bytes: plan.estimated_working_bytes(threads, options.chunk) as f64,
+            recipe: plan.serialized.clone(),
+        })
+    };
+    run().map_err(|e| throw(&env, &e))
+}
+
+/// Cancels a running merge; checked between keys and chunks.
+#[napi]
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[napi]
+impl CancelToken {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        CancelToken { flag: Arc::new(AtomicBool::new(false)) }
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    #[napi(getter)]
+    pub fn cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
+#[napi(object)]
+pub struct NativeMergeOptions {
+    /// Output file; absent → tensors are returned in memory.
+    pub output: Option<String>,
+    /// Worker threads; 0 or absent = one per CPU.
+    pub threads: Option<u32>,
+    pub merge_dtype: Option<String>,
+    pub output_dtype: Option<String>,
+    /// Space the result must have; `"any"` accepts any (preferring weight); absent = weight.
+    pub strict_merge_space: Option<String>,
+    /// Elements per work chunk (tuning and tests).
+    pub chunk: Option<u32>,
+    /// Minimum milliseconds between progress callbacks.
+    pub progress_interval_ms: Option<u32>,
+    /// Passed to JavaScript merge methods with every call, to tell concurrent merges apart.
+    pub context: Option<u32>,
+    /// Treat input tensors holding NaN or infinity as missing (default true, as sd-mecha).
+    pub omit_non_finite_inputs: Option<bool>,
+    /// Report keys written with NaN or infinity (default true).
+    pub check_finite_output: Option<bool>,
+}
+
+#[napi(object)]
+#[derive(Clone)]
+pub struct ProgressInfo {
+    pub keys_done: u32,
+    pub keys_total: u32,
+    pub bytes_done: f64,
+    pub bytes_total: f64,
+    pub elapsed_seconds: f64,
+    pub key: String,
+}
+
+#[napi(object)]
+pub struct SkippedKeyInfo {
+    pub key: String,
+    pub reason: String,
+}
+
+#[napi(object)]
+pub struct MergeReportInfo {
+    pub output: Option<String>,
+    pub keys_written: u32,
+    pub keys_skipped: Vec<SkippedKeyInfo>,
+    /// Keys written with NaN or infinity in them.
+    pub non_finite_outputs: Vec<String>,
+    pub bytes_read: f64,
+    pub bytes_written: f64,
+    pub seconds: f64,
+    pub peak_rss_bytes: f64,
+    pub threads: u32,
+    pub recipe: String,
+}
+
+impl From<MergeReport> for MergeReportInfo {
+    fn from(r: MergeReport) -> Self {
+        MergeReportInfo {
+            output: r.output.map(|p| p.display().to_string()),
+            keys_written: r.keys_written as u32,
+            keys_skipped: r.keys_skipped.into_iter().map(|s| SkippedKeyInfo { key: s.key, reason: s.reason }).collect(),
+            non_finite_outputs: r.non_finite_outputs,
+            bytes_read: r.bytes_read as f64,
+            bytes_written: r.bytes_written as f64,
+            seconds: r.seconds,
+            peak_rss_bytes: r.peak_rss_bytes as f64,
+            threads: r.threads as u32,
+            recipe: r.recipe,
+        }
+    }
+}
+
+#[napi(object)]
+pub struct OutputTensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub data: Buffer,
+}
+
+/// A finished merge: `report` (and `tensors` for in-memory output), or `error`.
+#[napi(object)]
+pub struct MergeOutcome {
+    pub report: Option<MergeReportInfo>,
+    pub tensors: Option<Vec<OutputTensorInfo>>,
+    pub error: Option<ErrorInfo>,
+}
+
+type ProgressFn = ThreadsafeFunction<ProgressInfo, (), ProgressInfo, Status, false, false, 4>;
+
+struct JsProgress(ProgressFn);
+
+impl ProgressSink for JsProgress {
+    fn report(&self, p: &Progress) {
+        // Non-blocking: when the JS side lags, the queue is full and this update is dropped.
+        let _ = self.0.call(
+            ProgressInfo {
+                keys_done: p.keys_done as u32,
+                keys_total: p.keys_total as u32,
+                bytes_done: p.bytes_done as f64,
+                bytes_total: p.bytes_total as f64,
+                elapsed_seconds: p.elapsed_seconds,
+                key: p.key.clone(),
+            },
+            ThreadsafeFunctionCallMode::NonBlocking,
+        );
+    }
+}
+
+fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions> {
+    let defaults = MergeOptions::default();
+    Ok(MergeOptions {
+        plan: PlanOptions {
+            merge_dtype: match &options.merge_dtype {
+                Some(d) => MergeDtype::parse(d)?,
+                None => MergeDtype::F32,
+            },
+            output_dtype: match &options.output_dtype {
+                Some(d) => parse_dtype(d, "outputDtype")?,
+                None => DType::F16,
+            },
+            root_space: root_space(options.strict_merge_space),
+        },
+        output: match options.output {
+            Some(p) => OutputTarget::File(PathBuf::from(p)),
+            None => OutputTarget::Memory,
+        },
+        threads: options.threads.unwrap_or(0) as usize,
+        host_context: options.context.unwrap_or(0) as u64,
+        omit_non_finite_inputs: options.omit_non_finite_inputs.unwrap_or(defaults.omit_non_finite_inputs),
+        check_finite_output: options.check_finite_output.unwrap_or(defaults.check_finite_output),
+        chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
+        progress_interval: options
+            .progress_interval_ms
+            .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),
+    })
+}
+
+type Resolver = Box<dyn FnOnce(Env) -> napi::Result<MergeOutcome> + Send>;
+
+/// Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
+/// it, so the TypeScript layer can raise its typed error classes).
+#[napi(ts_return_type = "Promise<MergeOutcome>")]
+pub fn merge<'env>(
+    env: &'env Env,
+    recipe_json: String,
+    options: NativeMergeOptions,
+    cancel: &CancelToken,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
+) -> napi::Result<Object<'env>> {
+    let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
+    let flag = cancel.flag.clone();
+    let progress = on_progress.map(JsProgress);
+    std::thread::Builder::new()
+        .name("mecha-merge".into())
+        .spawn(move || {
+            let result = (|| {
+                let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+                let options = merge_options(options)?;
+                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+            })();
+            drop(progress); // release the callback so it no longer holds the event loop
+            deferred.resolve(Box::new(move |_env| {
+                Ok(match result {
+                    Ok(r) => MergeOutcome {
+                        tensors: (r.report.output.is_none()).then(|| {
+                            r.tensors
+                                .into_iter()
+                                .map(|t| OutputTensorInfo {
+                                    name: t.name,
+                                    dtype: t.dtype.safetensors_name().to_string(),
+                                    shape: t.shape.iter().map(|&d| d as i64).collect(),
+                                    data: t.data.into(),
+                                })
+                                .collect()
+                        }),
+                        report: Some(r.report.into()),
+                        error: None,
+                    },
+                    Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
+                })
+            }));
+        })
+        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
+    Ok(promise)
+}
