@@ -87,11 +87,17 @@ export declare function inferConfig(path: string): string | null
 /** Reads and validates a safetensors header. */
 export declare function inspect(path: string): FileInfo
 
-/** One parameter's value: exactly one field is set (`isNull` for a null text value). */
+/**
+ * One parameter's value: exactly one field is set (`isNull` for a null text value). Tensors
+ * come with their own shape (for elementwise methods, a chunk of it).
+ */
 export interface JsMethodArg {
   tensor?: Float32Array
-  tensors?: Array<Float32Array>
+  shape?: Array<number>
+  /** Varargs (or several keys of a routed input): each entry is one argument. */
+  items?: Array<JsMethodArg>
   number?: number
+  boolean?: boolean
   text?: string
   isNull: boolean
 }
@@ -160,8 +166,12 @@ export interface MergeReportInfo {
   bytesRead: number
   bytesWritten: number
   seconds: number
+  /** Peak resident memory of the whole process while the merge ran. */
   peakRssBytes: number
   threads: number
+  memoryBudget: number
+  /** Keys that needed more working memory than the budget, so ran alone. */
+  overBudget: Array<string>
   recipe: string
 }
 
@@ -205,6 +215,11 @@ export interface NativeMergeOptions {
   omitNonFiniteInputs?: boolean
   /** Report keys written with NaN or infinity (default true). */
   checkFiniteOutput?: boolean
+  /**
+   * Bytes of working memory keys computed at once may use together (default: a quarter of
+   * physical memory, at most 4 GiB).
+   */
+  memoryBudget?: number
 }
 
 export interface OutputTensorInfo {
@@ -242,6 +257,15 @@ export interface PlanInfo {
   threads: number
   /** Working memory of the merge threads (buffers), excluding the process itself. */
   estimatedWorkingBytes: number
+  /**
+   * Estimated peak resident memory of the process during the merge: what it uses now plus
+   * the working memory the budget admits.
+   */
+  estimatedPeakBytes: number
+  /** The memory budget the merge would run under. */
+  memoryBudget: number
+  /** Keys whose computation needs more than the budget, so would run alone. */
+  overBudget: Array<string>
   recipe: string
 }
 
@@ -263,7 +287,7 @@ export interface ProgressInfo {
  * Registers a merge method implemented by a JavaScript function; it then works in recipes,
  * `.mecha` text and `methods()` like a builtin.
  */
-export declare function registerMethod(spec: JsMethodSpec, callback: (call: JsMethodCall) => Float32Array | number): void
+export declare function registerMethod(spec: JsMethodSpec, callback: (call: JsMethodCall) => Float32Array | number | string): void
 
 /**
  * Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved

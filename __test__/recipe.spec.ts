@@ -2,7 +2,7 @@ import test from 'ava'
 
 import {
   MergeNode,
-  addDifference,
+  addDifferenceMethod,
   int,
   literal,
   merge,
@@ -30,7 +30,7 @@ test('builders and operators build sd-mecha method calls', (t) => {
 
 test('serialize writes sd-mecha 0.1.0 text with defaults, singleton broadcast and dedup', (t) => {
   const m = model(a)
-  const text = serialize(addDifference(weightedSum(m, model(b), { alpha: 0.3 }), model(b).sub(m)))
+  const text = serialize(addDifferenceMethod(weightedSum(m, model(b), { alpha: 0.3 }), model(b).sub(m)))
   t.is(
     text,
     [

@@ -26,8 +26,12 @@ const tsType = (p) =>
 const describeSpace = (s) => (s.symbol ? 'same space as the result' : s.spaces.join(' | '))
 const describeDefault = (p) => (p.hasDefault ? ` (default ${JSON.stringify(p.default)})` : '')
 
+// sd-mecha's top-level add_difference and tensor_sum are Python wrappers that build graphs
+// (src/wrappers.ts); the registered methods' builders take another name.
+const wrapped = { add_difference: 'addDifferenceMethod', tensor_sum: 'tensorSumMethod' }
+
 function builder(m) {
-  const name = camel(m.id)
+  const name = wrapped[m.id] ?? camel(m.id)
   const positional = m.params.filter((p) => p.kind === 'positional' && !p.hasDefault)
   const varargs = m.params.find((p) => p.kind === 'varargs')
   const options = m.params.filter((p) => p.hasDefault || p.kind === 'keyword')

@@ -5,7 +5,7 @@ import { basename, extname } from 'node:path'
 import native = require('./native')
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
-import { mergeWire, type MergeReport, type Progress } from './merge'
+import { mergeWire, parseBytes, type MergeReport, type Progress } from './merge'
 import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
 import type { MergeSpace } from './recipe'
@@ -25,6 +25,7 @@ merge options:
       --merge-dtype <dtype>    f32 (default), f64, f16, bf16
       --output-dtype <dtype>   f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2
       --strict-merge-space <s> weight (default), delta, param, or any
+      --memory <size>          memory budget for keys computed at once, e.g. 2G (default: 1/4 of RAM, ≤ 4G)
       --json                   print the report as JSON
   -q, --quiet                  no progress bar
 
@@ -40,7 +41,7 @@ type Flags = Record<string, string | true>
 
 function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
   const aliases: Record<string, string> = { o: 'output', t: 'threads', q: 'quiet', h: 'help', v: 'version' }
-  const valued = new Set(['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space'])
+  const valued = new Set(['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory'])
   const positional: string[] = []
   const flags: Flags = {}
   for (let i = 0; i < argv.length; i++) {
@@ -116,6 +117,17 @@ function strictSpace(flags: Flags): MergeSpace | null | undefined {
   return strict === 'any' ? null : (strict as MergeSpace | undefined)
 }
 
+function memoryFlag(flags: Flags): number | undefined {
+  const value = flags.memory
+  if (value === undefined) return undefined
+  if (typeof value !== 'string') throw new UsageError('--memory needs a size such as 2G')
+  try {
+    return parseBytes(value, '--memory')
+  } catch (e) {
+    throw new UsageError((e as Error).message)
+  }
+}
+
 async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   const [recipePath] = positional
   if (!recipePath) throw new UsageError('merge needs a recipe file')
@@ -138,6 +150,7 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
       mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
       outputDtype: flags['output-dtype'] as DtypeName | undefined,
       strictMergeSpace: strictSpace(flags),
+      memoryBudget: memoryFlag(flags),
       onProgress: showProgress ? progressBar() : undefined,
       signal: controller.signal,
     })) as MergeReport
@@ -159,6 +172,7 @@ function cmdPlan(positional: string[], flags: Flags): number {
     mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
     outputDtype: flags['output-dtype'] as DtypeName | undefined,
     strictMergeSpace: strictSpace(flags),
+    memoryBudget: memoryFlag(flags),
   })
   if (flags.json) {
     console.log(JSON.stringify(report, null, 2))
@@ -170,8 +184,11 @@ function cmdPlan(positional: string[], flags: Flags): number {
   for (const s of report.keysSkipped.slice(0, 20)) console.log(`    ${s.key}: ${s.reason}`)
   if (report.keysSkipped.length > 20) console.log(`    … and ${report.keysSkipped.length - 20} more (see --json)`)
   console.log(
-    `estimated working memory: ${fmtBytes(report.estimatedWorkingBytes)} with ${report.threads} threads (plus the process)`,
+    `estimated working memory: ${fmtBytes(report.estimatedWorkingBytes)} with ${report.threads} threads ` +
+      `(peak ${fmtBytes(report.estimatedPeakBytes)} with the process; budget ${fmtBytes(report.memoryBudget)})`,
   )
+  if (report.overBudget.length)
+    console.log(`  ${report.overBudget.length} key(s) need more than the budget and will run alone`)
   console.log(`recipe:\n${report.recipe.replace(/^/gm, '  ')}`)
   return 0
 }

@@ -42,9 +42,14 @@ export interface MethodContext {
   length: number
   /** This node's cache (from `cacheFactory`), kept across merges of the same node object. */
   cache: unknown
+  /**
+   * Each input's shape (an array of shapes for varargs). Inputs keep their own shapes: a
+   * conversion's inputs need not have the output's shape.
+   */
+  shapes: Record<string, number[] | number[][] | undefined>
 }
 
-export type MethodValue = Float32Array | Float32Array[] | number | boolean | string | null
+export type MethodValue = Float32Array | number | boolean | string | null | MethodValue[]
 
 export interface MergeMethodDefinition {
   /** sd-mecha-style id, e.g. `noise_sum`. */
@@ -61,9 +66,10 @@ export interface MergeMethodDefinition {
   cacheFactory?: () => unknown
   /**
    * Computes one key (or chunk). Tensors arrive as `Float32Array`s (a broadcast value as a
-   * number); return `length` values, or a number to fill them.
+   * number); return `length` values, or a number to fill them. A method whose `returns.type` is
+   * `'int'`, `'float'` or `'str'` returns that value (a number or a string).
    */
-  fn: (args: Record<string, MethodValue>, context: MethodContext) => Float32Array | number
+  fn: (args: Record<string, MethodValue>, context: MethodContext) => Float32Array | number | string
 }
 
 /** Builds a node of the method: required inputs positionally (varargs as an array), then options. */
@@ -107,13 +113,16 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
     }
   }
   const convert = (value: native.JsMethodArg, type: string): MethodValue => {
+    if (value.items) return value.items.map((item) => convert(item, type))
     if (value.tensor) return value.tensor
-    if (value.tensors) return value.tensors
     if (value.isNull) return null
     if (value.text !== undefined && value.text !== null) return value.text
+    if (value.boolean !== undefined && value.boolean !== null) return value.boolean
     const n = value.number as number
     return type === 'bool' ? n !== 0 : type === 'int' ? Math.trunc(n) : n
   }
+  const shapeOf = (value: native.JsMethodArg): number[] | number[][] | undefined =>
+    value.items ? value.items.map((item) => item.shape ?? []) : (value.shape ?? undefined)
   callNative(() =>
     native.registerMethod(
       {
@@ -129,14 +138,25 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
       },
       (call) => {
         const args: Record<string, MethodValue> = {}
-        params.forEach((p, i) => (args[p.name] = convert(call.args[i], p.type)))
+        const shapes: Record<string, number[] | number[][] | undefined> = {}
+        params.forEach((p, i) => {
+          args[p.name] = convert(call.args[i], p.type)
+          shapes[p.name] = shapeOf(call.args[i])
+        })
         const node = call.node === undefined || call.node === null ? undefined : runningNode(call.context, call.node)
         let cache: unknown
         if (def.cacheFactory && node) {
           if (!caches.has(node)) caches.set(node, def.cacheFactory())
           cache = caches.get(node)
         }
-        return def.fn(args, { key: call.key, shape: call.shape, offset: call.offset, length: call.length, cache })
+        return def.fn(args, {
+          key: call.key,
+          shape: call.shape,
+          offset: call.offset,
+          length: call.length,
+          cache,
+          shapes,
+        })
       },
     ),
   )

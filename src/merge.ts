@@ -39,6 +39,27 @@ export interface MergeOptions {
   omitNonFiniteInputs?: boolean
   /** List keys written with NaN or infinity in `report.nonFiniteOutputs` (default `true`). */
   checkFiniteOutput?: boolean
+  /**
+   * Bytes of working memory the keys computed at the same time may use together (default: a
+   * quarter of physical memory, at most 4 GiB). Whole-tensor methods (slerp, crossover, …) wait
+   * for room; a key needing more than the budget runs alone and is listed in `report.overBudget`.
+   * A number of bytes, or a size such as `'2G'` or `'512M'`.
+   */
+  memoryBudget?: number | string
+}
+
+/** Parses a byte size: a number, or digits with an optional K/M/G/T suffix (binary units). */
+export function parseBytes(size: number | string, what = 'size'): number {
+  if (typeof size === 'number') {
+    if (!(Number.isFinite(size) && size >= 1)) throw new TypeError(`${what} must be a positive number of bytes`)
+    return Math.floor(size)
+  }
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$/i.exec(size)
+  if (!m) throw new TypeError(`${what}: "${size}" is not a size; use bytes or a number with K, M, G or T (e.g. '2G')`)
+  const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[
+    m[2].toLowerCase() as '' | 'k' | 'm' | 'g' | 't'
+  ]
+  return parseBytes(Math.floor(Number(m[1]) * scale), what)
 }
 
 export interface SkippedKey {
@@ -57,9 +78,16 @@ export interface MergeReport {
   bytesRead: number
   bytesWritten: number
   seconds: number
-  /** Peak resident memory of the process while merging (Linux: of this merge only). */
+  /**
+   * Peak resident memory of the whole process while this merge ran (exact when it ran alone;
+   * sampled every few milliseconds while other merges ran in the same process).
+   */
   peakRssBytes: number
   threads: number
+  /** The memory budget the merge ran under, in bytes. */
+  memoryBudget: number
+  /** Keys whose computation needed more than the budget, so ran alone. */
+  overBudget: string[]
   /** The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata. */
   recipe: string
 }
@@ -135,6 +163,8 @@ export async function mergeWire(
           context,
           omitNonFiniteInputs: options.omitNonFiniteInputs,
           checkFiniteOutput: options.checkFiniteOutput,
+          memoryBudget:
+            options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
         },
         token,
         progress,

@@ -24,7 +24,7 @@ export function nAverage(models: readonly RecipeInput[]): MergeNode {
   return callMethod('n_average', [...models], {})
 }
 
-export interface AddDifferenceOptions {
+export interface AddDifferenceMethodOptions {
   alpha?: RecipeInput
 }
 /**
@@ -34,7 +34,7 @@ export interface AddDifferenceOptions {
  * @param options.alpha Tensor, param (default 1)
  * @returns Tensor in same space as the result
  */
-export function addDifference(a: RecipeInput, b: RecipeInput, options: AddDifferenceOptions = {}): MergeNode {
+export function addDifferenceMethod(a: RecipeInput, b: RecipeInput, options: AddDifferenceMethodOptions = {}): MergeNode {
   return callMethod('add_difference', [a, b], { alpha: options.alpha })
 }
 
@@ -59,6 +59,104 @@ export function scale(a: RecipeInput, options: ScaleOptions = {}): MergeNode {
  */
 export function subtract(a: RecipeInput, b: RecipeInput): MergeNode {
   return callMethod('subtract', [a, b], {})
+}
+
+export interface SlerpOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `slerp`: Spherical interpolation between a and b (flattened), scaled by the interpolated norms; lerp when the inputs are parallel.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 0.5)
+ * @returns Tensor in same space as the result
+ */
+export function slerp(a: RecipeInput, b: RecipeInput, options: SlerpOptions = {}): MergeNode {
+  return callMethod('slerp', [a, b], { alpha: options.alpha })
+}
+
+/**
+ * `perpendicular_component`: The part of b perpendicular to a: b minus its projection on a (zeros when a is zero).
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @returns Tensor in same space as the result
+ */
+export function perpendicularComponent(a: RecipeInput, b: RecipeInput): MergeNode {
+  return callMethod('perpendicular_component', [a, b], {})
+}
+
+export interface TrainDifferenceMaskOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `train_difference_mask`: A weight mask: alpha·1.8·|b − a| / (|b − a| + |b − c|), for weighted_sum's alpha.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param c Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in param
+ */
+export function trainDifferenceMask(a: RecipeInput, b: RecipeInput, c: RecipeInput, options: TrainDifferenceMaskOptions = {}): MergeNode {
+  return callMethod('train_difference_mask', [a, b, c], { alpha: options.alpha })
+}
+
+export interface AddOppositeMaskOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `add_opposite_mask`: A weight mask: alpha·2·|a − b| / (|a − b| + |a + b − 2c|).
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param c Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in param
+ */
+export function addOppositeMask(a: RecipeInput, b: RecipeInput, c: RecipeInput, options: AddOppositeMaskOptions = {}): MergeNode {
+  return callMethod('add_opposite_mask', [a, b, c], { alpha: options.alpha })
+}
+
+export interface AddStrictOppositeMaskOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `add_strict_opposite_mask`: A weight mask that is non-zero where a and b moved in opposite directions from c.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param c Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in param
+ */
+export function addStrictOppositeMask(a: RecipeInput, b: RecipeInput, c: RecipeInput, options: AddStrictOppositeMaskOptions = {}): MergeNode {
+  return callMethod('add_strict_opposite_mask', [a, b, c], { alpha: options.alpha })
+}
+
+export interface GeometricSumOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `geometric_sum`: Elementwise geometric interpolation Re(a^(1−alpha)·b^alpha), over the complex numbers.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 0.5)
+ * @returns Tensor in same space as the result
+ */
+export function geometricSum(a: RecipeInput, b: RecipeInput, options: GeometricSumOptions = {}): MergeNode {
+  return callMethod('geometric_sum', [a, b], { alpha: options.alpha })
+}
+
+export interface MultiplyQuotientOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `multiply_quotient`: a·(b/c)^alpha' where a and b moved the same way from c (log-space train difference).
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param c Tensor, same space as the result
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in same space as the result
+ */
+export function multiplyQuotient(a: RecipeInput, b: RecipeInput, c: RecipeInput, options: MultiplyQuotientOptions = {}): MergeNode {
+  return callMethod('multiply_quotient', [a, b, c], { alpha: options.alpha })
 }
 
 export interface ClampOptions {
@@ -118,4 +216,40 @@ export function pickComponent(a: RecipeInput, component: string | null | RecipeN
  */
 export function omitComponent(a: RecipeInput, component: string | null | RecipeNode): MergeNode {
   return callMethod('omit_component', [a, component], {})
+}
+
+/**
+ * `get_dtype`: The dtype name of a's values as computed (e.g. "float32"), for cast's dtype.
+ * @param a Tensor, param
+ * @returns str in param
+ */
+export function getDtype(a: RecipeInput): MergeNode {
+  return callMethod('get_dtype', [a], {})
+}
+
+/**
+ * `get_device`: The device a's values are computed on ("cpu"), for cast's device.
+ * @param a Tensor, param
+ * @returns str in param
+ */
+export function getDevice(a: RecipeInput): MergeNode {
+  return callMethod('get_device', [a], {})
+}
+
+/**
+ * `stack`: The values stacked along a new first dimension (torch.stack).
+ * @param values Tensor[], same space as the result
+ * @returns Tensor in same space as the result
+ */
+export function stack(values: readonly RecipeInput[]): MergeNode {
+  return callMethod('stack', [...values], {})
+}
+
+/**
+ * `omit_non_finite`: a, except keys holding NaN or infinity, which are left out of the output.
+ * @param a Tensor, same space as the result
+ * @returns Tensor in same space as the result
+ */
+export function omitNonFinite(a: RecipeInput): MergeNode {
+  return callMethod('omit_non_finite', [a], {})
 }

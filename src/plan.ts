@@ -2,7 +2,7 @@
 import native = require('./native')
 import { native as callNative } from './errors'
 import { toWire, type RecipeInput } from './recipe'
-import type { MergeOptions, SkippedKey } from './merge'
+import { parseBytes, type MergeOptions, type SkippedKey } from './merge'
 
 export interface PlanReport {
   /** Model config of the result (`'structural'` for an unknown architecture). */
@@ -16,6 +16,12 @@ export interface PlanReport {
   threads: number
   /** Working memory of the merge threads, excluding the process itself. */
   estimatedWorkingBytes: number
+  /** Estimated peak resident memory of the process during the merge (now + working memory). */
+  estimatedPeakBytes: number
+  /** The memory budget the merge would run under. */
+  memoryBudget: number
+  /** Keys whose computation needs more than the budget, so would run alone. */
+  overBudget: string[]
   /** The finalized `.mecha` text. */
   recipe: string
 }
@@ -23,7 +29,10 @@ export interface PlanReport {
 /** Plans a merge without reading tensor data. */
 export function plan(
   recipe: RecipeInput,
-  options: Pick<MergeOptions, 'threads' | 'mergeDtype' | 'outputDtype' | 'strictMergeSpace' | 'chunkElements'> = {},
+  options: Pick<
+    MergeOptions,
+    'threads' | 'mergeDtype' | 'outputDtype' | 'strictMergeSpace' | 'chunkElements' | 'memoryBudget'
+  > = {},
 ): PlanReport {
   return planWire(JSON.stringify(toWire(recipe)), options)
 }
@@ -36,6 +45,7 @@ export function planWire(wire: string, options: Parameters<typeof plan>[1] = {})
       outputDtype: options.outputDtype,
       strictMergeSpace: options.strictMergeSpace === null ? 'any' : options.strictMergeSpace,
       chunk: options.chunkElements,
+      memoryBudget: options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
     }),
   )
 }

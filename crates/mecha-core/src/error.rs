@@ -25,6 +25,9 @@ pub enum ErrorKind {
     Aborted,
     /// A `.mecha` text could not be parsed.
     Parse,
+    /// A method found at run time that it cannot produce this key (sd-mecha's
+    /// `StateDictKeyError`): the key is left out of the output, never reported as a failure.
+    KeySkipped,
 }
 
 impl ErrorKind {
@@ -40,6 +43,7 @@ impl ErrorKind {
             ErrorKind::Io => "IoError",
             ErrorKind::Aborted => "AbortError",
             ErrorKind::Parse => "ParseError",
+            ErrorKind::KeySkipped => "RecipeError",
         }
     }
 }
@@ -77,6 +81,11 @@ impl MechaError {
 
     pub fn aborted() -> Self {
         MechaError::new(ErrorKind::Aborted, "the merge was cancelled; no output file was written")
+    }
+
+    /// The key cannot be produced (for example an input holds NaN): it is skipped, not failed.
+    pub fn skip_key(reason: impl Into<String>) -> Self {
+        MechaError::new(ErrorKind::KeySkipped, reason)
     }
 
     pub fn with_file(mut self, file: &Path) -> Self {

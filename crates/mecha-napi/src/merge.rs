@@ -63,6 +63,13 @@ pub struct PlanInfo {
     pub threads: u32,
     /// Working memory of the merge threads (buffers), excluding the process itself.
     pub estimated_working_bytes: f64,
+    /// Estimated peak resident memory of the process during the merge: what it uses now plus
+    /// the working memory the budget admits.
+    pub estimated_peak_bytes: f64,
+    /// The memory budget the merge would run under.
+    pub memory_budget: f64,
+    /// Keys whose computation needs more than the budget, so would run alone.
+    pub over_budget: Vec<String>,
     pub recipe: String,
 }
 
@@ -75,6 +82,8 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
         let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
         let f = &plan.finalized;
         let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
+        let budget = mecha_core::exec::budget_or_default(options.memory_budget);
+        let working = plan.estimated_working_bytes(threads, options.chunk, budget);
         let inputs = (0..f.recipe.nodes.len())
             .filter_map(|n| f.model_input[n].map(|i| (n, i)))
             .map(|(n, i)| PlanInput {
@@ -94,7 +103,13 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
                 .map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() })
                 .collect(),
             threads: threads as u32,
-            estimated_working_bytes: plan.estimated_working_bytes(threads, options.chunk) as f64,
+            estimated_working_bytes: working as f64,
+            estimated_peak_bytes: (mecha_core::exec::memory::current_rss_bytes() + working) as f64,
+            memory_budget: budget as f64,
+            over_budget: (0..plan.keys.len())
+                .filter(|&k| plan.unit_bytes(k, options.chunk) > budget)
+                .map(|k| plan.keys[k].name.clone())
+                .collect(),
             recipe: plan.serialized.clone(),
         })
     };
@@ -151,6 +166,9 @@ pub struct NativeMergeOptions {
     pub omit_non_finite_inputs: Option<bool>,
     /// Report keys written with NaN or infinity (default true).
     pub check_finite_output: Option<bool>,
+    /// Bytes of working memory keys computed at once may use together (default: a quarter of
+    /// physical memory, at most 4 GiB).
+    pub memory_budget: Option<f64>,
 }
 
 #[napi(object)]
@@ -180,8 +198,12 @@ pub struct MergeReportInfo {
     pub bytes_read: f64,
     pub bytes_written: f64,
     pub seconds: f64,
+    /// Peak resident memory of the whole process while the merge ran.
     pub peak_rss_bytes: f64,
     pub threads: u32,
+    pub memory_budget: f64,
+    /// Keys that needed more working memory than the budget, so ran alone.
+    pub over_budget: Vec<String>,
     pub recipe: String,
 }
 
@@ -197,6 +219,8 @@ impl From<MergeReport> for MergeReportInfo {
             seconds: r.seconds,
             peak_rss_bytes: r.peak_rss_bytes as f64,
             threads: r.threads as u32,
+            memory_budget: r.memory_budget as f64,
+            over_budget: r.over_budget,
             recipe: r.recipe,
         }
     }
@@ -262,6 +286,16 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
         omit_non_finite_inputs: options.omit_non_finite_inputs.unwrap_or(defaults.omit_non_finite_inputs),
         check_finite_output: options.check_finite_output.unwrap_or(defaults.check_finite_output),
         chunk: options.chunk.map_or(defaults.chunk, |c| c.max(1) as usize),
+        memory_budget: match options.memory_budget {
+            Some(b) if !(b.is_finite() && b >= 1.0) => {
+                return Err(mecha_core::MechaError::recipe(format!(
+                    "memoryBudget must be a positive number of bytes, got {b}"
+                )))
+            }
+            Some(b) => b as u64,
+            None => 0,
+        },
+        cache: defaults.cache.clone(),
         progress_interval: options
             .progress_interval_ms
             .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),

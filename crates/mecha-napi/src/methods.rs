@@ -1,10 +1,9 @@
 //! The merge-method registry: listing it, and registering methods written in JavaScript.
 
 use crate::errors::throw;
-use mecha_core::methods::{
-    registry, DefaultValue, ExternalArg, ExternalCall, ExternalKernel, ExternalMethod, ExternalRoutes, Implementation,
-    MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType,
-};
+use mecha_core::methods::external::{ExternalArg, ExternalCall, ExternalKernel, ExternalMethod, ExternalResult};
+use mecha_core::methods::{registry, DefaultValue, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType};
+use mecha_core::recipe::Scalar;
 use mecha_core::MechaError;
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -93,7 +92,7 @@ fn method_info(m: &MethodSpec) -> MethodInfo {
         return_merge_space: space_info(&m.returns.space),
         return_model_config: m.returns.config.clone(),
         is_conversion: m.is_conversion,
-        elementwise: m.is_elementwise(),
+        elementwise: m.elementwise,
     }
 }
 
@@ -159,62 +158,62 @@ pub struct JsMethodCall {
     pub args: Vec<JsMethodArg>,
 }
 
-/// One parameter's value: exactly one field is set (`isNull` for a null text value).
+/// One parameter's value: exactly one field is set (`isNull` for a null text value). Tensors
+/// come with their own shape (for elementwise methods, a chunk of it).
 #[napi(object)]
 pub struct JsMethodArg {
     pub tensor: Option<Float32Array>,
-    pub tensors: Option<Vec<Float32Array>>,
+    pub shape: Option<Vec<i64>>,
+    /// Varargs (or several keys of a routed input): each entry is one argument.
+    pub items: Option<Vec<JsMethodArg>>,
     pub number: Option<f64>,
+    pub boolean: Option<bool>,
     pub text: Option<String>,
     pub is_null: bool,
 }
 
-type JsMethodFn = ThreadsafeFunction<JsMethodCall, Either<Float32Array, f64>, JsMethodCall, Status, false, true>;
+type JsMethodFn =
+    ThreadsafeFunction<JsMethodCall, Either3<Float32Array, f64, String>, JsMethodCall, Status, false, true>;
 
 struct JsKernel {
     id: String,
     function: JsMethodFn,
 }
 
-fn js_arg(arg: ExternalArg, len: usize) -> JsMethodArg {
-    let empty = JsMethodArg { tensor: None, tensors: None, number: None, text: None, is_null: false };
+fn js_arg(arg: ExternalArg) -> JsMethodArg {
+    let empty =
+        JsMethodArg { tensor: None, shape: None, items: None, number: None, boolean: None, text: None, is_null: false };
     match arg {
-        ExternalArg::Tensor(t) => JsMethodArg { tensor: Some(Float32Array::new(t.to_vec())), ..empty },
-        ExternalArg::Number(n) => JsMethodArg { number: Some(n), ..empty },
-        ExternalArg::Text(Some(t)) => JsMethodArg { text: Some(t.to_string()), ..empty },
-        ExternalArg::Text(None) => JsMethodArg { is_null: true, ..empty },
-        ExternalArg::Tensors(items) => {
-            // Broadcast numbers inside a list are filled out, so the list is uniform.
-            let arrays = items
-                .into_iter()
-                .map(|a| match a {
-                    ExternalArg::Tensor(t) => Float32Array::new(t.to_vec()),
-                    ExternalArg::Number(n) => Float32Array::new(vec![n as f32; len]),
-                    _ => Float32Array::new(vec![]),
-                })
-                .collect();
-            JsMethodArg { tensors: Some(arrays), ..empty }
-        }
+        ExternalArg::Tensor { data, shape } => JsMethodArg {
+            tensor: Some(Float32Array::new(data.into_owned())),
+            shape: Some(shape.iter().map(|&d| d as i64).collect()),
+            ..empty
+        },
+        ExternalArg::Many(items) => JsMethodArg { items: Some(items.into_iter().map(js_arg).collect()), ..empty },
+        ExternalArg::Value(Scalar::Null) => JsMethodArg { is_null: true, ..empty },
+        ExternalArg::Value(Scalar::Bool(b)) => JsMethodArg { boolean: Some(b), ..empty },
+        ExternalArg::Value(Scalar::Str(t)) => JsMethodArg { text: Some(t), ..empty },
+        ExternalArg::Value(v) => JsMethodArg { number: v.as_f64(), ..empty },
     }
 }
 
 impl ExternalKernel for JsKernel {
-    fn call(&self, call: ExternalCall<'_>) -> mecha_core::Result<Vec<f32>> {
-        let len = call.len;
+    fn call(&self, call: ExternalCall<'_>) -> mecha_core::Result<ExternalResult> {
         let js = JsMethodCall {
             context: call.context as u32,
             node: call.node.map(|n| n as u32),
             key: call.key.to_string(),
             shape: call.shape.iter().map(|&d| d as i64).collect(),
             offset: call.offset as f64,
-            length: len as f64,
-            args: call.args.into_iter().map(|a| js_arg(a, len)).collect(),
+            length: call.len as f64,
+            args: call.args.into_iter().map(js_arg).collect(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let status = self.function.call_with_return_value(js, ThreadsafeFunctionCallMode::Blocking, move |ret, _| {
             let values = ret.map(|r| match r {
-                Either::A(array) => array.to_vec(),
-                Either::B(number) => vec![number as f32; len],
+                Either3::A(array) => ExternalResult::Tensor(array.to_vec()),
+                Either3::B(number) => ExternalResult::Value(Scalar::Float(number)),
+                Either3::C(text) => ExternalResult::Value(Scalar::Str(text)),
             });
             let _ = tx.send(values);
             Ok(())
@@ -279,7 +278,7 @@ fn param_spec(p: JsParamSpec) -> mecha_core::Result<ParamSpec> {
 pub fn register_method(
     env: Env,
     spec: JsMethodSpec,
-    #[napi(ts_arg_type = "(call: JsMethodCall) => Float32Array | number")] callback: JsMethodFn,
+    #[napi(ts_arg_type = "(call: JsMethodCall) => Float32Array | number | string")] callback: JsMethodFn,
 ) -> napi::Result<()> {
     let run = || -> mecha_core::Result<()> {
         let params = spec.params.into_iter().map(param_spec).collect::<mecha_core::Result<Vec<_>>>()?;
@@ -305,11 +304,12 @@ pub fn register_method(
             description: spec.description,
             params,
             returns,
-            implementation: Implementation::External(Arc::new(ExternalMethod {
+            implementation: Arc::new(ExternalMethod {
                 kernel,
                 elementwise: spec.elementwise,
-                routes: spec.routes.map(|routes| ExternalRoutes { routes: routes.into_iter().collect() }),
-            })),
+                routes: spec.routes.map(|routes| routes.into_iter().collect()),
+            }),
+            elementwise: spec.elementwise,
             is_conversion: spec.is_conversion,
         };
         registry().register(method)

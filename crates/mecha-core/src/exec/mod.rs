@@ -1,21 +1,22 @@
 //! Planning and running a merge, end to end.
 
+pub mod cache;
 pub mod convert;
 pub mod memory;
 pub mod plan;
 pub mod run;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
 use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
 use crate::recipe::Recipe;
-use plan::{Plan, PlanOptions, SkippedKey};
+use cache::MethodCache;
+use plan::{Exclusions, Plan, PlanOptions, SkippedKey};
 use run::{ProgressSink, RunOptions, RunStats, TensorSink};
 
 #[derive(Clone, Debug)]
@@ -38,6 +39,11 @@ pub struct MergeOptions {
     pub omit_non_finite_inputs: bool,
     /// List the keys whose output holds NaN or infinity in the report (sd-mecha's default).
     pub check_finite_output: bool,
+    /// Bytes of working memory the keys computed at once may use together (0: the default,
+    /// a quarter of physical memory, at most 4 GiB).
+    pub memory_budget: u64,
+    /// Values methods keep per node and key (kept across merges when the caller reuses it).
+    pub cache: Arc<MethodCache>,
 }
 
 impl Default for MergeOptions {
@@ -51,6 +57,8 @@ impl Default for MergeOptions {
             host_context: 0,
             omit_non_finite_inputs: true,
             check_finite_output: true,
+            memory_budget: 0,
+            cache: Arc::new(MethodCache::new(memory::default_budget())),
         }
     }
 }
@@ -65,8 +73,12 @@ pub struct MergeReport {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
-    /// Peak resident memory of the process during the merge.
+    /// Peak resident memory of the whole process while this merge ran (other merges running
+    /// at the same time in the process count too).
     pub peak_rss_bytes: u64,
+    /// The memory budget the merge ran under, and the keys that needed more, so ran alone.
+    pub memory_budget: u64,
+    pub over_budget: Vec<String>,
     pub threads: usize,
     /// The recipe as `.mecha` text (also stored in the output's `__metadata__.mecha_recipe`).
     pub recipe: String,
@@ -143,6 +155,15 @@ fn run_once(plan: &Plan, options: &MergeOptions, run_options: &RunOptions) -> Re
     }
 }
 
+/// The budget a merge runs under: the one given, or the default.
+pub fn budget_or_default(budget: u64) -> u64 {
+    if budget == 0 {
+        memory::default_budget()
+    } else {
+        budget
+    }
+}
+
 /// Plans and runs a merge. A file output appears at its path only once complete.
 ///
 /// With `omit_non_finite_inputs` (sd-mecha's default), input tensors holding NaN or infinity are
@@ -156,7 +177,7 @@ pub fn merge(
     progress: Option<&dyn ProgressSink>,
 ) -> Result<MergeResult> {
     let started = Instant::now();
-    memory::reset_peak_rss();
+    let peak = memory::PeakWatch::start();
     let mut finalized = plan::finalize(recipe, &options.plan.root_space)?;
     if finalized.inputs.is_empty() {
         return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
@@ -170,15 +191,18 @@ pub fn merge(
         cancel,
         progress,
         progress_interval: options.progress_interval,
+        memory_budget: budget_or_default(options.memory_budget),
+        cache: options.cache.as_ref(),
     };
-    let mut excluded = HashSet::new();
+    let mut excluded = Exclusions::default();
     let (plan, stats, written) = loop {
         let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
         let (stats, written) = run_once(&plan, options, &run_options)?;
         let before = excluded.len();
         if options.omit_non_finite_inputs {
-            excluded.extend(stats.non_finite_inputs.iter().copied());
+            excluded.tensors.extend(stats.non_finite_inputs.iter().copied());
         }
+        excluded.nodes.extend(stats.skipped.nodes.clone());
         if excluded.len() == before {
             break (plan, stats, written);
         }
@@ -202,7 +226,9 @@ pub fn merge(
         bytes_read: stats.bytes_read,
         bytes_written: stats.bytes_written,
         seconds: started.elapsed().as_secs_f64(),
-        peak_rss_bytes: memory::peak_rss_bytes(),
+        peak_rss_bytes: peak.finish(),
+        memory_budget: run_options.memory_budget,
+        over_budget: stats.over_budget.iter().map(|&k| plan.keys[k].name.clone()).collect(),
         threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
         recipe: plan.serialized.clone(),
     };

@@ -1,6 +1,10 @@
 //! The planner: resolves merge spaces, opens every input once (headers only), and turns the
 //! recipe into one small expression per output key, with shapes, dtypes and shortcuts decided
 //! before any tensor data is read. Keys that cannot be built are listed with the reason.
+//!
+//! The planner knows no method by name: each merge node's key map says which input keys it
+//! reads, and its plan says whether the result is forwarded, constant, skipped, streamed through
+//! a chunk kernel, or computed from whole tensors (`methods::seam`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -11,9 +15,9 @@ use std::sync::Arc;
 use crate::dtype::DType;
 use crate::error::{ErrorKind, MechaError, Result};
 use crate::io::reader::{SafetensorsFile, TensorEntry};
-use crate::methods::linear::{Kernel, Shortcut};
 use crate::methods::logistics::SINGLETON_CONFIG;
-use crate::methods::{ExternalMethod, Implementation, ParamKind, ValueType};
+use crate::methods::seam::{ArgInfo, ChunkKernel, Decision, KeyMapCall, Meta, NodeRef, PlanCall};
+use crate::methods::{MethodSpec, ValueType};
 use crate::model_dirs;
 use crate::recipe::inference::{self, ConfigSolution, ModelKeys, SolvedConfig};
 use crate::recipe::mecha::{self, Annotations};
@@ -22,67 +26,60 @@ use crate::recipe::{NodeId, NodeKind, Recipe, Scalar, Value};
 
 pub type ExprId = usize;
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Op {
-    /// A tensor read from input file `input`.
-    Source {
-        input: usize,
-        entry: TensorEntry,
-    },
-    /// A number, broadcast (or, with a shape, filling a tensor).
-    Constant(f64),
-    Apply {
-        kernel: Kernel,
-        args: Vec<ExprId>,
-    },
-    /// Values rounded to `dtype` (toward zero for integer dtypes, as torch's `.to()` does).
-    Round {
-        dtype: DType,
-        arg: ExprId,
-    },
-    /// A host-supplied method (JavaScript), called with every parameter's value.
-    External {
-        method: Arc<ExternalMethod>,
-        node: NodeId,
-        args: Vec<ExternalOperand>,
-    },
+/// A key group computed by one run of a method (several outputs share it).
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub outputs: Arc<Vec<String>>,
+    pub meta: Meta,
 }
 
-/// A parameter of an external call, as planned.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ExternalOperand {
-    Tensor(ExprId),
-    /// Varargs, or several keys of a routed input.
-    Tensors(Vec<ExprId>),
-    Text(Option<String>),
+#[derive(Clone)]
+pub enum Op {
+    /// A tensor read from input file `input`.
+    Source { input: usize, entry: TensorEntry },
+    /// A value; with a shape, a tensor filled with it.
+    Constant(Scalar),
+    /// Values rounded to `dtype` (the merge precision).
+    Round { dtype: DType, arg: ExprId },
+    /// An elementwise result, streamed in chunks; `args` are the numeric arguments in
+    /// parameter order. `at` is the node and the key it was asked for.
+    Kernel { kernel: Arc<dyn ChunkKernel>, args: Vec<ExprId>, at: (NodeRef, String) },
+    /// A result computed by the method's `run` from whole tensors: output `index` of `group`.
+    Method {
+        method: Arc<MethodSpec>,
+        args: Vec<Vec<ExprId>>,
+        group: Group,
+        index: usize,
+        at: (NodeRef, String),
+        /// Working memory `run` needs beyond its arguments and results.
+        extra_bytes: u64,
+    },
 }
 
 impl Op {
     /// The expressions this one reads.
     pub fn operands(&self) -> Vec<ExprId> {
         match self {
-            Op::Apply { args, .. } => args.clone(),
+            Op::Kernel { args, .. } => args.clone(),
+            Op::Method { args, .. } => args.iter().flatten().copied().collect(),
             Op::Round { arg, .. } => vec![*arg],
-            Op::External { args, .. } => args
-                .iter()
-                .flat_map(|a| match a {
-                    ExternalOperand::Tensor(e) => vec![*e],
-                    ExternalOperand::Tensors(es) => es.clone(),
-                    ExternalOperand::Text(_) => vec![],
-                })
-                .collect(),
             Op::Source { .. } | Op::Constant(_) => vec![],
+        }
+    }
+
+    /// Identifies an operation for sharing equal subexpressions within a key.
+    fn fingerprint(&self) -> String {
+        match self {
+            Op::Source { input, entry } => format!("src {input} {}", entry.start),
+            Op::Constant(v) => format!("const {v:?}"),
+            Op::Round { dtype, arg } => format!("round {dtype:?} {arg}"),
+            Op::Kernel { args, at, .. } => format!("kernel {} {:?} {args:?}", at.0.index, at.1),
+            Op::Method { args, at, index, .. } => format!("method {} {:?} {index} {args:?}", at.0.index, at.1),
         }
     }
 }
 
-impl PartialEq for ExternalMethod {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Expr {
     pub op: Op,
     /// `None`: a single value broadcast over the key.
@@ -91,6 +88,14 @@ pub struct Expr {
     pub dtype: Option<DType>,
     /// Where the values come from, for error messages.
     pub origin: String,
+    /// A number or tensor; false for text and null values.
+    pub numeric: bool,
+}
+
+impl Expr {
+    pub fn numel(&self) -> usize {
+        self.shape.as_ref().map_or(1, |s| s.iter().product())
+    }
 }
 
 /// The precision arithmetic runs in.
@@ -100,6 +105,14 @@ pub enum Compute {
     F64,
 }
 
+impl Compute {
+    pub fn width(self) -> u64 {
+        match self {
+            Compute::F32 => 4,
+            Compute::F64 => 8,
+        }
+    }
+}
 /// What the user asked arithmetic to run in: f32/f64 directly, f16/bf16 by rounding every
 /// input and every intermediate result (as torch does when merging in half precision).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -122,7 +135,7 @@ impl MergeDtype {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KeyPlan {
     pub name: String,
     pub shape: Vec<usize>,
@@ -133,6 +146,8 @@ pub struct KeyPlan {
     pub root: ExprId,
     /// Every operation is elementwise, so the key can be computed in chunks.
     pub chunkable: bool,
+    /// Working memory of computing the whole key at once (for keys that are not chunkable).
+    pub whole_bytes: u64,
 }
 
 impl KeyPlan {
@@ -158,8 +173,49 @@ impl KeyPlan {
             _ => None,
         }
     }
-}
 
+    /// Peak bytes live while computing `elements` of the key (a chunk, or the whole key when
+    /// `None`): buffers are counted from their creation to their last reader, plus the bytes
+    /// read for a source, a method's declared working memory and the encoded output.
+    pub fn working_bytes(&self, elements: Option<usize>) -> u64 {
+        let width = self.compute.width();
+        let len = |e: &Expr| -> u64 {
+            let n = e.numel();
+            if n == 1 {
+                return width;
+            }
+            match elements {
+                Some(c) if self.chunkable => c.min(n) as u64 * width,
+                _ => n as u64 * width,
+            }
+        };
+        let mut last_use = vec![0usize; self.exprs.len()];
+        for (i, e) in self.exprs.iter().enumerate() {
+            for a in e.op.operands() {
+                last_use[a] = i;
+            }
+        }
+        last_use[self.root] = usize::MAX;
+        let (mut live, mut peak) = (0u64, 0u64);
+        for (i, e) in self.exprs.iter().enumerate() {
+            let size = len(e);
+            let transient = match &e.op {
+                Op::Source { entry, .. } => size / width * entry.dtype.bits() as u64 / 8,
+                Op::Method { extra_bytes, .. } => *extra_bytes,
+                _ => 0,
+            };
+            peak = peak.max(live + size + transient);
+            live += size;
+            for c in e.op.operands() {
+                if last_use[c] == i {
+                    live -= len(&self.exprs[c]);
+                }
+            }
+        }
+        let out = len(&self.exprs[self.root]) / width * self.dtype.bits() as u64 / 8;
+        peak.max(live + out)
+    }
+}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedKey {
     pub key: String,
@@ -179,12 +235,15 @@ impl Default for PlanOptions {
     }
 }
 
+
 pub struct Plan {
     pub finalized: Finalized,
     pub keys: Vec<KeyPlan>,
     pub skipped: Vec<SkippedKey>,
     /// The recipe as `.mecha` text, with absolute paths, solved configs and spaces.
     pub serialized: String,
+    /// How many planned keys read each multi-output group, by (node, first output key).
+    pub group_uses: HashMap<(NodeId, String), usize>,
 }
 
 impl Plan {
@@ -200,23 +259,24 @@ impl Plan {
         self.keys.iter().map(|k| k.byte_len() as u64).sum()
     }
 
-    /// Peak working memory of the executor, from the plan: per thread, the buffers of the
-    /// largest work unit (every intermediate of a chunk, the bytes read and written).
-    pub fn estimated_working_bytes(&self, threads: usize, chunk: usize) -> u64 {
-        let per_unit = self
-            .keys
-            .iter()
-            .map(|k| {
-                let n = k.numel().min(chunk) as u64;
-                let width = match k.compute {
-                    Compute::F32 => 4,
-                    Compute::F64 => 8,
-                };
-                k.exprs.len() as u64 * n * width + n * 8 + k.dtype.byte_len(n as usize).unwrap_or(0) as u64
-            })
-            .max()
-            .unwrap_or(0);
-        per_unit * threads as u64
+    /// Working memory of one work unit of key `k` (a chunk when the key is chunkable).
+    pub fn unit_bytes(&self, k: usize, chunk: usize) -> u64 {
+        let key = &self.keys[k];
+        if key.chunkable {
+            key.working_bytes(Some(chunk))
+        } else {
+            key.whole_bytes
+        }
+    }
+
+    /// Peak working memory of the executor, from the plan: `threads` units at once, admitted
+    /// against `budget` (a unit larger than the budget runs alone).
+    pub fn estimated_working_bytes(&self, threads: usize, chunk: usize, budget: u64) -> u64 {
+        let mut units: Vec<u64> = (0..self.keys.len()).map(|k| self.unit_bytes(k, chunk)).collect();
+        units.sort_unstable_by(|a, b| b.cmp(a));
+        let largest = units.first().copied().unwrap_or(0);
+        let together: u64 = units.iter().take(threads.max(1)).sum();
+        largest.max(together.min(budget))
     }
 }
 
@@ -297,17 +357,34 @@ pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
 /// An input tensor, as (input file index, data offset): what a merge found non-finite values in.
 pub type TensorId = (usize, usize);
 
+
+/// What a merge found it must leave out, so the next planning pass treats it as missing: input
+/// tensors holding NaN or infinity, and (node, key) pairs a method skipped while running.
+#[derive(Clone, Debug, Default)]
+pub struct Exclusions {
+    pub tensors: HashSet<TensorId>,
+    pub nodes: HashMap<(NodeId, String), String>,
+}
+
+impl Exclusions {
+    pub fn len(&self) -> usize {
+        self.tensors.len() + self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub fn plan(recipe: Recipe, options: &PlanOptions) -> Result<Plan> {
     let finalized = finalize(recipe, &options.root_space)?;
     if finalized.inputs.is_empty() {
         return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
     }
-    plan_keys(finalized, options, &HashSet::new())
+    plan_keys(finalized, options, &Exclusions::default())
 }
 
-/// Plans the keys of a finalized recipe, treating the `excluded` input tensors as missing (as
-/// sd-mecha's `omit_non_finite_inputs` does for tensors holding NaN or infinity).
-pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &HashSet<TensorId>) -> Result<Plan> {
+/// Plans the keys of a finalized recipe, treating what `excluded` names as missing.
+pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusions) -> Result<Plan> {
     let root_config = finalized.root_config();
     let ctx = Context { f: &finalized, options, excluded };
     let mut keys = vec![];
@@ -341,25 +418,36 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &HashSet
             skipped.push(SkippedKey { key: canonical.to_string(), reason });
         }
     }
+    // Keys of the config that no input has are not listed; skips decided by methods are.
+    for (key, reason) in &failures {
+        if !reported.contains(key) && excluded.nodes.keys().any(|(_, k)| k == key) {
+            skipped.push(SkippedKey { key: key.clone(), reason: reason.clone() });
+        }
+    }
+    let mut group_uses: HashMap<(NodeId, String), usize> = HashMap::new();
+    for k in &keys {
+        let mut seen = HashSet::new();
+        for e in &k.exprs {
+            if let Op::Method { group, at, .. } = &e.op {
+                let id = (at.0.index, group.outputs[0].clone());
+                if group.outputs.len() > 1 && seen.insert(id.clone()) {
+                    *group_uses.entry(id).or_default() += 1;
+                }
+            }
+        }
+    }
     let serialized = finalized.to_mecha();
-    Ok(Plan { finalized, keys, skipped, serialized })
+    Ok(Plan { finalized, keys, skipped, serialized, group_uses })
 }
 
 struct Context<'a> {
     f: &'a Finalized,
     options: &'a PlanOptions,
-    excluded: &'a HashSet<TensorId>,
-}
-
-/// What a node yields for one key: a numeric expression or a text/null parameter value.
-#[derive(Clone, Debug)]
-enum Planned {
-    Expr(ExprId),
-    Text(Option<String>),
+    excluded: &'a Exclusions,
 }
 
 /// `Err(reason)`: the node cannot provide this key (the key is skipped, not an error).
-type Built = std::result::Result<Planned, String>;
+type Built = std::result::Result<ExprId, String>;
 
 struct KeyBuilder<'a> {
     ctx: &'a Context<'a>,
@@ -374,11 +462,11 @@ impl Context<'_> {
         let mut b = KeyBuilder { ctx: self, key, exprs: vec![], dedup: HashMap::new(), memo: HashMap::new() };
         let root = match b.build(self.f.recipe.root, key)? {
             Err(reason) => return Ok(Err(reason)),
-            Ok(Planned::Text(_)) => {
+            Ok(e) if !b.exprs[e].numeric => {
                 return Err(MechaError::recipe("the recipe's result is a text value, not tensors")
                     .within_node(&self.f.recipe.node(self.f.recipe.root).label()))
             }
-            Ok(Planned::Expr(e)) => b.in_merge_precision(e),
+            Ok(e) => b.in_merge_precision(e),
         };
         let Some(shape) = b.exprs[root].shape.clone() else {
             return Ok(Err("no model input provides this key; the result would be a bare number".into()));
@@ -392,17 +480,17 @@ impl Context<'_> {
             b.exprs.iter().any(|e| matches!(e.dtype, Some(DType::I32 | DType::U32 | DType::I64 | DType::U64)));
         let compute =
             if self.options.merge_dtype == MergeDtype::F64 || wide_ints { Compute::F64 } else { Compute::F32 };
-        let chunkable = b.exprs.iter().all(|e| match &e.op {
-            Op::External { method, .. } => method.elementwise,
-            _ => true,
-        });
-        Ok(Ok(KeyPlan { name: key.to_string(), shape, dtype, compute, exprs: b.exprs, root, chunkable }))
+        let chunkable = b.exprs.iter().all(|e| !matches!(e.op, Op::Method { .. }));
+        let mut plan =
+            KeyPlan { name: key.to_string(), shape, dtype, compute, exprs: b.exprs, root, chunkable, whole_bytes: 0 };
+        plan.whole_bytes = plan.working_bytes(None);
+        Ok(Ok(plan))
     }
 }
 
 impl KeyBuilder<'_> {
     fn push(&mut self, expr: Expr) -> ExprId {
-        let fingerprint = format!("{:?}|{:?}", expr.op, expr.shape);
+        let fingerprint = format!("{}|{:?}", expr.op.fingerprint(), expr.shape);
         if let Some(&id) = self.dedup.get(&fingerprint) {
             return id;
         }
@@ -419,16 +507,17 @@ impl KeyBuilder<'_> {
             _ => None,
         };
         match self.ctx.options.merge_dtype {
-            MergeDtype::Rounded(dtype) if e.shape.is_some() && exact != Some(dtype) => {
+            MergeDtype::Rounded(dtype) if e.shape.is_some() && e.numeric && exact != Some(dtype) => {
                 let (shape, natural, origin) = (e.shape.clone(), e.dtype, e.origin.clone());
-                self.push(Expr { op: Op::Round { dtype, arg: id }, shape, dtype: natural, origin })
+                self.push(Expr { op: Op::Round { dtype, arg: id }, shape, dtype: natural, origin, numeric: true })
             }
             _ => id,
         }
     }
 
-    fn constant(&mut self, v: f64, origin: &str) -> ExprId {
-        self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into() })
+    fn constant(&mut self, v: Scalar, origin: &str) -> ExprId {
+        let numeric = !matches!(v, Scalar::Str(_) | Scalar::Null);
+        self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into(), numeric })
     }
 
     fn build(&mut self, node: NodeId, key: &str) -> Result<Built> {
@@ -436,7 +525,11 @@ impl KeyBuilder<'_> {
         if let Some(b) = self.memo.get(&memo_key) {
             return Ok(b.clone());
         }
-        let built = self.build_uncached(node, key).map_err(|e| {
+        let built = match self.ctx.excluded.nodes.get(&memo_key) {
+            Some(reason) => Ok(Err(reason.clone())),
+            None => self.build_uncached(node, key),
+        }
+        .map_err(|e| {
             let e = if e.key.is_none() { e.with_key(self.key) } else { e };
             if e.node.is_none() {
                 e.within_node(&self.ctx.f.recipe.trace(node))
@@ -463,7 +556,7 @@ impl KeyBuilder<'_> {
                 let Some(entry) = found else {
                     return Ok(Err(format!("missing from {}", file.path().display())));
                 };
-                if self.ctx.excluded.contains(&(input, entry.start)) {
+                if self.ctx.excluded.tensors.contains(&(input, entry.start)) {
                     return Ok(Err(format!("non-finite values (NaN or infinity) in {}", file.path().display())));
                 }
                 let id = self.push(Expr {
@@ -471,20 +564,16 @@ impl KeyBuilder<'_> {
                     shape: Some(entry.shape.clone()),
                     dtype: Some(entry.dtype),
                     origin: file.path().display().to_string(),
+                    numeric: true,
                 });
-                Ok(Ok(Planned::Expr(id)))
+                Ok(Ok(id))
             }
             NodeKind::Literal { entries } => {
                 let found = if in_domain { names().find_map(|name| entries.get(name)) } else { None };
                 match found {
                     None => Ok(Err(format!("missing from {}", n.label()))),
                     Some(Value::Node(child)) => self.build(*child, key),
-                    Some(Value::Scalar(Scalar::Str(s))) => Ok(Ok(Planned::Text(Some(s.clone())))),
-                    Some(Value::Scalar(Scalar::Null)) => Ok(Ok(Planned::Text(None))),
-                    Some(Value::Scalar(s)) => {
-                        let v = s.as_f64().expect("numbers and bools convert");
-                        Ok(Ok(Planned::Expr(self.constant(v, &n.label()))))
-                    }
+                    Some(Value::Scalar(s)) => Ok(Ok(self.constant(s.clone(), &n.label()))),
                 }
             }
             NodeKind::Merge { method, inputs } => {
@@ -492,254 +581,157 @@ impl KeyBuilder<'_> {
                 if !in_domain || !config.contains(key) {
                     return Ok(Err(format!("{} produces no key \"{key}\" for config \"{}\"", method.id, config.id())));
                 }
-                match &method.implementation {
-                    Implementation::ConvertSingleton => self.build(inputs[0][0], "key"),
-                    Implementation::Route(table) => match table.routes.get(key) {
-                        Some(input_key) => self.build(inputs[0][0], input_key),
-                        None => Ok(Err(format!("{} has no source key for \"{key}\"", method.id))),
-                    },
-                    Implementation::Component { omit } => self.build_component(inputs, key, *omit),
-                    Implementation::Fallback => match self.build(inputs[0][0], key)? {
-                        Ok(p) => Ok(Ok(p)),
-                        Err(_) => self.build(inputs[1][0], key),
-                    },
-                    Implementation::Cast => self.build_cast(inputs, key),
-                    Implementation::External(external) => self.build_external(node, external, inputs, key),
-                    Implementation::Elementwise(kernel) => self.build_elementwise(node, *kernel, inputs, key),
-                }
+                self.build_merge(node, method, inputs, key, config)
             }
         }
     }
 
-    fn build_external(
+    /// The visible dtype of an argument: float inputs are computed in the merge dtype.
+    fn arg_info(&self, id: ExprId) -> ArgInfo {
+        let e = &self.exprs[id];
+        let merge = match self.ctx.options.merge_dtype {
+            MergeDtype::F32 => DType::F32,
+            MergeDtype::F64 => DType::F64,
+            MergeDtype::Rounded(d) => d,
+        };
+        let (exact, dtype) = match &e.op {
+            Op::Source { entry, .. } if entry.dtype.is_float() => (true, Some(merge)),
+            Op::Source { .. } | Op::Round { .. } => (true, e.dtype),
+            _ => (false, e.dtype),
+        };
+        let constant = match (&e.op, &e.shape) {
+            (Op::Constant(v), None) => Some(v.clone()),
+            _ => None,
+        };
+        ArgInfo { shape: e.shape.clone(), dtype, exact, constant, origin: e.origin.clone(), numeric: e.numeric }
+    }
+
+    fn build_merge(
         &mut self,
         node: NodeId,
-        external: &Arc<ExternalMethod>,
+        method: &Arc<MethodSpec>,
         inputs: &[Vec<NodeId>],
         key: &str,
+        config: &SolvedConfig,
     ) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else { unreachable!() };
-        let mut args = vec![];
-        let mut tensors = vec![];
-        for (i, (param, children)) in method.params.iter().zip(inputs).enumerate() {
-            // The first input of a routed method reads the keys its table names.
-            let keys: Vec<&str> = match (&external.routes, i) {
-                (Some(r), 0) => match r.routes.get(key) {
-                    Some(keys) => keys.iter().map(String::as_str).collect(),
-                    None => return Ok(Err(format!("{} has no source keys for \"{key}\"", method.id))),
-                },
-                _ => vec![key],
-            };
-            let mut exprs = vec![];
-            for &child in children {
-                for &k in &keys {
-                    match self.build(child, k)? {
-                        Err(why) => return Ok(Err(why)),
-                        Ok(Planned::Text(t)) if param.value_type == ValueType::Str => {
-                            args.push(ExternalOperand::Text(t))
-                        }
-                        Ok(Planned::Text(_)) => {
-                            return Err(MechaError::recipe(format!(
-                                "{}: \"{}\" expects {}, but received text",
-                                method.id,
-                                param.name,
-                                param.value_type.name()
-                            )))
-                        }
-                        Ok(Planned::Expr(e)) => exprs.push(e),
-                    }
-                }
-            }
-            tensors.extend(exprs.iter().copied().filter(|&e| self.exprs[e].shape.is_some()));
-            let many = param.kind == ParamKind::VarPositional || keys.len() > 1;
-            match (many, exprs.as_slice()) {
-                (true, _) => args.push(ExternalOperand::Tensors(exprs)),
-                (false, [e]) => args.push(ExternalOperand::Tensor(*e)),
-                (false, _) => {}
-            }
-        }
-        // Results have their first input's shape, except conversions, whose keys have the shape
-        // the target config gives them (a LoRA's factors become a full weight).
-        let first = tensors.first().map(|&e| (self.exprs[e].shape.clone(), self.exprs[e].dtype));
-        let config = self.ctx.f.configs.configs[node].as_ref().expect("reachable nodes are solved");
-        let configured = config.as_named().and_then(|c| c.get(key)).and_then(|m| m.shape.clone());
-        let first_shape = first.as_ref().and_then(|(s, _)| s.clone());
-        // Without a tensor input the result is one value broadcast over the key, as in torch.
-        let shape = if tensors.is_empty() {
-            None
-        } else if method.is_conversion {
-            configured.or(first_shape)
-        } else {
-            first_shape
+        let implementation = method.implementation.clone();
+        let Some(relation) = implementation.key_map(&KeyMapCall { method, key, config }) else {
+            return Ok(Err(format!("{} has no source keys for \"{key}\"", method.id)));
         };
-        if let (true, Some(s)) = (external.elementwise, &shape) {
-            let mismatch = tensors
-                .iter()
-                .find(|&&e| self.exprs[e].shape.as_ref().is_some_and(|t| t != s && t.iter().product::<usize>() != 1));
-            if let Some(&bad) = mismatch {
-                return Err(MechaError::new(
-                    ErrorKind::Shape,
-                    format!(
-                        "{}: shapes differ for key \"{}\": {s:?}, but {} has {:?}",
-                        method.id, self.key, self.exprs[bad].origin, self.exprs[bad].shape
-                    ),
-                ));
-            }
-        }
-        let id = self.push(Expr {
-            op: Op::External { method: external.clone(), node, args },
-            shape,
-            dtype: first.and_then(|(_, d)| d),
-            origin: method.id.clone(),
-        });
-        Ok(Ok(Planned::Expr(id)))
-    }
-
-    fn build_component(&mut self, inputs: &[Vec<NodeId>], key: &str, omit: bool) -> Result<Built> {
-        let name = match self.build(inputs[1][0], key)? {
-            Err(why) => return Ok(Err(why)),
-            Ok(Planned::Text(Some(name))) => name,
-            Ok(_) => return Err(MechaError::recipe("\"component\" must be a component name such as \"diffuser\"")),
-        };
-        let source = inputs[0][0];
-        let config = self.ctx.f.configs.configs[source].as_ref().expect("reachable nodes are solved");
-        let Some(config) = config.as_named() else {
-            return Err(MechaError::new(
-                ErrorKind::Config,
-                "components are defined by a model config, but this input's architecture is unknown (structural); \
-                 give the model its config",
-            ));
-        };
-        let Some(component) = config.components().get(&name) else {
-            let valid: Vec<&str> = config.components().keys().map(String::as_str).collect();
-            return Err(MechaError::recipe(format!(
-                "component \"{name}\" does not exist in config \"{}\"; valid components: {}",
-                config.id,
-                valid.join(", ")
-            )));
-        };
-        if component.keys.contains_key(key) == omit {
-            let verb = if omit { "omitted" } else { "not picked" };
-            return Ok(Err(format!("in component \"{}\", {verb}", config.component_of(key).unwrap_or("?"))));
-        }
-        self.build(source, key)
-    }
-
-    fn build_cast(&mut self, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
-        let a = match self.build(inputs[0][0], key)? {
-            Err(why) => return Ok(Err(why)),
-            Ok(Planned::Text(_)) => return Err(MechaError::recipe("cast: input \"a\" must be tensors, not text")),
-            Ok(Planned::Expr(a)) => a,
-        };
-        // `device` is accepted for compatibility with sd-mecha recipes; the engine picks devices.
-        let dtype = match self.build(inputs[2][0], key)? {
-            Err(why) => return Ok(Err(why)),
-            Ok(Planned::Text(None)) => return Ok(Ok(Planned::Expr(a))),
-            Ok(Planned::Text(Some(name))) => DType::parse_user(&name).filter(|d| d.is_numeric()).ok_or_else(|| {
-                MechaError::recipe(format!(
-                    "cast: unknown dtype \"{name}\"; use a torch name such as float16, bfloat16, float32, float64, \
-                     float8_e4m3fn, float8_e5m2, int64, bool"
-                ))
-            })?,
-            Ok(Planned::Expr(_)) => {
-                return Err(MechaError::recipe("cast: \"dtype\" must be a dtype name such as \"float16\""))
-            }
-        };
-        let e = &self.exprs[a];
-        if e.dtype == Some(dtype) && matches!(e.op, Op::Source { .. }) {
-            return Ok(Ok(Planned::Expr(a))); // already in that dtype
-        }
-        if e.shape.is_none() {
-            return Ok(Ok(Planned::Expr(a))); // a broadcast number is not stored, so nothing to round
-        }
-        let (shape, origin) = (e.shape.clone(), format!("cast({})", e.origin));
-        Ok(Ok(Planned::Expr(self.push(Expr { op: Op::Round { dtype, arg: a }, shape, dtype: Some(dtype), origin }))))
-    }
-
-    fn build_elementwise(&mut self, node: NodeId, kernel: Kernel, inputs: &[Vec<NodeId>], key: &str) -> Result<Built> {
-        let NodeKind::Merge { method, .. } = &self.ctx.f.recipe.node(node).kind else { unreachable!() };
-        let mut operands = vec![];
-        for (param, children) in method.params.iter().zip(inputs) {
-            for &child in children {
-                match self.build(child, key)? {
-                    Err(why) => return Ok(Err(why)),
-                    Ok(Planned::Text(_)) => {
-                        return Err(MechaError::recipe(format!(
-                            "{}: \"{}\" expects {}, but received a text value",
-                            method.id,
-                            param.name,
-                            if param.value_type == ValueType::Tensor {
-                                "tensors or numbers"
-                            } else {
-                                param.value_type.name()
+        // The first clause whose inputs all exist.
+        let mut chosen = None;
+        let mut reason = format!("{} has no way to build \"{key}\"", method.id);
+        'clauses: for clause in &relation.clauses {
+            let mut args: Vec<Vec<ExprId>> = vec![];
+            for (p, children) in inputs.iter().enumerate() {
+                let mut values = vec![];
+                if let Some(Some(keys)) = clause.inputs.get(p) {
+                    for &child in children {
+                        for k in keys {
+                            match self.build(child, k)? {
+                                Ok(e) => values.push(e),
+                                Err(why) => {
+                                    reason = why;
+                                    continue 'clauses;
+                                }
                             }
-                        )))
-                    }
-                    Ok(Planned::Expr(e)) => {
-                        if let Some(d) = self.exprs[e].dtype.filter(|d| !d.is_numeric()) {
-                            return Err(MechaError::new(
-                                ErrorKind::Shape,
-                                format!(
-                                    "{}: cannot compute on dtype {d} (from {}); it can only be passed through",
-                                    method.id, self.exprs[e].origin
-                                ),
-                            ));
                         }
-                        operands.push(self.in_merge_precision(e));
                     }
                 }
+                args.push(values);
+            }
+            chosen = Some((clause, args));
+            break;
+        }
+        let Some((clause, args)) = chosen else {
+            return Ok(Err(reason));
+        };
+        // Text cannot stand in for numbers or tensors.
+        for (param, values) in method.params.iter().zip(&args) {
+            let numeric = !matches!(param.value_type, ValueType::Str | ValueType::Any);
+            if let Some(&bad) = values.iter().find(|&&e| numeric && !self.exprs[e].numeric) {
+                return Err(MechaError::recipe(format!(
+                    "{}: \"{}\" expects {}, but received a text value (from {})",
+                    method.id,
+                    param.name,
+                    if param.value_type == ValueType::Tensor { "tensors or numbers" } else { param.value_type.name() },
+                    self.exprs[bad].origin
+                )));
             }
         }
-
-        let scalars: Vec<Option<f64>> = operands
-            .iter()
-            .map(|&e| match (&self.exprs[e].op, &self.exprs[e].shape) {
-                (Op::Constant(v), None) => Some(*v),
-                _ => None,
-            })
-            .collect();
-        match kernel.shortcut(&scalars) {
-            Some(Shortcut::Operand(i)) => return Ok(Ok(Planned::Expr(operands[i]))),
-            Some(Shortcut::Zeros) => {
-                let e = &self.exprs[operands[0]];
-                let (shape, dtype) = (e.shape.clone(), e.dtype);
-                let id = self.push(Expr { op: Op::Constant(0.0), shape, dtype, origin: method.id.clone() });
-                return Ok(Ok(Planned::Expr(id)));
+        let input_configs =
+            inputs.iter().map(|c| c.first().and_then(|&n| self.ctx.f.configs.configs[n].as_ref())).collect();
+        let call = PlanCall {
+            method,
+            key,
+            outputs: &relation.outputs,
+            meta: &clause.meta,
+            args: args.iter().map(|a| a.iter().map(|&e| self.arg_info(e)).collect()).collect(),
+            input_configs,
+            config,
+            merge_dtype: match self.ctx.options.merge_dtype {
+                MergeDtype::F32 => DType::F32,
+                MergeDtype::F64 => DType::F64,
+                MergeDtype::Rounded(d) => d,
+            },
+        };
+        let decision = implementation.plan(&call)?;
+        let origin = method.id.clone();
+        let spec = match decision {
+            Decision::Forward { param, index } => {
+                return match args.get(param).and_then(|a| a.get(index)) {
+                    Some(&e) => Ok(Ok(e)),
+                    None => Err(call.fail(format!("forwards argument {index} of parameter {param}, which is absent"))),
+                };
             }
-            None => {}
-        }
-
-        // Shaped operands must agree; hyper-parameters may also be single values.
-        let shaped = kernel.shaped_operands(operands.len());
-        let mut shape: Option<(Vec<usize>, ExprId)> = None;
-        for (i, &e) in operands.iter().enumerate() {
-            let Some(s) = &self.exprs[e].shape else {
-                continue;
-            };
-            if !shaped.contains(&i) && s.iter().product::<usize>() == 1 {
-                continue;
+            Decision::Constant(v) => return Ok(Ok(self.constant(v, &origin))),
+            Decision::Fill { value, shape, dtype } => {
+                let id = self.push(Expr {
+                    op: Op::Constant(Scalar::Float(value)),
+                    shape: Some(shape),
+                    dtype,
+                    origin,
+                    numeric: true,
+                });
+                return Ok(Ok(id));
             }
-            match &shape {
-                None => shape = Some((s.clone(), e)),
-                Some((first, first_e)) if first != s => {
+            Decision::Skip(why) => return Ok(Err(why)),
+            Decision::Compute(spec) => spec,
+        };
+        // Arithmetic reads every tensor in the merge precision; raw-only dtypes cannot be read.
+        let mut rounded = vec![];
+        for values in &args {
+            let mut out = vec![];
+            for &e in values {
+                if let Some(d) = self.exprs[e].dtype.filter(|d| !d.is_numeric() && self.exprs[e].shape.is_some()) {
                     return Err(MechaError::new(
                         ErrorKind::Shape,
                         format!(
-                            "{}: shapes differ for key \"{}\": {} has {:?} but {} has {:?}",
-                            method.id, self.key, self.exprs[*first_e].origin, first, self.exprs[e].origin, s
+                            "{}: cannot compute on dtype {d} (from {}); it can only be passed through",
+                            method.id, self.exprs[e].origin
                         ),
-                    ))
+                    ));
                 }
-                Some(_) => {}
+                out.push(self.in_merge_precision(e));
             }
+            rounded.push(out);
         }
-        let natural = operands.iter().find_map(|&e| self.exprs[e].dtype);
-        let id = self.push(Expr {
-            op: Op::Apply { kernel, args: operands },
-            shape: shape.map(|(s, _)| s),
-            dtype: natural,
-            origin: method.id.clone(),
+        let dtype = spec.dtype.or_else(|| {
+            rounded.iter().flatten().find(|&&e| self.exprs[e].shape.is_some()).and_then(|&e| self.exprs[e].dtype)
         });
-        Ok(Ok(Planned::Expr(id)))
+        let at = (NodeRef { index: node, source: self.ctx.f.recipe.source_index[node] }, key.to_string());
+        let numeric = method.returns.value_type != ValueType::Str;
+        let op = match spec.kernel {
+            Some(kernel) => {
+                let numeric_args = rounded.iter().flatten().copied().filter(|&e| self.exprs[e].numeric).collect();
+                Op::Kernel { kernel, args: numeric_args, at }
+            }
+            None => {
+                let index = relation.outputs.iter().position(|o| o == key).unwrap_or(0);
+                let group = Group { outputs: Arc::new(relation.outputs.clone()), meta: clause.meta.clone() };
+                Op::Method { method: method.clone(), args: rounded, group, index, at, extra_bytes: spec.extra_bytes }
+            }
+        };
+        Ok(Ok(self.push(Expr { op, shape: spec.shape, dtype, origin, numeric })))
     }
 }

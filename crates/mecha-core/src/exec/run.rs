@@ -7,18 +7,20 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::{Device, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::dtype::DType;
-use crate::error::{MechaError, Result};
-use crate::exec::plan::{Compute, Expr, ExprId, ExternalOperand, Op, Plan, TensorId};
+use crate::error::{ErrorKind, MechaError, Result};
+use crate::exec::plan::{Compute, Exclusions, Expr, Op, Plan, TensorId};
 use crate::io::reader::TensorEntry;
 use crate::kernels::convert::has_non_finite;
+use crate::kernels::tensor::with_slice;
 use crate::kernels::{Operand, Real};
-use crate::methods::{ExternalArg, ExternalCall, ExternalMethod};
+use crate::methods::seam::{Arg, Chunk, ChunkKernel, NodeCache, NodeRef, Output, RunCall};
+use crate::recipe::{NodeId, Scalar};
 
 /// Elements per chunk: small enough that a chunk's buffers for several inputs stay in L2.
 pub const DEFAULT_CHUNK: usize = 1 << 15;
@@ -53,6 +55,10 @@ pub struct RunStats {
     pub non_finite_inputs: HashSet<TensorId>,
     /// Keys whose output holds NaN or infinity (when checked), by index in the plan.
     pub non_finite_outputs: Vec<usize>,
+    /// What methods skipped while running: (node, key asked of it) → why.
+    pub skipped: Exclusions,
+    /// Keys whose work unit needed more than the memory budget, so it ran alone.
+    pub over_budget: Vec<usize>,
 }
 
 pub struct RunOptions<'a> {
@@ -67,6 +73,9 @@ pub struct RunOptions<'a> {
     pub cancel: &'a AtomicBool,
     pub progress: Option<&'a dyn ProgressSink>,
     pub progress_interval: Duration,
+    /// Bytes of working memory the units running at once may use together.
+    pub memory_budget: u64,
+    pub cache: &'a dyn NodeCache,
 }
 
 /// One unit of parallel work: element ranges of keys.
@@ -111,7 +120,8 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         .thread_name(|i| format!("mecha-merge-{i}"))
         .build()
         .map_err(|e| MechaError::io("starting the merge threads", std::io::Error::other(e)))?;
-    let (units, pieces) = units(plan, options.chunk.max(1));
+    let chunk = options.chunk.max(1);
+    let (units, pieces) = units(plan, chunk);
     let tracker = Tracker {
         remaining: pieces.into_iter().map(AtomicUsize::new).collect(),
         keys_done: AtomicUsize::new(0),
@@ -131,36 +141,98 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         host_context: options.host_context,
         check_inputs: options.check_inputs,
         check_outputs: options.check_outputs,
+        cache: options.cache,
         non_finite_inputs: Mutex::new(HashSet::new()),
         non_finite_outputs: (0..plan.keys.len()).map(|_| AtomicBool::new(false)).collect(),
+        skipped: Mutex::new(HashMap::new()),
+        groups: Mutex::new(HashMap::new()),
     };
+    let budget = Budget::new(options.memory_budget);
+    let over_budget = Mutex::new(vec![]);
+    // Units are admitted in order against the budget, so a large one waits for memory rather
+    // than running beside others; one larger than the whole budget runs alone.
+    let tickets = AtomicUsize::new(0);
     pool.install(|| {
         units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
-            for (k, range) in unit {
-                if options.cancel.load(Ordering::Relaxed) {
-                    return Err(MechaError::aborted());
-                }
-                let key = &plan.keys[*k];
-                let written = worker.compute_piece(*k, range.clone(), scratch).map_err(|e| {
-                    if e.key.is_none() {
-                        e.with_key(&key.name)
-                    } else {
-                        e
-                    }
-                })?;
-                tracker.piece_done(*k, &key.name, written);
+            let need = unit.iter().map(|(k, _)| plan.unit_bytes(*k, chunk)).max().unwrap_or(0);
+            let ticket = tickets.fetch_add(1, Ordering::SeqCst);
+            let alone = budget.acquire(ticket, need, options.cancel);
+            if alone {
+                over_budget.lock().expect("budget lock").extend(unit.iter().map(|(k, _)| *k));
             }
-            Ok(())
+            let result = (|| {
+                for (k, range) in unit {
+                    if options.cancel.load(Ordering::Relaxed) {
+                        return Err(MechaError::aborted());
+                    }
+                    let key = &plan.keys[*k];
+                    let written = match worker.compute_piece(*k, range.clone(), scratch) {
+                        Ok(w) => w,
+                        Err(e) if e.kind == ErrorKind::KeySkipped => 0, // re-planned without it
+                        Err(e) if e.key.is_none() => return Err(e.with_key(&key.name)),
+                        Err(e) => return Err(e),
+                    };
+                    tracker.piece_done(*k, &key.name, written);
+                }
+                Ok(())
+            })();
+            budget.release(need);
+            scratch.shrink(chunk);
+            result
         })
     })?;
     tracker.report(true, plan.keys.last().map_or("", |k| k.name.as_str()));
-    let Worker { non_finite_inputs, non_finite_outputs, .. } = worker;
+    let Worker { non_finite_inputs, non_finite_outputs, skipped, .. } = worker;
+    let mut over_budget = over_budget.into_inner().expect("budget lock");
+    over_budget.sort_unstable();
+    over_budget.dedup();
     Ok(RunStats {
         bytes_read: tracker.bytes_read.into_inner(),
         bytes_written: tracker.bytes_done.into_inner(),
         non_finite_inputs: non_finite_inputs.into_inner().expect("scan lock"),
         non_finite_outputs: (0..plan.keys.len()).filter(|&k| non_finite_outputs[k].load(Ordering::Relaxed)).collect(),
+        skipped: Exclusions { tensors: HashSet::new(), nodes: skipped.into_inner().expect("skip lock") },
+        over_budget,
     })
+}
+
+/// Bytes of working memory in use, admitted first come first served.
+struct Budget {
+    limit: u64,
+    state: Mutex<(u64, usize)>, // (bytes in use, next ticket to admit)
+    changed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Budget {
+        Budget { limit: limit.max(1), state: Mutex::new((0, 0)), changed: std::sync::Condvar::new() }
+    }
+
+    /// Waits until unit `ticket`'s turn comes and `need` bytes fit (or nothing else runs).
+    /// Returns whether it runs alone because it is larger than the budget.
+    fn acquire(&self, ticket: usize, need: u64, cancel: &AtomicBool) -> bool {
+        let mut state = self.state.lock().expect("budget lock");
+        loop {
+            let (in_use, next) = *state;
+            if next == ticket && (in_use + need <= self.limit || in_use == 0) {
+                *state = (in_use + need, next + 1);
+                self.changed.notify_all();
+                return need > self.limit;
+            }
+            if cancel.load(Ordering::Relaxed) && next == ticket {
+                *state = (in_use, next + 1); // let the unit run and see the cancellation
+                self.changed.notify_all();
+                return false;
+            }
+            state = self.changed.wait_timeout(state, Duration::from_millis(50)).expect("budget lock").0;
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut state = self.state.lock().expect("budget lock");
+        state.0 = state.0.saturating_sub(bytes);
+        self.changed.notify_all();
+    }
 }
 
 struct Tracker<'a> {
@@ -225,6 +297,20 @@ struct Scratch {
     bytes: Vec<u8>,
 }
 
+impl Scratch {
+    /// Drops buffers grown for a whole tensor, so one large key does not keep its memory.
+    fn shrink(&mut self, chunk: usize) {
+        let keep = chunk * 4;
+        self.f32s.retain(|b| b.capacity() <= keep);
+        self.f64s.retain(|b| b.capacity() <= keep);
+        for bytes in [&mut self.raw, &mut self.bytes] {
+            if bytes.capacity() > keep * 8 {
+                *bytes = Vec::new();
+            }
+        }
+    }
+}
+
 trait Pool<T> {
     fn take(&mut self, len: usize) -> Vec<T>;
     fn give(&mut self, buf: Vec<T>);
@@ -247,21 +333,36 @@ macro_rules! pool_impl {
 pool_impl!(f32, f32s);
 pool_impl!(f64, f64s);
 
+/// A compute type the executor runs in: a kernel float that candle also knows.
+trait Num: Real + WithDType {
+    fn apply(kernel: &dyn ChunkKernel, chunk: &Chunk, x: &[Operand<Self>], out: &mut [Self]) -> Result<()>;
+}
+
+impl Num for f32 {
+    fn apply(kernel: &dyn ChunkKernel, chunk: &Chunk, x: &[Operand<f32>], out: &mut [f32]) -> Result<()> {
+        kernel.apply_f32(chunk, x, out)
+    }
+}
+
+impl Num for f64 {
+    fn apply(kernel: &dyn ChunkKernel, chunk: &Chunk, x: &[Operand<f64>], out: &mut [f64]) -> Result<()> {
+        kernel.apply_f64(chunk, x, out)
+    }
+}
+
 enum Val<T> {
     Scalar(T),
     Buf(Vec<T>),
+    /// A whole tensor computed by a method.
+    Tensor(Tensor),
+    /// A value that is not a number (text, null).
+    Value(Scalar),
 }
 
-fn round_to<T: Real>(dtype: DType, values: &mut [T]) {
-    let width = dtype.bits() / 8;
-    let mut bytes = vec![0u8; values.len() * width];
-    if dtype.is_integer() {
-        for v in values.iter_mut() {
-            *v = T::from_f64(v.to_f64().trunc()); // torch's `.to(int)` truncates
-        }
-    }
-    T::encode(dtype, values, &mut bytes);
-    T::decode(dtype, &bytes, values);
+/// The outputs of one run of a multi-output method, kept until every key that reads them has.
+struct GroupSlot {
+    outputs: Option<Vec<Output>>,
+    taken: usize,
 }
 
 /// What every work unit of one run shares.
@@ -272,8 +373,11 @@ struct Worker<'a> {
     host_context: u64,
     check_inputs: bool,
     check_outputs: bool,
+    cache: &'a dyn NodeCache,
     non_finite_inputs: Mutex<HashSet<TensorId>>,
     non_finite_outputs: Vec<AtomicBool>,
+    skipped: Mutex<HashMap<(NodeId, String), String>>,
+    groups: Mutex<HashMap<(NodeId, String), Arc<Mutex<GroupSlot>>>>,
 }
 
 impl Worker<'_> {
@@ -304,15 +408,16 @@ impl Worker<'_> {
         }
         let mut out = std::mem::take(&mut scratch.bytes);
         out.resize(range.len() * out_width, 0);
-        match key.compute {
-            Compute::F32 => self.evaluate::<f32>(k, range.clone(), scratch, &mut out)?,
-            Compute::F64 => self.evaluate::<f64>(k, range.clone(), scratch, &mut out)?,
-        }
-        let result = sink.write(k, range.start * out_width, &out);
+        let evaluated = match key.compute {
+            Compute::F32 => self.evaluate::<f32>(k, range.clone(), scratch, &mut out),
+            Compute::F64 => self.evaluate::<f64>(k, range.clone(), scratch, &mut out),
+        };
+        let result = evaluated.and_then(|()| sink.write(k, range.start * out_width, &out));
         scratch.bytes = out;
         result.map(|()| (range.len() * out_width) as u64)
     }
-    fn evaluate<T: Real>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
+
+    fn evaluate<T: Num>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
     where
         Scratch: Pool<T>,
     {
@@ -327,12 +432,17 @@ impl Worker<'_> {
             }
         }
         last_use[key.root] = usize::MAX;
+        // Buffers hold the chunk when streaming, else each expression's whole tensor.
+        let len_of = |e: &Expr| if key.chunkable { n } else { e.numel() };
 
         let mut vals: Vec<Option<Val<T>>> = (0..key.exprs.len()).map(|_| None).collect();
         for (i, e) in key.exprs.iter().enumerate() {
             let broadcast = e.shape.as_ref().is_none_or(|s| s.iter().product::<usize>() == 1 && key_numel != 1);
             let val = match &e.op {
-                Op::Constant(v) => Val::Scalar(T::from_f64(*v)),
+                Op::Constant(v) => match v.as_f64() {
+                    Some(x) => Val::Scalar(<T as Real>::from_f64(x)),
+                    None => Val::Value(v.clone()),
+                },
                 Op::Source { input, entry } => {
                     let file = &plan.inputs()[*input];
                     let width = entry.dtype.bits() / 8;
@@ -364,69 +474,119 @@ impl Worker<'_> {
                         Val::Buf(buf)
                     }
                 }
-                Op::Round { dtype, arg } => match vals[*arg].as_ref().expect("children evaluate first") {
-                    Val::Scalar(v) => {
-                        let mut one = [*v];
-                        round_to(*dtype, &mut one);
-                        Val::Scalar(one[0])
-                    }
-                    Val::Buf(b) => {
-                        let mut buf = scratch.take(n);
-                        buf.copy_from_slice(b);
-                        round_to(*dtype, &mut buf);
-                        Val::Buf(buf)
-                    }
-                },
-                Op::External { method, node, args } => {
-                    let len = if e.shape.is_some() { n } else { 1 };
-                    let result =
-                        self.call_external(method, *node, args, &vals, &key.name, e, range.start..range.start + len)?;
-                    if e.shape.is_none() {
-                        Val::Scalar(T::from_f64(result[0] as f64))
-                    } else {
-                        let mut buf = scratch.take(n);
-                        for (o, v) in buf.iter_mut().zip(result) {
-                            *o = T::from_f64(v as f64);
+                Op::Round { dtype, arg } => {
+                    let mut buf = scratch.take(len_of(e));
+                    match vals[*arg].as_ref().expect("children evaluate first") {
+                        Val::Scalar(v) => {
+                            let mut one = [*v];
+                            crate::methods::logistics::round_to(*dtype, &mut one);
+                            scratch.give(buf);
+                            vals[i] = Some(Val::Scalar(one[0]));
+                            self.release(e, i, &last_use, &mut vals, scratch);
+                            continue;
                         }
-                        Val::Buf(buf)
+                        Val::Buf(b) => buf.copy_from_slice(b),
+                        Val::Tensor(t) => with_slice(t, |s: &[T]| buf.copy_from_slice(s))?,
+                        Val::Value(_) => return Err(MechaError::recipe(format!("{}: cannot round text", e.origin))),
                     }
+                    crate::methods::logistics::round_to(*dtype, &mut buf);
+                    Val::Buf(buf)
                 }
-                Op::Apply { kernel, args } => {
-                    let mut result = scratch.take(n);
-                    {
-                        let operands: Vec<Operand<T>> = args
-                            .iter()
-                            .map(|&a| match vals[a].as_ref().expect("children evaluate first") {
-                                Val::Scalar(v) => Operand::Scalar(*v),
-                                Val::Buf(b) => Operand::Slice(b.as_slice()),
-                            })
-                            .collect();
-                        kernel.apply(&operands, &mut result);
+                Op::Kernel { kernel, args, at } => {
+                    // Method results arrive as whole tensors; kernels read slices.
+                    for &a in args {
+                        if let Some(Val::Tensor(t)) = &vals[a] {
+                            let copy = with_slice(t, |s: &[T]| s.to_vec())?;
+                            vals[a] = Some(if copy.len() == 1 && len_of(e) != 1 {
+                                Val::Scalar(copy[0])
+                            } else {
+                                Val::Buf(copy)
+                            });
+                        }
                     }
+                    let mut result = scratch.take(len_of(e));
+                    let operands: Vec<Operand<T>> = args
+                        .iter()
+                        .map(|&a| match vals[a].as_ref().expect("children evaluate first") {
+                            Val::Scalar(v) => Operand::Scalar(*v),
+                            Val::Buf(b) => Operand::Slice(b.as_slice()),
+                            Val::Tensor(_) | Val::Value(_) => Operand::Scalar(T::ZERO),
+                        })
+                        .collect();
+                    let shape = e.shape.clone().unwrap_or_default();
+                    let chunk = Chunk {
+                        key: &at.1,
+                        shape: &shape,
+                        offset: if key.chunkable { range.start } else { 0 },
+                        node: at.0,
+                        host_context: self.host_context,
+                    };
+                    if let Err(err) = T::apply(kernel.as_ref(), &chunk, &operands, &mut result) {
+                        return Err(self.note_skip(err, at));
+                    }
+                    drop(operands);
                     Val::Buf(result)
+                }
+                Op::Method { method, args, group, index, at, .. } => {
+                    let call_args = args
+                        .iter()
+                        .map(|ids| {
+                            ids.iter()
+                                .map(|&a| self.whole_arg(&key.exprs[a], vals[a].as_ref().expect("children evaluate first")))
+                                .collect::<Result<Vec<_>>>()
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let call = RunCall {
+                        method,
+                        outputs: &group.outputs,
+                        meta: &group.meta,
+                        args: call_args,
+                        shape: e.shape.clone(),
+                        device: &Device::Cpu,
+                        node: at.0,
+                        cache: self.cache,
+                        host_context: self.host_context,
+                    };
+                    let output = match self.run_group(call, at.0, *index) {
+                        Ok(o) => o,
+                        Err(err) => return Err(self.note_skip(err, at)),
+                    };
+                    match output {
+                        Arg::Tensor(t) => {
+                            if t.elem_count() != e.numel() {
+                                return Err(MechaError::recipe(format!(
+                                    "{} returned shape {:?} for key \"{}\", but {:?} was planned",
+                                    method.id,
+                                    t.dims(),
+                                    at.1,
+                                    e.shape
+                                )));
+                            }
+                            Val::Tensor(t)
+                        }
+                        Arg::Value(v) => match v.as_f64() {
+                            Some(x) if e.numeric => Val::Scalar(<T as Real>::from_f64(x)),
+                            _ => Val::Value(v),
+                        },
+                    }
                 }
             };
             vals[i] = Some(val);
-            // Release operands whose last reader was this expression.
-            for c in e.op.operands() {
-                if last_use[c] == i {
-                    if let Some(Val::Buf(b)) = vals[c].take() {
-                        scratch.give(b);
-                    }
-                }
-            }
+            self.release(e, i, &last_use, &mut vals, scratch);
         }
         match vals[key.root].take().expect("root evaluated") {
             Val::Buf(b) => {
                 T::encode(key.dtype, &b, out);
                 scratch.give(b);
             }
+            Val::Tensor(t) => with_slice(&t, |s: &[T]| T::encode(key.dtype, s, out))?,
             Val::Scalar(v) => {
                 let mut buf = scratch.take(n);
                 buf.fill(v);
                 T::encode(key.dtype, &buf, out);
                 scratch.give(buf);
             }
+            Val::Value(_) => return Err(MechaError::recipe("the recipe's result is a text value, not tensors")),
         }
         if self.check_outputs && has_non_finite(key.dtype, out) {
             self.non_finite_outputs[k].store(true, Ordering::Relaxed);
@@ -434,65 +594,79 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn found_non_finite_input(&self, input: usize, entry: &TensorEntry) {
-        self.non_finite_inputs.lock().expect("scan lock").insert((input, entry.start));
+    /// Releases the operands of expression `i` whose last reader it was.
+    fn release<T>(&self, e: &Expr, i: usize, last_use: &[usize], vals: &mut [Option<Val<T>>], scratch: &mut Scratch)
+    where
+        Scratch: Pool<T>,
+    {
+        for c in e.op.operands() {
+            if last_use[c] == i {
+                if let Some(Val::Buf(b)) = vals[c].take() {
+                    scratch.give(b);
+                }
+            }
+        }
     }
 
-    /// Calls a host method with its operands' values (in f32, the hosts' type) and checks the
-    /// length of what it returns.
-    #[allow(clippy::too_many_arguments)]
-    fn call_external<T: Real>(
-        &self,
-        method: &ExternalMethod,
-        node: usize,
-        args: &[ExternalOperand],
-        vals: &[Option<Val<T>>],
-        key: &str,
-        expr: &Expr,
-        range: Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let (offset, len) = (range.start, range.len());
-        let val = |id: ExprId| vals[id].as_ref().expect("children evaluate first");
-        // f64 buffers are converted once, up front, so the call can borrow them.
-        let f32s: HashMap<ExprId, std::borrow::Cow<[f32]>> = expr
-            .op
-            .operands()
-            .into_iter()
-            .filter_map(|id| match val(id) {
-                Val::Buf(b) => Some((id, T::to_f32(b))),
-                Val::Scalar(_) => None,
-            })
-            .collect();
-        let arg = |id: ExprId| match val(id) {
-            Val::Scalar(v) => ExternalArg::Number(v.to_f64()),
-            Val::Buf(_) => ExternalArg::Tensor(&f32s[&id]),
-        };
-        let call_args = args
-            .iter()
-            .map(|a| match a {
-                ExternalOperand::Tensor(id) => arg(*id),
-                ExternalOperand::Tensors(ids) => ExternalArg::Tensors(ids.iter().map(|&id| arg(id)).collect()),
-                ExternalOperand::Text(t) => ExternalArg::Text(t.as_deref()),
-            })
-            .collect();
-        let shape = expr.shape.clone().unwrap_or_default();
-        let call = ExternalCall {
-            context: self.host_context,
-            key,
-            node: self.plan.finalized.recipe.source_index[node],
-            shape: &shape,
-            offset,
-            len,
-            args: call_args,
-        };
-        let result = method.kernel.call(call)?;
-        if result.len() != len {
-            return Err(MechaError::recipe(format!(
-                "{} returned {} values for key \"{key}\", but {len} were expected (shape {shape:?})",
-                expr.origin,
-                result.len(),
-            )));
+    /// An executor value as a method argument: tensors keep their planned shape; a number
+    /// planned as a tensor (a fill) is expanded to one.
+    fn whole_arg<T: Num>(&self, e: &Expr, v: &Val<T>) -> Result<Arg> {
+        let shape = e.shape.clone().unwrap_or_default();
+        Ok(match v {
+            Val::Value(s) => Arg::Value(s.clone()),
+            Val::Scalar(x) => match (&e.op, &e.shape) {
+                (Op::Constant(s), None) => Arg::Value(s.clone()),
+                (_, None) => Arg::Value(Scalar::Float(Real::to_f64(*x))),
+                (_, Some(_)) => Arg::Tensor(Tensor::from_vec(vec![*x; e.numel()], shape, &Device::Cpu)?),
+            },
+            Val::Buf(b) => Arg::Tensor(Tensor::from_slice(b, shape, &Device::Cpu)?),
+            Val::Tensor(t) => Arg::Tensor(t.clone()),
+        })
+    }
+
+    /// Runs a method, or for a multi-output group, takes this key's output from the one run
+    /// the group has (whichever key asked first ran it).
+    fn run_group(&self, call: RunCall, node: NodeRef, index: usize) -> Result<Output> {
+        if call.outputs.len() == 1 {
+            let method = call.method.implementation.clone();
+            return method.run(call)?.into_iter().next().ok_or_else(|| MechaError::recipe("a method returned nothing"));
         }
-        Ok(result)
+        let id = (node.index, call.outputs[0].clone());
+        let uses = self.plan.group_uses.get(&id).copied().unwrap_or(1);
+        let slot = self
+            .groups
+            .lock()
+            .expect("group lock")
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(GroupSlot { outputs: None, taken: 0 })))
+            .clone();
+        let mut slot = slot.lock().expect("group lock");
+        if slot.outputs.is_none() {
+            let (count, id_name) = (call.outputs.len(), call.method.id.clone());
+            let method = call.method.implementation.clone();
+            let outputs = method.run(call)?;
+            if outputs.len() != count {
+                return Err(MechaError::recipe(format!("{id_name} returned {} results for {count} keys", outputs.len())));
+            }
+            slot.outputs = Some(outputs);
+        }
+        let output = slot.outputs.as_ref().expect("computed above")[index].clone();
+        slot.taken += 1;
+        if slot.taken >= uses {
+            self.groups.lock().expect("group lock").remove(&id);
+        }
+        Ok(output)
+    }
+
+    /// A method that skipped its key at run time is remembered for the next planning pass.
+    fn note_skip(&self, err: MechaError, at: &(NodeRef, String)) -> MechaError {
+        if err.kind == ErrorKind::KeySkipped {
+            self.skipped.lock().expect("skip lock").insert((at.0.index, at.1.clone()), err.message.clone());
+        }
+        err
+    }
+
+    fn found_non_finite_input(&self, input: usize, entry: &TensorEntry) {
+        self.non_finite_inputs.lock().expect("scan lock").insert((input, entry.start));
     }
 }

@@ -1,6 +1,7 @@
 //! Numeric building blocks: dtype conversion and chunked elementwise evaluation.
 
 pub mod convert;
+pub mod tensor;
 
 use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
@@ -25,11 +26,18 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     const HALF: Self;
+    /// The largest finite value.
+    const MAX: Self;
+    const NAN: Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn abs(self) -> Self;
     fn is_nan(self) -> bool;
     fn mul_add(self, a: Self, b: Self) -> Self;
+    fn powf(self, p: Self) -> Self;
+    fn ln(self) -> Self;
+    fn cos(self) -> Self;
+    fn sqrt(self) -> Self;
     fn decode(dtype: DType, src: &[u8], out: &mut [Self]);
     fn encode(dtype: DType, src: &[Self], out: &mut [u8]);
     /// The values as f32 (borrowed when they already are).
@@ -40,6 +48,8 @@ impl Real for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
     const HALF: f32 = 0.5;
+    const MAX: f32 = f32::MAX;
+    const NAN: f32 = f32::NAN;
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
@@ -60,6 +70,22 @@ impl Real for f32 {
     fn mul_add(self, a: f32, b: f32) -> f32 {
         f32::mul_add(self, a, b)
     }
+    #[inline(always)]
+    fn powf(self, p: f32) -> f32 {
+        f32::powf(self, p)
+    }
+    #[inline(always)]
+    fn ln(self) -> f32 {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn cos(self) -> f32 {
+        f32::cos(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> f32 {
+        f32::sqrt(self)
+    }
     fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
         convert::decode_f32(dtype, src, out)
     }
@@ -75,6 +101,8 @@ impl Real for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
     const HALF: f64 = 0.5;
+    const MAX: f64 = f64::MAX;
+    const NAN: f64 = f64::NAN;
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
@@ -94,6 +122,22 @@ impl Real for f64 {
     #[inline(always)]
     fn mul_add(self, a: f64, b: f64) -> f64 {
         f64::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn powf(self, p: f64) -> f64 {
+        f64::powf(self, p)
+    }
+    #[inline(always)]
+    fn ln(self) -> f64 {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn cos(self) -> f64 {
+        f64::cos(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> f64 {
+        f64::sqrt(self)
     }
     fn decode(dtype: DType, src: &[u8], out: &mut [f64]) {
         convert::decode_f64(dtype, src, out)

@@ -2,11 +2,13 @@
 //! of a full model takes the value of the SuperMerger block it belongs to, so per-block weights
 //! (MBW) become per-key weights.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 
 use super::decl::*;
-use super::{Implementation, KeyRoutes, MethodSpec, ReturnSpec, SpaceSpec, ValueType};
+use super::seam::{Clause, Decision, KeyMapCall, KeyRelation, Meta, Method, PlanCall};
+use super::{MethodSpec, ReturnSpec, SpaceSpec, ValueType};
 use crate::configs;
+use crate::error::Result;
 
 /// The number after `marker` in `key` (as in `.input_blocks.4.`), when followed by a dot.
 fn block_number(key: &str, marker: &str) -> Option<u32> {
@@ -50,20 +52,35 @@ fn sdxl_block(key: &str) -> String {
     }
 }
 
-fn routes(target: &str, block_of: fn(&str) -> String) -> Arc<KeyRoutes> {
-    let config = configs::resolve(target).expect("builtin config");
-    Arc::new(KeyRoutes { routes: config.keys().map(|(k, _)| (k.to_string(), block_of(k))).collect() })
+/// Each key of the target config takes the value of one block key.
+struct BlockRoutes {
+    routes: HashMap<String, String>,
+}
+
+impl Method for BlockRoutes {
+    fn key_map(&self, call: &KeyMapCall) -> Option<KeyRelation> {
+        let block = self.routes.get(call.key)?;
+        Some(KeyRelation {
+            outputs: vec![call.key.to_string()],
+            clauses: vec![Clause { inputs: vec![Some(vec![block.clone()])], meta: Meta::default() }],
+        })
+    }
+    fn plan(&self, _: &PlanCall) -> Result<Decision> {
+        Ok(Decision::Forward { param: 0, index: 0 })
+    }
 }
 
 fn converter(id: &str, from: &str, to: &str, block_of: fn(&str) -> String) -> MethodSpec {
-    MethodSpec {
-        id: id.into(),
-        description: format!("Per-block values in {from} to per-key values in {to} (SuperMerger block names)."),
-        params: vec![same_space("blocks", ValueType::Any).state_dict().config(from)],
-        returns: ReturnSpec { config: Some(to.into()), ..returns(ValueType::Any, SpaceSpec::Symbol) },
-        implementation: Implementation::Route(routes(to, block_of)),
-        is_conversion: true,
-    }
+    let config = configs::resolve(to).expect("builtin config");
+    let routes = config.keys().map(|(k, _)| (k.to_string(), block_of(k))).collect();
+    MethodSpec::new(
+        id,
+        &format!("Per-block values in {from} to per-key values in {to} (SuperMerger block names)."),
+        vec![same_space("blocks", ValueType::Any).state_dict().config(from)],
+        ReturnSpec { config: Some(to.into()), ..returns(ValueType::Any, SpaceSpec::Symbol) },
+        BlockRoutes { routes },
+    )
+    .conversion()
 }
 
 pub fn methods() -> Vec<MethodSpec> {
@@ -96,10 +113,12 @@ mod tests {
         assert_eq!(sdxl_block("model.diffusion_model.label_emb.0.0.weight"), "BASE");
         assert_eq!(sdxl_block("model.diffusion_model.out.2.weight"), "OUT08");
         // every routed block exists in the blocks config
-        for m in methods() {
-            let Implementation::Route(r) = &m.implementation else { panic!() };
-            let blocks = configs::resolve(m.params[0].config.as_deref().unwrap()).unwrap();
-            assert!(r.routes.values().all(|b| blocks.get(b).is_some()), "{}", m.id);
+        for (from, to, block_of) in [
+            ("sd1-supermerger_blocks", "sd1-ldm", sd1_block as fn(&str) -> String),
+            ("sdxl-supermerger_blocks", "sdxl-sgm", sdxl_block),
+        ] {
+            let blocks = configs::resolve(from).unwrap();
+            assert!(configs::resolve(to).unwrap().keys().all(|(k, _)| blocks.get(&block_of(k)).is_some()), "{to}");
         }
     }
 }

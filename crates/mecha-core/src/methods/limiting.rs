@@ -1,8 +1,8 @@
 //! `clamp` (sd-mecha `limiting.py`): keeps values within the range spanned by other models.
 
 use super::decl::*;
-use super::linear::Kernel;
-use super::{DefaultValue, Implementation, MethodSpec, SpaceSpec, ValueType};
+use super::{elementwise, DefaultValue, MethodSpec, SpaceSpec, ValueType};
+use crate::chunk_kernel;
 use crate::kernels::{Operand, Real};
 
 /// torch's `maximum`/`minimum`: NaN wins.
@@ -19,8 +19,11 @@ fn pick<T: Real>(a: T, b: T, take_a: bool) -> T {
 
 /// `x = [a, bound₁…boundₙ, stiffness]`. The range is [min, max] of the bounds; a stiffness s
 /// pulls each end toward the bound nearest the bounds' mean from that side.
+pub struct Clamp;
+chunk_kernel!(Clamp => clamp);
+
 #[inline(always)]
-pub fn clamp<T: Real>(x: &[Operand<T>], out: &mut [T]) {
+fn clamp<T: Real>(_: &Clamp, x: &[Operand<T>], out: &mut [T]) {
     let (a, rest) = x.split_first().expect("clamp has an input");
     let (stiffness, bounds) = rest.split_last().expect("clamp has a stiffness");
     let stiffness = stiffness.scalar().expect("stiffness is a number");
@@ -63,24 +66,29 @@ pub fn clamp<T: Real>(x: &[Operand<T>], out: &mut [T]) {
 
 pub fn methods() -> Vec<MethodSpec> {
     use ValueType::{Float, Tensor};
-    vec![MethodSpec {
-        id: "clamp".into(),
-        description: "a limited to the range spanned by the bounds; stiffness pulls the range toward the bounds' mean."
-            .into(),
-        params: vec![
+    vec![elementwise::method(
+        "clamp",
+        "a limited to the range spanned by the bounds; stiffness pulls the range toward the bounds' mean.",
+        vec![
             same_space("a", Tensor),
             same_space("bounds", Tensor).varargs(),
             hyper("stiffness", Float, DefaultValue::Float(0.0)).keyword_only(),
         ],
-        returns: returns(Tensor, SpaceSpec::Symbol),
-        implementation: Implementation::Elementwise(Kernel::Clamp),
-        is_conversion: false,
-    }]
+        returns(Tensor, SpaceSpec::Symbol),
+        Clamp,
+        None,
+    )]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::methods::seam::{Chunk, ChunkKernel, NodeRef};
+
+    fn apply(x: &[Operand<f32>], out: &mut [f32]) {
+        let chunk = Chunk { key: "k", shape: &[], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
+        Clamp.apply_f32(&chunk, x, out).unwrap();
+    }
 
     #[test]
     fn clamps_to_the_bounds_range() {
@@ -88,13 +96,12 @@ mod tests {
         let b1 = [1.0f32, 1.0, 0.0, 0.0];
         let b2 = [2.0f32, -1.0, 1.0, 1.0];
         let mut out = [0f32; 4];
-        Kernel::Clamp
-            .apply(&[Operand::Slice(&a), Operand::Slice(&b1), Operand::Slice(&b2), Operand::Scalar(0.0)], &mut out);
+        apply(&[Operand::Slice(&a), Operand::Slice(&b1), Operand::Slice(&b2), Operand::Scalar(0.0)], &mut out);
         assert_eq!(&out[..3], &[2.0, -1.0, 0.5]);
         assert!(out[3].is_nan());
         // Stiffness 1 narrows the range to the bounds nearest the mean (here the mean itself).
         let b3 = [1.5f32, 0.0, 0.5, 0.5];
-        Kernel::Clamp.apply(
+        apply(
             &[Operand::Slice(&a), Operand::Slice(&b1), Operand::Slice(&b2), Operand::Slice(&b3), Operand::Scalar(1.0)],
             &mut out,
         );

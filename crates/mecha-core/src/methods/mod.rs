@@ -3,9 +3,17 @@
 //! the docs listing and `methods.list()` are all derived from these declarations.
 
 pub mod blocks;
+// pending: pub mod cosine;
+// pending: pub mod crossover;
+pub mod elementwise;
+pub mod external;
 pub mod limiting;
 pub mod linear;
 pub mod logistics;
+pub mod seam;
+// pending: pub mod slicing;
+
+pub use seam::{Arg, ChunkKernel, Decision, KeyRelation, Method, Output, PlanCall, RunCall};
 
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -90,89 +98,22 @@ pub struct ReturnSpec {
     pub config: Option<String>,
 }
 
-/// How a method computes; the planner and executor dispatch on this.
-#[derive(Clone, Debug)]
-pub enum Implementation {
-    /// Pure per-element math: evaluated chunk by chunk across all inputs.
-    Elementwise(linear::Kernel),
-    /// `a` where it has the key, else `default`.
-    Fallback,
-    /// Rounds values to a dtype.
-    Cast,
-    /// Broadcasts the single key of a `singleton-mecha` literal to every key.
-    ConvertSingleton,
-    /// `a` for the keys of one component of its config (`omit: false`), or for all other keys.
-    Component { omit: bool },
-    /// Each output key is one key of the single input, looked up in a table (block weights).
-    Route(std::sync::Arc<KeyRoutes>),
-    /// Computed outside the engine (a JavaScript function).
-    External(Arc<ExternalMethod>),
-}
-
-/// A method whose math is supplied by the host (`defineMergeMethod` in TypeScript).
-pub struct ExternalMethod {
-    pub kernel: Arc<dyn ExternalKernel>,
-    /// Called per chunk rather than per whole tensor.
-    pub elementwise: bool,
-    /// Input keys of the first parameter per output key (conversions); identity when absent.
-    pub routes: Option<ExternalRoutes>,
-}
-
-impl std::fmt::Debug for ExternalMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExternalMethod").field("elementwise", &self.elementwise).finish()
-    }
-}
-
-/// Output key → the keys of the first input it is computed from.
-#[derive(Debug, Default)]
-pub struct ExternalRoutes {
-    pub routes: std::collections::HashMap<String, Vec<String>>,
-}
-
-/// One call of an external method: the values of every parameter for one key (or chunk).
-pub struct ExternalCall<'a> {
-    /// What the host passed to the merge (`MergeOptions::host_context`).
-    pub context: u64,
-    pub key: &'a str,
-    /// The node being computed, as numbered in the recipe's source form (JSON node index or
-    /// `.mecha` instruction), so the host can keep a per-node cache.
-    pub node: Option<usize>,
-    /// Shape of the output tensor.
-    pub shape: &'a [usize],
-    /// First element of this chunk and its length (the whole tensor when not elementwise).
-    pub offset: usize,
-    pub len: usize,
-    pub args: Vec<ExternalArg<'a>>,
-}
-
-pub enum ExternalArg<'a> {
-    Tensor(&'a [f32]),
-    /// Varargs or several input keys; each is a tensor, or a number when broadcast.
-    Tensors(Vec<ExternalArg<'a>>),
-    Number(f64),
-    Text(Option<&'a str>),
-}
-
-pub trait ExternalKernel: Send + Sync {
-    /// Returns `call.len` values.
-    fn call(&self, call: ExternalCall<'_>) -> Result<Vec<f32>>;
-}
-
-/// Output key → input key, for conversions that only rename or route keys.
-#[derive(Debug, Default)]
-pub struct KeyRoutes {
-    pub routes: std::collections::HashMap<String, String>,
-}
-
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MethodSpec {
     pub id: String,
     pub description: String,
     pub params: Vec<ParamSpec>,
     pub returns: ReturnSpec,
-    pub implementation: Implementation,
+    pub implementation: Arc<dyn Method>,
+    /// Results combine elements at the same position only (streamed in chunks when planned so).
+    pub elementwise: bool,
     pub is_conversion: bool,
+}
+
+impl std::fmt::Debug for MethodSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MethodSpec").field("id", &self.id).finish_non_exhaustive()
+    }
 }
 
 impl MethodSpec {
@@ -184,8 +125,27 @@ impl MethodSpec {
         self.params.iter().position(|p| p.kind == ParamKind::VarPositional)
     }
 
-    pub fn is_elementwise(&self) -> bool {
-        matches!(self.implementation, Implementation::Elementwise(_))
+    /// A method that is neither elementwise nor a conversion.
+    pub fn new(id: &str, description: &str, params: Vec<ParamSpec>, returns: ReturnSpec, implementation: impl Method + 'static) -> MethodSpec {
+        MethodSpec {
+            id: id.into(),
+            description: description.into(),
+            params,
+            returns,
+            implementation: Arc::new(implementation),
+            elementwise: false,
+            is_conversion: false,
+        }
+    }
+
+    pub fn elementwise(mut self) -> Self {
+        self.elementwise = true;
+        self
+    }
+
+    pub fn conversion(mut self) -> Self {
+        self.is_conversion = true;
+        self
     }
 }
 
@@ -251,6 +211,9 @@ impl Registry {
         methods.extend(limiting::methods());
         methods.extend(logistics::methods());
         methods.extend(blocks::methods());
+        // pending: methods.extend(cosine::methods());
+        // pending: methods.extend(crossover::methods());
+        // pending: methods.extend(slicing::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 

@@ -1,0 +1,78 @@
+//! The per-node method cache: values a method computes once per (node, key) — SVD factors,
+//! eigenbases — kept across merges of the same recipe, up to a size limit.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use crate::methods::seam::{NodeCache, NodeRef};
+
+type Entry = (Arc<dyn Any + Send + Sync>, u64);
+
+/// Entries are keyed by the node's index in the source recipe (stable across merges of the
+/// same recipe), the key and a name; the oldest go first when the limit is passed.
+pub struct MethodCache {
+    limit: u64,
+    inner: Mutex<(HashMap<(Option<usize>, String, String), Entry>, VecDeque<(Option<usize>, String, String)>, u64)>,
+}
+
+impl MethodCache {
+    pub fn new(limit_bytes: u64) -> MethodCache {
+        MethodCache { limit: limit_bytes, inner: Mutex::new((HashMap::new(), VecDeque::new(), 0)) }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().expect("cache lock").2
+    }
+}
+
+impl std::fmt::Debug for MethodCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MethodCache({} of {} bytes)", self.bytes(), self.limit)
+    }
+}
+
+impl NodeCache for MethodCache {
+    fn get(&self, node: NodeRef, key: &str, name: &str) -> Option<Arc<dyn Any + Send + Sync>> {
+        let inner = self.inner.lock().expect("cache lock");
+        inner.0.get(&(node.source, key.to_string(), name.to_string())).map(|(v, _)| v.clone())
+    }
+
+    fn put(&self, node: NodeRef, key: &str, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: u64) {
+        if bytes > self.limit {
+            return;
+        }
+        let mut inner = self.inner.lock().expect("cache lock");
+        let id = (node.source, key.to_string(), name.to_string());
+        if let Some((_, old)) = inner.0.insert(id.clone(), (value, bytes)) {
+            inner.2 -= old;
+        } else {
+            inner.1.push_back(id);
+        }
+        inner.2 += bytes;
+        while inner.2 > self.limit {
+            let Some(oldest) = inner.1.pop_front() else { break };
+            if let Some((_, b)) = inner.0.remove(&oldest) {
+                inner.2 -= b;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_within_its_limit_dropping_the_oldest() {
+        let cache = MethodCache::new(100);
+        let node = NodeRef { index: 0, source: Some(3) };
+        cache.put(node, "a", "u", Arc::new(1u8), 60);
+        cache.put(node, "b", "u", Arc::new(2u8), 60);
+        assert!(cache.get(node, "a", "u").is_none());
+        assert_eq!(*cache.get(node, "b", "u").unwrap().downcast_ref::<u8>().unwrap(), 2);
+        assert_eq!(cache.bytes(), 60);
+        cache.put(node, "c", "u", Arc::new(3u8), 1000); // larger than the whole cache: not kept
+        assert!(cache.get(node, "c", "u").is_none());
+    }
+}
