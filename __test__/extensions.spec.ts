@@ -222,6 +222,81 @@ test('defineMergeMethod: conversions with mapKeys are found by convert()', async
   }
 })
 
+test('defineMergeMethod: inputs keep their own shapes, text varargs keep their place, values can be returned', async (t) => {
+  // A conversion whose output key reads two input keys of other shapes: each arrives whole,
+  // with its own shape.
+  configs.register({
+    identifier: 'sd1-test_pair',
+    components: { pair: { left: { shape: [2, 3] }, right: { shape: [4] } } },
+  })
+  const seenShapes: unknown[] = []
+  defineMergeMethod({
+    id: 'convert_test_pair_to_ldm',
+    inputs: [{ name: 'pair', stateDict: true, config: 'sd1-test_pair' }],
+    returns: { config: 'sd1-ldm' },
+    isConversion: true,
+    mapKeys: (key) => (key === 'model.diffusion_model.out.2.bias' ? ['left', 'right'] : null),
+    fn: ({ pair }, ctx) => {
+      seenShapes.push(ctx.shapes.pair)
+      const [left, right] = pair as Float32Array[]
+      const total = [...left, ...right].reduce((s, v) => s + v, 0)
+      return new Float32Array(ctx.length).fill(total)
+    },
+  })
+  const pairFile = join(dir, 'pair.safetensors')
+  await writeRandomModel(
+    pairFile,
+    [
+      { name: 'left', dtype: 'F32', shape: [2, 3] },
+      { name: 'right', dtype: 'F32', shape: [4] },
+    ],
+    9,
+  )
+  const pairValues = await values(model(pairFile))
+  const converted = await values(convert(model(pairFile), model(paths.a)))
+  const sum = [...pairValues.get('left')!, ...pairValues.get('right')!].reduce((s, v) => s + v, 0)
+  const out = converted.get('model.diffusion_model.out.2.bias')!
+  t.true(out.length > 0 && out.every((v) => Math.abs(v - sum) < 1e-5))
+  t.deepEqual(seenShapes[0], [[2, 3], [4]])
+
+  // Text in a varargs parameter: every parameter still receives its own value.
+  const labelled = defineMergeMethod({
+    id: 'test_labelled',
+    inputs: [
+      { name: 'labels', type: 'str', varargs: true },
+      { name: 'a', keywordOnly: true },
+      { name: 'gain', type: 'float', default: 1, keywordOnly: true },
+    ],
+    fn: ({ labels, a, gain }) => {
+      t.deepEqual(labels, ['x', 'y'])
+      return (a as Float32Array).map((v) => v * (gain as number))
+    },
+  })
+  const doubled = await values(labelled(['x', 'y'], { a: model(paths.a), gain: 2 }))
+  const original = await values(model(paths.a))
+  const some = 'model.diffusion_model.out.2.weight'
+  t.deepEqual(
+    Array.from(doubled.get(some)!),
+    Array.from(original.get(some)!).map((v) => Math.fround(v * 2)),
+  )
+
+  // A method returning an int feeds another method's hyper-parameter.
+  const count = defineMergeMethod({
+    id: 'test_count',
+    inputs: [{ name: 'a', mergeSpace: 'param' }],
+    returns: { type: 'int', mergeSpace: 'param' },
+    fn: ({ a }) => (a as Float32Array).length,
+  })
+  const byCount = await values(
+    weightedSum(model(paths.a), model(paths.b), { alpha: count(model(paths.a, { mergeSpace: 'param' })) }),
+  )
+  const b = await values(model(paths.b))
+  // alpha = element count ≥ 1: keys with one element take b exactly; others extrapolate.
+  const scalarKey = [...byCount.keys()].find((k) => original.get(k)!.length === 1)
+  if (scalarKey) t.deepEqual(Array.from(byCount.get(scalarKey)!), Array.from(b.get(scalarKey)!))
+  t.true(byCount.size > 0)
+})
+
 test('errors from JavaScript methods name the method and the key', async (t) => {
   const broken = defineMergeMethod({
     id: 'test_broken',

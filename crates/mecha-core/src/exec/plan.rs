@@ -235,7 +235,6 @@ impl Default for PlanOptions {
     }
 }
 
-
 pub struct Plan {
     pub finalized: Finalized,
     pub keys: Vec<KeyPlan>,
@@ -356,7 +355,6 @@ pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
 
 /// An input tensor, as (input file index, data offset): what a merge found non-finite values in.
 pub type TensorId = (usize, usize);
-
 
 /// What a merge found it must leave out, so the next planning pass treats it as missing: input
 /// tensors holding NaN or infinity, and (node, key) pairs a method skipped while running.

@@ -528,11 +528,25 @@ impl Worker<'_> {
                     Val::Buf(result)
                 }
                 Op::Method { method, args, group, index, at, .. } => {
+                    // Buffers read for the last time move into the tensors, without a copy.
+                    for &a in args.iter().flatten() {
+                        if last_use[a] == i {
+                            if let Some(Val::Buf(b)) = &vals[a] {
+                                if b.len() == key.exprs[a].numel() && key.exprs[a].shape.is_some() {
+                                    let Some(Val::Buf(b)) = vals[a].take() else { unreachable!() };
+                                    let shape = key.exprs[a].shape.clone().unwrap_or_default();
+                                    vals[a] = Some(Val::Tensor(Tensor::from_vec(b, shape, &Device::Cpu)?));
+                                }
+                            }
+                        }
+                    }
                     let call_args = args
                         .iter()
                         .map(|ids| {
                             ids.iter()
-                                .map(|&a| self.whole_arg(&key.exprs[a], vals[a].as_ref().expect("children evaluate first")))
+                                .map(|&a| {
+                                    self.whole_arg(&key.exprs[a], vals[a].as_ref().expect("children evaluate first"))
+                                })
                                 .collect::<Result<Vec<_>>>()
                         })
                         .collect::<Result<Vec<_>>>()?;
@@ -603,7 +617,7 @@ impl Worker<'_> {
             if last_use[c] == i {
                 if let Some(Val::Buf(b)) = vals[c].take() {
                     scratch.give(b);
-                }
+                } // other values (tensors) are dropped here
             }
         }
     }
@@ -646,7 +660,10 @@ impl Worker<'_> {
             let method = call.method.implementation.clone();
             let outputs = method.run(call)?;
             if outputs.len() != count {
-                return Err(MechaError::recipe(format!("{id_name} returned {} results for {count} keys", outputs.len())));
+                return Err(MechaError::recipe(format!(
+                    "{id_name} returned {} results for {count} keys",
+                    outputs.len()
+                )));
             }
             slot.outputs = Some(outputs);
         }

@@ -35,7 +35,10 @@ pub struct ExternalCall<'a> {
 
 pub enum ExternalArg<'a> {
     /// Values with their own shape (a chunk of them for elementwise methods).
-    Tensor { data: Cow<'a, [f32]>, shape: Vec<usize> },
+    Tensor {
+        data: Cow<'a, [f32]>,
+        shape: Vec<usize>,
+    },
     /// A varargs parameter, or several keys of a routed input.
     Many(Vec<ExternalArg<'a>>),
     Value(Scalar),
@@ -70,7 +73,10 @@ impl Method for ExternalMethod {
         if let Some(slot) = inputs.first_mut() {
             *slot = Some(first);
         }
-        Some(KeyRelation { outputs: vec![call.key.to_string()], clauses: vec![Clause { inputs, meta: Meta::default() }] })
+        Some(KeyRelation {
+            outputs: vec![call.key.to_string()],
+            clauses: vec![Clause { inputs, meta: Meta::default() }],
+        })
     }
 
     fn plan(&self, call: &PlanCall) -> Result<Decision> {

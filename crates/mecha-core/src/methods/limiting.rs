@@ -86,7 +86,8 @@ mod tests {
     use crate::methods::seam::{Chunk, ChunkKernel, NodeRef};
 
     fn apply(x: &[Operand<f32>], out: &mut [f32]) {
-        let chunk = Chunk { key: "k", shape: &[], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
+        let chunk =
+            Chunk { key: "k", shape: &[], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
         Clamp.apply_f32(&chunk, x, out).unwrap();
     }
 

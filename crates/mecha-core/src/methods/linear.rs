@@ -305,11 +305,7 @@ pub fn methods() -> Vec<MethodSpec> {
             "A weight mask: alpha·1.8·|b − a| / (|b − a| + |b − c|), for weighted_sum's alpha.",
             TrainDifferenceMask,
         ),
-        abc_mask(
-            "add_opposite_mask",
-            "A weight mask: alpha·2·|a − b| / (|a − b| + |a + b − 2c|).",
-            AddOppositeMask,
-        ),
+        abc_mask("add_opposite_mask", "A weight mask: alpha·2·|a − b| / (|a − b| + |a + b − 2c|).", AddOppositeMask),
         abc_mask(
             "add_strict_opposite_mask",
             "A weight mask that is non-zero where a and b moved in opposite directions from c.",
@@ -346,7 +342,8 @@ mod tests {
 
     fn run(kernel: &dyn ChunkKernel, x: &[Operand<f32>], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n];
-        let chunk = Chunk { key: "k", shape: &[n], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
+        let chunk =
+            Chunk { key: "k", shape: &[n], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
         kernel.apply_f32(&chunk, x, &mut out).unwrap();
         out
     }
@@ -376,7 +373,10 @@ mod tests {
     fn arithmetic_kernels() {
         let a = [1.0f32, 2.0];
         let b = [0.5f32, -1.0];
-        assert_eq!(run(&AddDifference, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(2.0)], 2), vec![2.0, 0.0]);
+        assert_eq!(
+            run(&AddDifference, &[Operand::Slice(&a), Operand::Slice(&b), Operand::Scalar(2.0)], 2),
+            vec![2.0, 0.0]
+        );
         assert_eq!(run(&Subtract, &[Operand::Slice(&a), Operand::Slice(&b)], 2), vec![0.5, 3.0]);
         assert_eq!(run(&Scale, &[Operand::Slice(&a), Operand::Scalar(3.0)], 2), vec![3.0, 6.0]);
     }
@@ -406,4 +406,10 @@ mod tests {
 }
 
 #[allow(dead_code)]
-fn todo_pending(a: &candle_core::Tensor, _b: &candle_core::Tensor, _x: f64) -> candle_core::Result<candle_core::Tensor> { Ok(a.clone()) }
+fn todo_pending(
+    a: &candle_core::Tensor,
+    _b: &candle_core::Tensor,
+    _x: f64,
+) -> candle_core::Result<candle_core::Tensor> {
+    Ok(a.clone())
+}

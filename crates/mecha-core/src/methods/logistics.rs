@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::decl::*;
-use super::seam::{Arg, Clause, ComputeSpec, Decision, KeyMapCall, KeyRelation, Meta, Method, Output, PlanCall, RunCall};
+use super::seam::{
+    Arg, Clause, ComputeSpec, Decision, KeyMapCall, KeyRelation, Meta, Method, Output, PlanCall, RunCall,
+};
 use super::{DefaultValue, MethodSpec, SpaceSpec, ValueType};
 use crate::chunk_kernel;
 use crate::dtype::DType;
@@ -116,7 +118,10 @@ impl Method for Component {
         };
         if component.keys.contains_key(call.key) == self.omit {
             let verb = if self.omit { "omitted" } else { "not picked" };
-            return Ok(Decision::Skip(format!("in component \"{}\", {verb}", config.component_of(call.key).unwrap_or("?"))));
+            return Ok(Decision::Skip(format!(
+                "in component \"{}\", {verb}",
+                config.component_of(call.key).unwrap_or("?")
+            )));
         }
         Ok(Decision::Forward { param: 0, index: 0 })
     }
@@ -141,7 +146,9 @@ struct GetDtype;
 impl Method for GetDtype {
     fn plan(&self, call: &PlanCall) -> Result<Decision> {
         match call.arg(0).and_then(|a| a.shape.as_ref().and(a.dtype)) {
-            Some(dtype) => Ok(Decision::Constant(Scalar::Str(dtype.torch_name().unwrap_or(dtype.safetensors_name()).into()))),
+            Some(dtype) => {
+                Ok(Decision::Constant(Scalar::Str(dtype.torch_name().unwrap_or(dtype.safetensors_name()).into())))
+            }
             None => Err(call.fail("input \"a\" must be a tensor")),
         }
     }
@@ -216,7 +223,11 @@ pub fn methods() -> Vec<MethodSpec> {
             "cast",
             "Rounds values to a dtype (torch names such as \"float16\", \"bfloat16\"). device is accepted for \
              compatibility; computation stays on the CPU.",
-            vec![same_space("a", Tensor), hyper("device", Str, DefaultValue::Null), hyper("dtype", Str, DefaultValue::Null)],
+            vec![
+                same_space("a", Tensor),
+                hyper("device", Str, DefaultValue::Null),
+                hyper("dtype", Str, DefaultValue::Null),
+            ],
             returns(Tensor, SpaceSpec::Symbol),
             Cast,
         )

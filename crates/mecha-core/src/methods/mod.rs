@@ -126,7 +126,13 @@ impl MethodSpec {
     }
 
     /// A method that is neither elementwise nor a conversion.
-    pub fn new(id: &str, description: &str, params: Vec<ParamSpec>, returns: ReturnSpec, implementation: impl Method + 'static) -> MethodSpec {
+    pub fn new(
+        id: &str,
+        description: &str,
+        params: Vec<ParamSpec>,
+        returns: ReturnSpec,
+        implementation: impl Method + 'static,
+    ) -> MethodSpec {
         MethodSpec {
             id: id.into(),
             description: description.into(),

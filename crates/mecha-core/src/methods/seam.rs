@@ -181,11 +181,18 @@ impl PlanCall<'_> {
 /// What a method does for one output key, decided at plan time.
 pub enum Decision {
     /// The result is argument `index` of parameter `param`, unchanged (bytes are copied).
-    Forward { param: usize, index: usize },
+    Forward {
+        param: usize,
+        index: usize,
+    },
     /// The result is a value (text, number, bool, null): not a tensor.
     Constant(Scalar),
     /// A tensor filled with one number.
-    Fill { value: f64, shape: Vec<usize>, dtype: Option<DType> },
+    Fill {
+        value: f64,
+        shape: Vec<usize>,
+        dtype: Option<DType>,
+    },
     /// The key is not produced (sd-mecha's `StateDictKeyError`); the reason is reported.
     Skip(String),
     Compute(ComputeSpec),
@@ -343,7 +350,9 @@ impl RunCall<'_> {
     pub fn number(&self, param: usize) -> Result<f64> {
         match self.arg(param, 0)? {
             Arg::Value(v) => v.as_f64(),
-            Arg::Tensor(t) if t.elem_count() == 1 => t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?.first().copied(),
+            Arg::Tensor(t) if t.elem_count() == 1 => {
+                t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?.first().copied()
+            }
             Arg::Tensor(_) => None,
         }
         .ok_or_else(|| self.fail(format!("{} expects a number", self.param_name(param))))
