@@ -1,6 +1,6 @@
 """Runs one merge with sd-mecha 1.1.8 for the benchmarks; prints a JSON line with timings.
 
-usage: reference_merge.py <a.safetensors> <b.safetensors> <out.safetensors> <alpha>
+usage: reference_merge.py <a.safetensors> <b.safetensors> <out.safetensors> <alpha> [method]
 """
 import json
 import os
@@ -12,7 +12,10 @@ import sd_mecha
 
 def main():
     a, b, out, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    recipe = sd_mecha.weighted_sum(sd_mecha.model(a), sd_mecha.model(b), alpha=alpha)
+    method = sys.argv[5] if len(sys.argv) > 5 else "weighted_sum"
+    # The registered method (sd_mecha's top-level names may be wrappers).
+    resolve = sd_mecha.extensions.merge_methods.resolve
+    recipe = resolve(method)(sd_mecha.model(a), sd_mecha.model(b), alpha=alpha)
     started = time.perf_counter()
     # sd-mecha's defaults: fp32 compute, fp16 output, its own thread count; no progress bar.
     sd_mecha.merge(recipe, output=out, tqdm=lambda *args, **kwargs: _NoProgress())

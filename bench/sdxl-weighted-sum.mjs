@@ -1,5 +1,6 @@
-// Benchmark: weighted_sum of two SDXL-layout fp16 models (real sdxl-sgm keys and shapes, random
-// values) into an fp16 file, measured side by side in one run:
+// Benchmark: a merge method (weighted_sum by default; --method slerp, add_cosine_a, crossover…)
+// of two SDXL-layout fp16 models (real sdxl-sgm keys and shapes, random values) into an fp16
+// file, measured side by side in one run:
 //   - the I/O floor: reading both inputs once (cat) and writing one output-sized file (dd, fsync);
 //   - this library (node, one process);
 //   - sd-mecha 1.1.8, when bench/setup-reference.sh has installed it in bench/.venv.
@@ -7,6 +8,7 @@
 // cold (--cold: caches dropped, needs root). Outputs are compared tensor by tensor.
 //
 //   node bench/sdxl-weighted-sum.mjs [--cold] [--threads N] [--dir bench/out] [--layout sdxl]
+//                                    [--method weighted_sum] [--memory 1G] [--rounds 3]
 import { execFileSync, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
@@ -25,6 +27,8 @@ const threads = String(arg('threads', '0'))
 const layout = String(arg('layout', 'sdxl'))
 const dir = resolve(String(arg('dir', join(here, 'out'))))
 const alpha = '0.3'
+const method = String(arg('method', 'weighted_sum'))
+const memory = arg('memory', undefined)
 mkdirSync(dir, { recursive: true })
 
 const inputs = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
@@ -52,8 +56,8 @@ function timed(cmd, args) {
 }
 
 const rounds = Number(arg('rounds', 3))
-const ourOut = join(dir, `${layout}-merged-mecha-node.safetensors`)
-const refOut = join(dir, `${layout}-merged-sd-mecha.safetensors`)
+const ourOut = join(dir, `${layout}-${method}-mecha-node.safetensors`)
+const refOut = join(dir, `${layout}-${method}-sd-mecha.safetensors`)
 const floorOut = join(dir, 'floor.bin')
 const python = join(here, '.venv', 'bin', 'python')
 const withReference = existsSync(python) && !process.argv.includes('--skip-reference')
@@ -83,13 +87,21 @@ for (let round = 0; round < rounds; round++) {
   })
 
   prepare([ourOut])
-  const ours = timed(process.execPath, [join(here, 'merge-once.mjs'), ...inputs, ourOut, alpha, threads])
+  const ours = timed(process.execPath, [
+    join(here, 'merge-once.mjs'),
+    ...inputs,
+    ourOut,
+    alpha,
+    threads,
+    method,
+    ...(memory ? [String(memory)] : []),
+  ])
   ourReport = JSON.parse(ours.stdout)
   runs.ours.push(ours)
 
   if (withReference) {
     prepare([refOut])
-    const ref = timed(python, [join(here, 'reference_merge.py'), ...inputs, refOut, alpha])
+    const ref = timed(python, [join(here, 'reference_merge.py'), ...inputs, refOut, alpha, method])
     runs.reference.push({ ...ref, inner: JSON.parse(ref.stdout.trim().split('\n').at(-1)) })
   }
   console.error(
@@ -113,7 +125,7 @@ const results = [
 // Report.
 const gb = (b) => (b / 1e9).toFixed(2)
 console.log(
-  `\nweighted_sum of two ${layout} fp16 models (${gb(inputBytes)} GB in, ${gb(statSync(ourOut).size)} GB out), ${cold ? 'cold' : 'warm'} page cache`,
+  `\n${method} of two ${layout} fp16 models (${gb(inputBytes)} GB in, ${gb(statSync(ourOut).size)} GB out), ${cold ? 'cold' : 'warm'} page cache`,
 )
 console.log(
   `machine: ${cpus().length} × ${cpus()[0]?.model}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; node ${process.version}\n`,
@@ -126,6 +138,10 @@ for (const r of results) {
   const wall = `${r.seconds.toFixed(2)} (${r.min.toFixed(2)})`
   console.log(`| ${r.name} | ${wall} | ${(r.seconds / floor).toFixed(2)}× | ${(r.peakRss / 2 ** 20).toFixed(0)} |`)
 }
+console.log(
+  `\nthis library's plan: estimated peak ${(ourReport.estimatedPeakBytes / 2 ** 20).toFixed(0)} MiB, memory budget ` +
+    `${(ourReport.memoryBudget / 2 ** 20).toFixed(0)} MiB, ${ourReport.overBudget.length} key(s) over it (ran alone)`,
+)
 const floorRead = median(runs.floor.map((r) => r.read))
 const floorWrite = median(runs.floor.map((r) => r.write))
 console.log(`\nI/O floor parts (median): read ${floorRead.toFixed(2)} s, write + fsync ${floorWrite.toFixed(2)} s`)

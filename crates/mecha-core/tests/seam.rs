@@ -274,3 +274,33 @@ fn plans_estimate_the_working_memory_of_whole_tensor_keys() {
     assert_eq!(plan.estimated_working_bytes(2, 1 << 15, 1 << 40), 2 * whole);
     assert_eq!(plan.estimated_working_bytes(2, 1 << 15, whole), whole, "the budget admits one at a time");
 }
+
+#[test]
+fn shortcuts_follow_sd_mecha() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, [q, ..]) = qkv_model(dir.path());
+    let other = dir.path().join("other.safetensors");
+    let o = values(9, 6);
+    write_file(&other, &[("q", f32_tensor(DType::F32, &[2, 3], &o))]);
+    let build = |method: &str, alpha: f64, delta: bool| {
+        let mut r = RecipeBuilder::new();
+        let a = r.model(path.to_str().unwrap(), None, Some("weight"));
+        let b = r.model(other.to_str().unwrap(), None, Some("weight"));
+        let root = if delta {
+            let d = r.merge("subtract", vec![RecipeArg::Node(a), RecipeArg::Node(b)], vec![]).unwrap();
+            let s = r.merge(method, vec![RecipeArg::Node(d), RecipeArg::Value(Scalar::Float(alpha))], vec![]).unwrap();
+            r.merge("add_difference", vec![RecipeArg::Node(b), RecipeArg::Node(s)], vec![]).unwrap()
+        } else {
+            r.merge(method, vec![RecipeArg::Node(a), RecipeArg::Node(b), RecipeArg::Value(Scalar::Float(alpha))], vec![])
+                .unwrap()
+        };
+        r.finish(root).unwrap()
+    };
+    // weighted_sum at exactly 0 and 1 returns an input unchanged (copied as bytes).
+    assert_eq!(tensor(&run(build("weighted_sum", 0.0, false), &f32_memory()), "q").1, q);
+    assert_eq!(tensor(&run(build("weighted_sum", 1.0, false), &f32_memory()), "q").1, o);
+    // scale at 0 gives zeros (sd-mecha returns the number 0.0), so b + 0 = b; at 1, a − b itself.
+    assert_eq!(tensor(&run(build("scale", 0.0, true), &f32_memory()), "q").1, o);
+    let back = tensor(&run(build("scale", 1.0, true), &f32_memory()), "q").1;
+    assert!(back.iter().zip(&q).all(|(x, y)| (x - y).abs() < 1e-6));
+}
