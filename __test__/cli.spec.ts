@@ -44,6 +44,22 @@ test('mecha merge runs a JSON recipe and records it in the output', async (t) =>
   t.deepEqual(Array.from(toFloat32(mem.get('w')!)), [1, 2, 3, 4])
 })
 
+test('mecha merge and plan take a memory budget (--memory 2M)', (t) => {
+  const { dir, recipe } = setup()
+  const planned = mecha('plan', recipe, '--memory', '2M', '--json')
+  t.is(planned.status, 0, planned.stderr)
+  const report = JSON.parse(planned.stdout)
+  t.is(report.memoryBudget, 2 * 2 ** 20)
+  t.true(report.estimatedPeakBytes > report.estimatedWorkingBytes)
+  t.deepEqual(report.overBudget, [])
+  const merged = mecha('merge', recipe, '-o', join(dir, 'budget.safetensors'), '--memory', '1.5G', '--json')
+  t.is(merged.status, 0, merged.stderr)
+  t.is(JSON.parse(merged.stdout).memoryBudget, 1.5 * 2 ** 30)
+  const bad = mecha('merge', recipe, '-o', join(dir, 'bad.safetensors'), '--memory', 'lots')
+  t.not(bad.status, 0)
+  t.regex(bad.stderr, /--memory: "lots" is not a size/)
+})
+
 test('mecha info prints the header summary and metadata', (t) => {
   const { a } = setup()
   const r = mecha('info', a)

@@ -31,7 +31,7 @@ async function main() {
 
   const [base, style, detail] = paths.map((p) => model(p))
   // Blend two models, then add what a third adds on top of the base ("add difference").
-  const recipe = addDifference(weightedSum(base, style, { alpha: 0.4 }), detail.sub(base), { alpha: 0.5 })
+  const recipe = addDifference(weightedSum(base, style, { alpha: 0.4 }), detail, base, { alpha: 0.5 })
   console.log('Recipe (.mecha):')
   console.log(serialize(recipe).replace(/^/gm, '  '))
 
