@@ -253,3 +253,79 @@ export function stack(values: readonly RecipeInput[]): MergeNode {
 export function omitNonFinite(a: RecipeInput): MergeNode {
   return callMethod('omit_non_finite', [a], {})
 }
+
+export interface AddCosineAOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `add_cosine_a`: Interpolates a toward b per row, less where the rows are more similar (cosine similarity along dim 0).
+ * @param a Tensor, weight
+ * @param b Tensor, weight
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in weight
+ */
+export function addCosineA(a: RecipeInput, b: RecipeInput, options: AddCosineAOptions = {}): MergeNode {
+  return callMethod('add_cosine_a', [a, b], { alpha: options.alpha })
+}
+
+export interface AddCosineBOptions {
+  alpha?: RecipeInput
+}
+/**
+ * `add_cosine_b`: Like add_cosine_a, with the similarity averaged with the tensors' global cosine.
+ * @param a Tensor, weight
+ * @param b Tensor, weight
+ * @param options.alpha Tensor, param (default 1)
+ * @returns Tensor in weight
+ */
+export function addCosineB(a: RecipeInput, b: RecipeInput, options: AddCosineBOptions = {}): MergeNode {
+  return callMethod('add_cosine_b', [a, b], { alpha: options.alpha })
+}
+
+export interface CrossoverOptions {
+  alpha?: RecipeInput
+  tilt?: RecipeInput
+}
+/**
+ * `crossover`: Low frequencies of a with high frequencies of b (alpha: the cut-off; tilt: a ramp instead of a hard cut).
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.alpha float, param (default 0.5)
+ * @param options.tilt float, param (default 0)
+ * @returns Tensor in same space as the result
+ */
+export function crossover(a: RecipeInput, b: RecipeInput, options: CrossoverOptions = {}): MergeNode {
+  return callMethod('crossover', [a, b], { alpha: options.alpha, tilt: options.tilt })
+}
+
+export interface TensorSumMethodOptions {
+  width?: RecipeInput
+  offset?: RecipeInput
+}
+/**
+ * `tensor_sum`: a with the rows in [offset, offset + width) of dimension 0 (wrapping around) taken from b.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.width float, param (default 0.5)
+ * @param options.offset float, param (default 0)
+ * @returns Tensor in same space as the result
+ */
+export function tensorSumMethod(a: RecipeInput, b: RecipeInput, options: TensorSumMethodOptions = {}): MergeNode {
+  return callMethod('tensor_sum', [a, b], { width: options.width, offset: options.offset })
+}
+
+export interface TopKTensorSumOptions {
+  width?: RecipeInput
+  offset?: RecipeInput
+}
+/**
+ * `top_k_tensor_sum`: a's values in the magnitude band [offset, offset + width) rearranged into b's rank order.
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.width float, param (default 1)
+ * @param options.offset float, param (default 0)
+ * @returns Tensor in same space as the result
+ */
+export function topKTensorSum(a: RecipeInput, b: RecipeInput, options: TopKTensorSumOptions = {}): MergeNode {
+  return callMethod('top_k_tensor_sum', [a, b], { width: options.width, offset: options.offset })
+}

@@ -11,16 +11,15 @@ struct Crossover;
 impl Method for Crossover {
     fn plan(&self, call: &PlanCall) -> Result<Decision> {
         let shape = call.common_shape([0, 1])?;
+        // sd-mecha's shortcuts come before its check of alpha's range (done in `run`).
         match call.number(2) {
-            Some(alpha) if !(0.0..=1.0).contains(&alpha) => {
-                return Err(call.fail(format!("alpha must be between 0 and 1, got {alpha}")))
-            }
             Some(0.0) => return Ok(Decision::Forward { param: 0, index: 0 }),
             Some(1.0) => return Ok(Decision::Forward { param: 1, index: 0 }),
             _ => {}
         }
-        // Two half spectra of complex numbers, each about the size of the tensor.
-        let bytes = shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 16);
+        // One half spectrum of complex numbers (about 8 bytes per element in f64) and FFT
+        // scratch per thread.
+        let bytes = shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 8 + (16 << 20));
         Ok(Decision::Compute(ComputeSpec { shape, dtype: None, kernel: None, extra_bytes: bytes }))
     }
     fn run(&self, call: RunCall) -> Result<Vec<Output>> {

@@ -194,7 +194,7 @@ impl Method for Slerp {
     fn run(&self, call: RunCall) -> Result<Vec<Output>> {
         let (a, b) = (call.tensor(0, 0)?, call.tensor(1, 0)?);
         let alpha = call.number(2)?;
-        Ok(vec![Arg::Tensor(todo_pending(&a, &b, alpha)?)])
+        Ok(vec![Arg::Tensor(super::wholemath::slerp(&a, &b, alpha)?)])
     }
 }
 
@@ -206,7 +206,7 @@ impl Method for PerpendicularComponent {
     }
     fn run(&self, call: RunCall) -> Result<Vec<Output>> {
         let (a, b) = (call.tensor(0, 0)?, call.tensor(1, 0)?);
-        Ok(vec![Arg::Tensor(todo_pending(&a, &b, 0.0)?)])
+        Ok(vec![Arg::Tensor(super::wholemath::perpendicular_component(&a, &b)?)])
     }
 }
 
@@ -405,11 +405,3 @@ mod tests {
     }
 }
 
-#[allow(dead_code)]
-fn todo_pending(
-    a: &candle_core::Tensor,
-    _b: &candle_core::Tensor,
-    _x: f64,
-) -> candle_core::Result<candle_core::Tensor> {
-    Ok(a.clone())
-}

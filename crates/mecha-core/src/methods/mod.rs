@@ -3,15 +3,16 @@
 //! the docs listing and `methods.list()` are all derived from these declarations.
 
 pub mod blocks;
-// pending: pub mod cosine;
-// pending: pub mod crossover;
+pub mod cosine;
+pub mod crossover;
 pub mod elementwise;
 pub mod external;
 pub mod limiting;
 pub mod linear;
 pub mod logistics;
 pub mod seam;
-// pending: pub mod slicing;
+pub mod slicing;
+pub mod wholemath;
 
 pub use seam::{Arg, ChunkKernel, Decision, KeyRelation, Method, Output, PlanCall, RunCall};
 
@@ -217,9 +218,9 @@ impl Registry {
         methods.extend(limiting::methods());
         methods.extend(logistics::methods());
         methods.extend(blocks::methods());
-        // pending: methods.extend(cosine::methods());
-        // pending: methods.extend(crossover::methods());
-        // pending: methods.extend(slicing::methods());
+        methods.extend(cosine::methods());
+        methods.extend(crossover::methods());
+        methods.extend(slicing::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
