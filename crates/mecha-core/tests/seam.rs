@@ -291,8 +291,12 @@ fn shortcuts_follow_sd_mecha() {
             let s = r.merge(method, vec![RecipeArg::Node(d), RecipeArg::Value(Scalar::Float(alpha))], vec![]).unwrap();
             r.merge("add_difference", vec![RecipeArg::Node(b), RecipeArg::Node(s)], vec![]).unwrap()
         } else {
-            r.merge(method, vec![RecipeArg::Node(a), RecipeArg::Node(b), RecipeArg::Value(Scalar::Float(alpha))], vec![])
-                .unwrap()
+            r.merge(
+                method,
+                vec![RecipeArg::Node(a), RecipeArg::Node(b), RecipeArg::Value(Scalar::Float(alpha))],
+                vec![],
+            )
+            .unwrap()
         };
         r.finish(root).unwrap()
     };

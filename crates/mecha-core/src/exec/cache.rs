@@ -8,21 +8,31 @@ use std::sync::{Arc, Mutex};
 use crate::methods::seam::{NodeCache, NodeRef};
 
 type Entry = (Arc<dyn Any + Send + Sync>, u64);
+/// (node in the source recipe, key, name).
+type Id = (Option<usize>, String, String);
+
+/// The entries, their insertion order, and their total size.
+#[derive(Default)]
+struct Entries {
+    map: HashMap<Id, Entry>,
+    order: VecDeque<Id>,
+    bytes: u64,
+}
 
 /// Entries are keyed by the node's index in the source recipe (stable across merges of the
 /// same recipe), the key and a name; the oldest go first when the limit is passed.
 pub struct MethodCache {
     limit: u64,
-    inner: Mutex<(HashMap<(Option<usize>, String, String), Entry>, VecDeque<(Option<usize>, String, String)>, u64)>,
+    inner: Mutex<Entries>,
 }
 
 impl MethodCache {
     pub fn new(limit_bytes: u64) -> MethodCache {
-        MethodCache { limit: limit_bytes, inner: Mutex::new((HashMap::new(), VecDeque::new(), 0)) }
+        MethodCache { limit: limit_bytes, inner: Mutex::new(Entries::default()) }
     }
 
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().expect("cache lock").2
+        self.inner.lock().expect("cache lock").bytes
     }
 }
 
@@ -35,7 +45,7 @@ impl std::fmt::Debug for MethodCache {
 impl NodeCache for MethodCache {
     fn get(&self, node: NodeRef, key: &str, name: &str) -> Option<Arc<dyn Any + Send + Sync>> {
         let inner = self.inner.lock().expect("cache lock");
-        inner.0.get(&(node.source, key.to_string(), name.to_string())).map(|(v, _)| v.clone())
+        inner.map.get(&(node.source, key.to_string(), name.to_string())).map(|(v, _)| v.clone())
     }
 
     fn put(&self, node: NodeRef, key: &str, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: u64) {
@@ -44,16 +54,16 @@ impl NodeCache for MethodCache {
         }
         let mut inner = self.inner.lock().expect("cache lock");
         let id = (node.source, key.to_string(), name.to_string());
-        if let Some((_, old)) = inner.0.insert(id.clone(), (value, bytes)) {
-            inner.2 -= old;
+        if let Some((_, old)) = inner.map.insert(id.clone(), (value, bytes)) {
+            inner.bytes -= old;
         } else {
-            inner.1.push_back(id);
+            inner.order.push_back(id);
         }
-        inner.2 += bytes;
-        while inner.2 > self.limit {
-            let Some(oldest) = inner.1.pop_front() else { break };
-            if let Some((_, b)) = inner.0.remove(&oldest) {
-                inner.2 -= b;
+        inner.bytes += bytes;
+        while inner.bytes > self.limit {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some((_, b)) = inner.map.remove(&oldest) {
+                inner.bytes -= b;
             }
         }
     }

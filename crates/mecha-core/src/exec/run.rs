@@ -359,6 +359,9 @@ enum Val<T> {
     Value(Scalar),
 }
 
+/// A multi-output group: (node, its first output key).
+type GroupId = (NodeId, String);
+
 /// The outputs of one run of a multi-output method, kept until every key that reads them has.
 struct GroupSlot {
     outputs: Option<Vec<Output>>,
@@ -377,7 +380,7 @@ struct Worker<'a> {
     non_finite_inputs: Mutex<HashSet<TensorId>>,
     non_finite_outputs: Vec<AtomicBool>,
     skipped: Mutex<HashMap<(NodeId, String), String>>,
-    groups: Mutex<HashMap<(NodeId, String), Arc<Mutex<GroupSlot>>>>,
+    groups: Mutex<HashMap<GroupId, Arc<Mutex<GroupSlot>>>>,
 }
 
 impl Worker<'_> {

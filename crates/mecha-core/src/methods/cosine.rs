@@ -34,7 +34,11 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(
             id,
             description,
-            vec![input("a", Tensor, weight()), input("b", Tensor, weight()), hyper("alpha", Tensor, DefaultValue::Float(1.0))],
+            vec![
+                input("a", Tensor, weight()),
+                input("b", Tensor, weight()),
+                hyper("alpha", Tensor, DefaultValue::Float(1.0)),
+            ],
             returns(Tensor, weight()),
             AddCosine { variant_b },
         )

@@ -404,4 +404,3 @@ mod tests {
         assert!(out[1].abs() < 1e-5, "{out:?}");
     }
 }
-

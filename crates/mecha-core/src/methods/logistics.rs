@@ -192,8 +192,8 @@ fn pass_finite<T: Real>(c: &super::seam::Chunk, x: &[Operand<T>], out: &mut [T])
         Operand::Scalar(v) => out.fill(v),
         Operand::Slice(s) => out.copy_from_slice(s),
     }
-    // x − x is NaN exactly for NaN and ±inf; summing keeps the loop branch-free.
-    let bad = out.iter().fold(T::ZERO, |acc, &v| acc + (v - v));
+    // x·0 is NaN exactly for NaN and ±inf; summing keeps the loop branch-free.
+    let bad = out.iter().fold(T::ZERO, |acc, &v| acc + v * T::ZERO);
     if bad.is_nan() {
         return Err(MechaError::skip_key(format!("non-finite values (NaN or infinity) in \"{}\"", c.key)));
     }

@@ -15,8 +15,11 @@ impl Method for TensorSum {
         let shape = call.common_shape([0, 1])?;
         // Ranking needs a sorted copy of a, sort keys and ranks (about 20 bytes per element in
         // f64) and bucket histograms.
-        let extra =
-            if self.top_k { shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 20 + (16 << 20)) } else { 0 };
+        let extra = if self.top_k {
+            shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 20 + (16 << 20))
+        } else {
+            0
+        };
         Ok(Decision::Compute(ComputeSpec { shape, dtype: None, kernel: None, extra_bytes: extra }))
     }
     fn run(&self, call: RunCall) -> Result<Vec<Output>> {

@@ -436,8 +436,6 @@ pub(crate) mod testdata {
         pub b: Tensor,
         pub params: Vec<f64>,
         pub expected: Option<Vec<f64>>,
-        /// The same math run in f64 by torch (full tier only).
-        pub expected64: Option<Vec<f64>>,
     }
 
     impl Family {
@@ -457,8 +455,7 @@ pub(crate) mod testdata {
                 let n = a.elem_count();
                 let params = c[2].as_array().unwrap().iter().map(|p| p.as_f64().unwrap_or(f64::NAN)).collect();
                 let expected = c[3].as_u64().map(|o| self.flat(a.dtype(), o as usize, n));
-                let expected64 = c[4].as_u64().map(|o| self.flat(DType::F64, o as usize, n));
-                out.push(Case { func: c[0].as_str().unwrap().to_string(), set, a, b, params, expected, expected64 });
+                out.push(Case { func: c[0].as_str().unwrap().to_string(), set, a, b, params, expected });
             }
             out
         }
