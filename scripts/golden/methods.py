@@ -54,6 +54,8 @@ from safetensors.torch import load_file, save_file
 
 import sd_mecha
 
+from generate import run_code  # the sibling script: evaluates a case, returns its last expression
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 OUT_DIR = REPO_ROOT / "__test__" / "fixtures" / "golden" / "methods"
 EXPECTED_SD_MECHA_VERSION = "1.1.8"
@@ -397,15 +399,6 @@ KNOWN_CRASHES = [
 # ---------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------
-
-def run_code(source, namespace):
-    tree = ast.parse(source, mode="exec")
-    last = tree.body[-1]
-    assert isinstance(last, ast.Expr), source
-    body = ast.Module(body=tree.body[:-1], type_ignores=[])
-    exec(compile(body, "<case>", "exec"), namespace)
-    return eval(compile(ast.Expression(last.value), "<case>", "eval"), namespace)
-
 
 def namespace_for(directory):
     return {

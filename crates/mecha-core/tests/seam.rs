@@ -308,3 +308,43 @@ fn shortcuts_follow_sd_mecha() {
     let back = tensor(&run(build("scale", 1.0, true), &f32_memory()), "q").1;
     assert!(back.iter().zip(&q).all(|(x, y)| (x - y).abs() < 1e-6));
 }
+
+#[test]
+fn whole_tensor_methods_are_bit_identical_for_any_threads_and_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = wide_model(dir.path());
+    let b = dir.path().join("wide-b.safetensors");
+    let tensors: Vec<(String, Raw)> =
+        (0..6).map(|i| (format!("w{i}"), f32_tensor(DType::F32, &[256, 256], &values(100 + i, 256 * 256)))).collect();
+    let named: Vec<(&str, Raw)> =
+        tensors.into_iter().map(|(n, r)| (Box::leak(n.into_boxed_str()) as &str, r)).collect();
+    write_file(&b, &named);
+    let recipe = || {
+        let mut r = RecipeBuilder::new();
+        let (na, nb) =
+            (r.model(a.to_str().unwrap(), None, Some("weight")), r.model(b.to_str().unwrap(), None, Some("weight")));
+        let s = r.merge("slerp", vec![RecipeArg::Node(na), RecipeArg::Node(nb)], vec![]).unwrap();
+        let c = r
+            .merge(
+                "crossover",
+                vec![RecipeArg::Node(s), RecipeArg::Node(nb)],
+                vec![("tilt".into(), RecipeArg::Value(Scalar::Float(0.3)))],
+            )
+            .unwrap();
+        let t = r
+            .merge(
+                "top_k_tensor_sum",
+                vec![RecipeArg::Node(c), RecipeArg::Node(na)],
+                vec![("width".into(), RecipeArg::Value(Scalar::Float(0.4)))],
+            )
+            .unwrap();
+        r.finish(t).unwrap()
+    };
+    let mut outputs = vec![];
+    for (threads, budget) in [(1, 1u64 << 30), (2, 1 << 30), (3, 1 << 30), (2, 1 << 20)] {
+        let result = run(recipe(), &MergeOptions { threads, memory_budget: budget, ..f32_memory() });
+        assert_eq!(result.tensors.len(), 6);
+        outputs.push(result.tensors.iter().map(|t| t.data.clone()).collect::<Vec<_>>());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+}

@@ -409,8 +409,8 @@ impl Worker<'_> {
             bytes_read.fetch_add(len as u64, Ordering::Relaxed);
             return Ok(len as u64);
         }
+        // Sized when the result is encoded, so a whole-tensor key never holds it while computing.
         let mut out = std::mem::take(&mut scratch.bytes);
-        out.resize(range.len() * out_width, 0);
         let evaluated = match key.compute {
             Compute::F32 => self.evaluate::<f32>(k, range.clone(), scratch, &mut out),
             Compute::F64 => self.evaluate::<f64>(k, range.clone(), scratch, &mut out),
@@ -420,7 +420,7 @@ impl Worker<'_> {
         result.map(|()| (range.len() * out_width) as u64)
     }
 
-    fn evaluate<T: Num>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut [u8]) -> Result<()>
+    fn evaluate<T: Num>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Result<()>
     where
         Scratch: Pool<T>,
     {
@@ -467,7 +467,8 @@ impl Worker<'_> {
                     let mut buf = scratch.take(r.len());
                     T::decode(entry.dtype, &raw, &mut buf);
                     bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
-                    scratch.raw = raw;
+                    // A whole tensor's raw bytes are not kept while the key computes.
+                    scratch.raw = if key.chunkable { raw } else { Vec::new() };
                     read?;
                     if broadcast {
                         let v = buf[0];
@@ -591,6 +592,7 @@ impl Worker<'_> {
             vals[i] = Some(val);
             self.release(e, i, &last_use, &mut vals, scratch);
         }
+        out.resize(n * (key.dtype.bits() / 8), 0);
         match vals[key.root].take().expect("root evaluated") {
             Val::Buf(b) => {
                 T::encode(key.dtype, &b, out);

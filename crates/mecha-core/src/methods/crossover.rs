@@ -17,9 +17,10 @@ impl Method for Crossover {
             Some(1.0) => return Ok(Decision::Forward { param: 1, index: 0 }),
             _ => {}
         }
-        // One half spectrum of complex numbers (about 8 bytes per element in f64) and FFT
-        // scratch per thread.
-        let bytes = shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 8 + (16 << 20));
+        // One half spectrum of complex numbers (a value's width per element) and FFT scratch
+        // per thread.
+        let width = if call.merge_dtype == crate::dtype::DType::F64 { 8 } else { 4 };
+        let bytes = shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * width + (16 << 20));
         Ok(Decision::Compute(ComputeSpec { shape, dtype: None, kernel: None, extra_bytes: bytes }))
     }
     fn run(&self, call: RunCall) -> Result<Vec<Output>> {

@@ -13,10 +13,10 @@ struct TensorSum {
 impl Method for TensorSum {
     fn plan(&self, call: &PlanCall) -> Result<Decision> {
         let shape = call.common_shape([0, 1])?;
-        // Ranking needs a sorted copy of a, sort keys and ranks (about 20 bytes per element in
-        // f64) and bucket histograms.
+        // Ranking needs a sorted copy of a, sort keys and 32-bit ranks, and bucket histograms.
+        let width = if call.merge_dtype == crate::dtype::DType::F64 { 8 } else { 4 };
         let extra = if self.top_k {
-            shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * 20 + (16 << 20))
+            shape.as_ref().map_or(0, |s| s.iter().product::<usize>() as u64 * (2 * width + 4) + (16 << 20))
         } else {
             0
         };
