@@ -149,14 +149,12 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
     };
     let budget = Budget::new(options.memory_budget);
     let over_budget = Mutex::new(vec![]);
-    // Units are admitted in order against the budget, so a large one waits for memory rather
-    // than running beside others; one larger than the whole budget runs alone.
-    let tickets = AtomicUsize::new(0);
+    // Units are admitted against the budget, so a large one waits for memory rather than
+    // running beside others; one larger than the whole budget runs alone.
     pool.install(|| {
         units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
             let need = unit.iter().map(|(k, _)| plan.unit_bytes(*k, chunk)).max().unwrap_or(0);
-            let ticket = tickets.fetch_add(1, Ordering::SeqCst);
-            let alone = budget.acquire(ticket, need, options.cancel);
+            let alone = budget.acquire(need, options.cancel);
             if alone {
                 over_budget.lock().expect("budget lock").extend(unit.iter().map(|(k, _)| *k));
             }
@@ -196,42 +194,69 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
     })
 }
 
-/// Bytes of working memory in use, admitted first come first served.
+/// Bytes of working memory in use. Small units (chunks, batches of small keys) are admitted
+/// without locking; a unit larger than an eighth of the budget waits until it fits (or nothing
+/// else runs), and small units wait behind it so it is not starved.
 struct Budget {
     limit: u64,
-    state: Mutex<(u64, usize)>, // (bytes in use, next ticket to admit)
+    in_use: AtomicU64,
+    /// Units waiting for room, and how many of them are large.
+    waiting: AtomicUsize,
+    large_waiting: AtomicUsize,
+    lock: Mutex<()>,
     changed: std::sync::Condvar,
 }
 
 impl Budget {
     fn new(limit: u64) -> Budget {
-        Budget { limit: limit.max(1), state: Mutex::new((0, 0)), changed: std::sync::Condvar::new() }
-    }
-
-    /// Waits until unit `ticket`'s turn comes and `need` bytes fit (or nothing else runs).
-    /// Returns whether it runs alone because it is larger than the budget.
-    fn acquire(&self, ticket: usize, need: u64, cancel: &AtomicBool) -> bool {
-        let mut state = self.state.lock().expect("budget lock");
-        loop {
-            let (in_use, next) = *state;
-            if next == ticket && (in_use + need <= self.limit || in_use == 0) {
-                *state = (in_use + need, next + 1);
-                self.changed.notify_all();
-                return need > self.limit;
-            }
-            if cancel.load(Ordering::Relaxed) && next == ticket {
-                *state = (in_use, next + 1); // let the unit run and see the cancellation
-                self.changed.notify_all();
-                return false;
-            }
-            state = self.changed.wait_timeout(state, Duration::from_millis(50)).expect("budget lock").0;
+        Budget {
+            limit: limit.max(1),
+            in_use: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            large_waiting: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            changed: std::sync::Condvar::new(),
         }
     }
 
-    fn release(&self, bytes: u64) {
-        let mut state = self.state.lock().expect("budget lock");
-        state.0 = state.0.saturating_sub(bytes);
+    /// Waits until `need` bytes fit. Returns whether the unit is larger than the whole budget
+    /// (it then ran alone).
+    fn acquire(&self, need: u64, cancel: &AtomicBool) -> bool {
+        let small = need <= self.limit / 8;
+        if small && self.waiting.load(Ordering::SeqCst) == 0 {
+            self.in_use.fetch_add(need, Ordering::SeqCst);
+            return false;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if !small {
+            self.large_waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut guard = self.lock.lock().expect("budget lock");
+        loop {
+            let in_use = self.in_use.load(Ordering::SeqCst);
+            // Small units let a waiting large one go first.
+            let turn = !small || self.large_waiting.load(Ordering::SeqCst) == 0;
+            if (turn && in_use + need <= self.limit) || in_use == 0 || cancel.load(Ordering::Relaxed) {
+                self.in_use.fetch_add(need, Ordering::SeqCst);
+                break;
+            }
+            guard = self.changed.wait_timeout(guard, Duration::from_millis(20)).expect("budget lock").0;
+        }
+        drop(guard);
+        if !small {
+            self.large_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.changed.notify_all();
+        need > self.limit
+    }
+
+    fn release(&self, bytes: u64) {
+        self.in_use.fetch_sub(bytes, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().expect("budget lock");
+            self.changed.notify_all();
+        }
     }
 }
 
