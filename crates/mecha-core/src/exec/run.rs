@@ -148,12 +148,15 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         groups: Mutex::new(HashMap::new()),
     };
     let budget = Budget::new(options.memory_budget);
+    // Once per key, not per chunk: walking a key's expression for every one of SDXL's ~100 K
+    // chunks adds up.
+    let key_bytes: Vec<u64> = (0..plan.keys.len()).map(|k| plan.unit_bytes(k, chunk)).collect();
     let over_budget = Mutex::new(vec![]);
     // Units are admitted against the budget, so a large one waits for memory rather than
     // running beside others; one larger than the whole budget runs alone.
     pool.install(|| {
         units.par_iter().try_for_each_init(Scratch::default, |scratch, unit| {
-            let need = unit.iter().map(|(k, _)| plan.unit_bytes(*k, chunk)).max().unwrap_or(0);
+            let need = unit.iter().map(|(k, _)| key_bytes[*k]).max().unwrap_or(0);
             let alone = budget.acquire(need, options.cancel);
             if alone {
                 over_budget.lock().expect("budget lock").extend(unit.iter().map(|(k, _)| *k));
