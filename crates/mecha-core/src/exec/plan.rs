@@ -123,6 +123,15 @@ pub enum MergeDtype {
 }
 
 impl MergeDtype {
+    /// The dtype float inputs have once read: what methods see.
+    pub fn values_dtype(self) -> DType {
+        match self {
+            MergeDtype::F32 => DType::F32,
+            MergeDtype::F64 => DType::F64,
+            MergeDtype::Rounded(d) => d,
+        }
+    }
+
     pub fn parse(name: &str) -> Result<MergeDtype> {
         match DType::parse_user(name) {
             Some(DType::F32) => Ok(MergeDtype::F32),
@@ -587,11 +596,7 @@ impl KeyBuilder<'_> {
     /// The visible dtype of an argument: float inputs are computed in the merge dtype.
     fn arg_info(&self, id: ExprId) -> ArgInfo {
         let e = &self.exprs[id];
-        let merge = match self.ctx.options.merge_dtype {
-            MergeDtype::F32 => DType::F32,
-            MergeDtype::F64 => DType::F64,
-            MergeDtype::Rounded(d) => d,
-        };
+        let merge = self.ctx.options.merge_dtype.values_dtype();
         let (exact, dtype) = match &e.op {
             Op::Source { entry, .. } if entry.dtype.is_float() => (true, Some(merge)),
             Op::Source { .. } | Op::Round { .. } => (true, e.dtype),
@@ -667,11 +672,7 @@ impl KeyBuilder<'_> {
             args: args.iter().map(|a| a.iter().map(|&e| self.arg_info(e)).collect()).collect(),
             input_configs,
             config,
-            merge_dtype: match self.ctx.options.merge_dtype {
-                MergeDtype::F32 => DType::F32,
-                MergeDtype::F64 => DType::F64,
-                MergeDtype::Rounded(d) => d,
-            },
+            merge_dtype: self.ctx.options.merge_dtype.values_dtype(),
         };
         let decision = implementation.plan(&call)?;
         let origin = method.id.clone();

@@ -545,10 +545,9 @@ impl Worker<'_> {
                             Val::Tensor(_) | Val::Value(_) => Operand::Scalar(T::ZERO),
                         })
                         .collect();
-                    let shape = e.shape.clone().unwrap_or_default();
                     let chunk = Chunk {
                         key: &at.1,
-                        shape: &shape,
+                        shape: e.shape.as_deref().unwrap_or(&[]),
                         offset: if key.chunkable { range.start } else { 0 },
                         node: at.0,
                         host_context: self.host_context,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::decl::*;
-use super::seam::{Clause, Decision, KeyMapCall, KeyRelation, Meta, Method, PlanCall};
+use super::seam::{Decision, KeyMapCall, KeyRelation, Method, PlanCall};
 use super::{MethodSpec, ReturnSpec, SpaceSpec, ValueType};
 use crate::configs;
 use crate::error::Result;
@@ -60,10 +60,7 @@ struct BlockRoutes {
 impl Method for BlockRoutes {
     fn key_map(&self, call: &KeyMapCall) -> Option<KeyRelation> {
         let block = self.routes.get(call.key)?;
-        Some(KeyRelation {
-            outputs: vec![call.key.to_string()],
-            clauses: vec![Clause { inputs: vec![Some(vec![block.clone()])], meta: Meta::default() }],
-        })
+        Some(KeyRelation::single(call.key, vec![Some(vec![block.clone()])]))
     }
     fn plan(&self, _: &PlanCall) -> Result<Decision> {
         Ok(Decision::Forward { param: 0, index: 0 })

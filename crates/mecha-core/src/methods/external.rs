@@ -9,8 +9,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::seam::{
-    Arg, Chunk, ChunkKernel, Clause, ComputeSpec, Decision, KeyMapCall, KeyRelation, Meta, Method, NodeRef, Output,
-    PlanCall, RunCall,
+    Arg, Chunk, ChunkKernel, ComputeSpec, Decision, KeyMapCall, KeyRelation, Method, NodeRef, Output, PlanCall, RunCall,
 };
 use super::ValueType;
 use crate::error::{ErrorKind, MechaError, Result};
@@ -73,10 +72,7 @@ impl Method for ExternalMethod {
         if let Some(slot) = inputs.first_mut() {
             *slot = Some(first);
         }
-        Some(KeyRelation {
-            outputs: vec![call.key.to_string()],
-            clauses: vec![Clause { inputs, meta: Meta::default() }],
-        })
+        Some(KeyRelation::single(call.key, inputs))
     }
 
     fn plan(&self, call: &PlanCall) -> Result<Decision> {

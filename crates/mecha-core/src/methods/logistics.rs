@@ -131,10 +131,7 @@ impl Method for Component {
 struct ConvertSingleton;
 impl Method for ConvertSingleton {
     fn key_map(&self, call: &KeyMapCall) -> Option<KeyRelation> {
-        Some(KeyRelation {
-            outputs: vec![call.key.to_string()],
-            clauses: vec![Clause { inputs: vec![Some(vec!["key".to_string()])], meta: Meta::default() }],
-        })
+        Some(KeyRelation::single(call.key, vec![Some(vec!["key".to_string()])]))
     }
     fn plan(&self, _: &PlanCall) -> Result<Decision> {
         Ok(Decision::Forward { param: 0, index: 0 })

@@ -62,10 +62,12 @@ pub struct KeyRelation {
 impl KeyRelation {
     /// The default: one output, every parameter read at the same key.
     pub fn identity(key: &str, params: usize) -> KeyRelation {
-        KeyRelation {
-            outputs: vec![key.to_string()],
-            clauses: vec![Clause { inputs: vec![Some(vec![key.to_string()]); params], meta: Meta::default() }],
-        }
+        KeyRelation::single(key, vec![Some(vec![key.to_string()]); params])
+    }
+
+    /// One output built one way: `inputs` are the keys each parameter reads.
+    pub fn single(key: &str, inputs: Vec<Option<Vec<String>>>) -> KeyRelation {
+        KeyRelation { outputs: vec![key.to_string()], clauses: vec![Clause { inputs, meta: Meta::default() }] }
     }
 }
 
