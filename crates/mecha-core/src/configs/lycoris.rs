@@ -15,6 +15,11 @@ const SUFFIXES: [&[&str]; 2] = [
     &["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"],
 ];
 
+/// Every key of a derived config starts with one of these (`lora_…`, `lycoris_…`).
+pub fn has_lycoris_prefix(key: &str) -> bool {
+    FLAVOURS.iter().any(|(_, prefix)| key.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('_')))
+}
+
 /// `unet.a.b.weight` → `<prefix>_unet_a_b`.
 pub fn lycoris_stem(prefix: &str, key: &str) -> String {
     let key = key.strip_suffix(".weight").unwrap_or(key);

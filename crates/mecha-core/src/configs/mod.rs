@@ -9,7 +9,7 @@ mod registry;
 mod tests;
 mod yaml;
 
-pub use registry::{builtin, builtin_ids, list, register, resolve};
+pub use registry::{builtin, builtin_ids, candidates_for, list, register, resolve};
 
 use std::collections::HashMap;
 use std::iter;

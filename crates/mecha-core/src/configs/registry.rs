@@ -27,9 +27,10 @@ fn auxiliary() -> &'static [Arc<ModelConfig>] {
     AUX.get_or_init(|| super::lycoris::derived_configs(builtin).into_iter().map(Arc::new).collect())
 }
 
-/// Builtin and derived configs: what every process knows without registering anything.
+/// Builtin and derived configs: what every process knows without registering anything. The
+/// derived ones (75,000 keys, ~15 MiB) are built only when the iteration reaches them.
 fn known() -> impl Iterator<Item = &'static Arc<ModelConfig>> {
-    builtins().iter().chain(auxiliary())
+    builtins().iter().chain(std::iter::once(()).flat_map(|()| auxiliary()))
 }
 
 /// Builtin identifiers in file-name order.
@@ -72,7 +73,21 @@ pub fn resolve(id: &str) -> Result<Arc<ModelConfig>> {
 /// Every config, sorted by identifier in reverse, the order in which sd-mecha's `get_all()`
 /// returns them and so the order that breaks ties when inferring a config.
 pub fn list() -> Vec<Arc<ModelConfig>> {
-    let mut all: Vec<Arc<ModelConfig>> = known().cloned().collect();
+    sorted(known().cloned().collect())
+}
+
+/// The configs that can share a key with `keys`, in `list()`'s order: the LoRA/LyCORIS ones
+/// only when some key has their prefix, so inferring a checkpoint's config never builds them.
+pub fn candidates_for<'k>(keys: impl IntoIterator<Item = &'k String>) -> Vec<Arc<ModelConfig>> {
+    let mut all: Vec<Arc<ModelConfig>> = builtins().to_vec();
+    if keys.into_iter().any(|k| super::lycoris::has_lycoris_prefix(k)) {
+        all.extend(auxiliary().iter().cloned());
+    }
+    sorted(all)
+}
+
+/// Adds the registered configs and sorts.
+fn sorted(mut all: Vec<Arc<ModelConfig>>) -> Vec<Arc<ModelConfig>> {
     all.extend(USER.read().expect("config registry lock").iter().cloned());
     all.sort_by(|a, b| b.id.cmp(&a.id));
     all

@@ -249,3 +249,24 @@ fn lycoris_configs_are_derived_like_sd_mecha() {
         ]
     );
 }
+
+#[test]
+fn inference_candidates_skip_the_lora_configs_only_when_no_key_could_match_them() {
+    // Every key and alias of a derived config has the prefix `candidates_for` looks for.
+    for config in list().iter().filter(|c| c.id.ends_with("_lora")) {
+        for (key, meta) in config.keys() {
+            assert!(super::lycoris::has_lycoris_prefix(key), "{key}");
+            assert!(meta.aliases.iter().all(|a| super::lycoris::has_lycoris_prefix(a)), "{key}");
+        }
+    }
+    let ids = |keys: &[&str]| {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        candidates_for(&keys).iter().map(|c| c.id.clone()).collect::<Vec<_>>()
+    };
+    let plain = ids(&["model.diffusion_model.out.0.weight"]);
+    assert!(plain.iter().all(|id| !id.ends_with("_lora")) && plain.contains(&"sdxl-sgm".to_string()));
+    let lora = ids(&["lora_unet_out_0.lora_up.weight"]);
+    let all: Vec<String> = list().iter().map(|c| c.id.clone()).collect();
+    assert_eq!(lora, all);
+    assert!(!super::lycoris::has_lycoris_prefix("lorax.weight"));
+}

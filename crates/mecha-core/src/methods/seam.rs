@@ -380,6 +380,17 @@ impl RunCall<'_> {
     pub fn rng(&self, seed: u64) -> KeyRng {
         KeyRng::new(seed, self.key())
     }
+    /// The random stream of a `seed: int = None` parameter. The planner replaces a null seed by
+    /// a chosen one (reported and recorded in the output) before any method runs, so a null
+    /// here means the method was called outside a merge.
+    pub fn seed_rng(&self, param: usize) -> Result<KeyRng> {
+        match self.arg(param, 0)? {
+            Arg::Value(Scalar::Null) => {
+                Err(self.fail(format!("{} was not chosen before the run", self.param_name(param))))
+            }
+            _ => Ok(self.rng(self.int(param)? as u64)),
+        }
+    }
 }
 
 /// A merge method's behaviour. Only `plan` is required: a method whose results are all
@@ -433,6 +444,19 @@ impl KeyRng {
     /// Uniform in [0, 1) with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in [0, 1) with 24 random bits (one f32 step), for masks compared with an f32.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
+    }
+
+    /// Standard normal (Box–Muller; the second value is dropped so each draw uses a fixed
+    /// number of words and streams stay aligned).
+    pub fn next_normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64();
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 }
 

@@ -160,7 +160,7 @@ fn candidate_stats(keys: &IndexSet<String>) -> IndexMap<String, MatchStats> {
     if keys.is_empty() {
         return IndexMap::new();
     }
-    configs::list()
+    configs::candidates_for(keys)
         .iter()
         .map(|c| (c.id.clone(), MatchStats::of(c, keys)))
         .filter(|(_, s)| s.intersection.len() as f64 >= keys.len() as f64 * 0.1)
