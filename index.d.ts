@@ -16,6 +16,32 @@ export declare class CancelToken {
   get cancelled(): boolean
 }
 
+/**
+ * Values merge methods compute once per node and key (SVD factors, eigenbases), kept across
+ * the merges it is passed to.
+ */
+export declare class MergeCache {
+  /**
+   * `limit_bytes`: the most it holds (the oldest entries go first); default a quarter of
+   * physical memory, at most 4 GiB.
+   */
+  constructor(limitBytes?: number | undefined | null)
+  get bytes(): number
+  get entries(): number
+  get limitBytes(): number
+  clear(): void
+}
+
+/** A seed the merge chose for a `seed: None` parameter. */
+export interface ChosenSeedInfo {
+  /** The node's index in the recipe as given (its line in `.mecha` text). */
+  node?: number
+  method: string
+  param: string
+  /** Below 2^53, so exact as a JavaScript number. */
+  seed: number
+}
+
 /** The configs a file could be, best first, as sd-mecha ranks them (`root_candidates`). */
 export declare function configCandidates(path: string): Array<string>
 
@@ -148,7 +174,7 @@ export interface JsParamSpec {
  * Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
  * it, so the TypeScript layer can raise its typed error classes).
  */
-export declare function merge(recipeJson: string, options: NativeMergeOptions, cancel: CancelToken, onProgress?: ((progress: ProgressInfo) => void) | undefined | null): Promise<MergeOutcome>
+export declare function merge(recipeJson: string, options: NativeMergeOptions, cancel: CancelToken, cache: MergeCache, onProgress?: ((progress: ProgressInfo) => void) | undefined | null): Promise<MergeOutcome>
 
 /** A finished merge: `report` (and `tensors` for in-memory output), or `error`. */
 export interface MergeOutcome {
@@ -173,6 +199,7 @@ export interface MergeReportInfo {
   /** Keys that needed more working memory than the budget, so ran alone. */
   overBudget: Array<string>
   recipe: string
+  seeds: Array<ChosenSeedInfo>
 }
 
 export interface MethodInfo {

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.CancelToken = nativeBinding.CancelToken
+module.exports.MergeCache = nativeBinding.MergeCache
 module.exports.configCandidates = nativeBinding.configCandidates
 module.exports.configKeys = nativeBinding.configKeys
 module.exports.configList = nativeBinding.configList

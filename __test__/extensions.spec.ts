@@ -11,6 +11,8 @@ import {
   convert,
   defineMergeMethod,
   deserialize,
+  inspect,
+  MergeCache,
   int,
   merge,
   methods,
@@ -361,4 +363,48 @@ test('plan reports configs, keys and memory without reading data', async (t) => 
   t.true(p.estimatedWorkingBytes > 0)
   t.regex(p.recipe, /model_config="sd1-ldm"/)
   void ({} as MethodValue)
+})
+
+test('a null seed is chosen per merge, reported, and recorded so the stored recipe replays the output', async (t) => {
+  await ready
+  const noise = defineMergeMethod({
+    id: 'test_seeded_offset',
+    inputs: [{ name: 'a' }, { name: 'seed', type: 'int', default: null }],
+    fn: ({ a, seed }) => (a as Float32Array).map((v) => v + ((seed as number) % 1000) / 1000),
+  })
+  const out = (name: string) => join(dir, name)
+  const first = await merge(noise(model(paths.a)), { ...f32, output: out('seeded-1.safetensors') })
+  const second = await merge(noise(model(paths.a)), { ...f32, output: out('seeded-2.safetensors') })
+  t.is(first.seeds.length, 1)
+  const [chosen] = first.seeds
+  t.like(chosen, { method: 'test_seeded_offset', param: 'seed' })
+  t.true(Number.isSafeInteger(chosen.seed) && chosen.seed >= 0)
+  t.not(second.seeds[0].seed, chosen.seed, 'another merge picks another seed')
+  t.regex(first.recipe, new RegExp(`\\b${chosen.seed}\\b`))
+
+  const stored = (await inspect(out('seeded-1.safetensors'))).metadata
+  t.is(stored['mecha_recipe'], first.recipe)
+  t.deepEqual(JSON.parse(stored['mecha_seeds']), [
+    { node: chosen.node ?? null, method: 'test_seeded_offset', param: 'seed', seed: chosen.seed },
+  ])
+  // The tensors (the header differs: only the first merge chose, so only it has `mecha_seeds`).
+  const tensors = async (path: string) => [...(await merge(model(path), f32))].map(([k, v]) => [k, [...toFloat32(v)]])
+  const replay = await merge(deserialize(first.recipe), { ...f32, output: out('seeded-replay.safetensors') })
+  t.deepEqual(replay.seeds, [], 'the stored recipe has its seed')
+  t.deepEqual(await tensors(out('seeded-replay.safetensors')), await tensors(out('seeded-1.safetensors')))
+  t.notDeepEqual(await tensors(out('seeded-2.safetensors')), await tensors(out('seeded-1.safetensors')))
+
+  const given = await merge(noise(model(paths.a), { seed: 1234 }), f32)
+  t.deepEqual(given.report.seeds, [])
+})
+
+test('MergeCache: options, limits and what a merge without methods that cache leaves in it', async (t) => {
+  await ready
+  const cache = new MergeCache({ limit: '1M' })
+  t.is(cache.limitBytes, 1 << 20)
+  t.is(new MergeCache().limitBytes > 0, true)
+  t.throws(() => new MergeCache({ limit: 'lots' }), { instanceOf: TypeError, message: /cache limit/ })
+  await merge(weightedSum(model(paths.a), model(paths.b), { alpha: 0.3 }), { ...f32, cache })
+  t.deepEqual([cache.entries, cache.bytes], [0, 0], 'elementwise methods store nothing')
+  cache.clear()
 })

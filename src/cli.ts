@@ -96,6 +96,8 @@ function printReport(report: MergeReport) {
       `  warning: ${report.nonFiniteOutputs.length} keys hold NaN or infinity: ${report.nonFiniteOutputs.slice(0, 5).join(', ')}`,
     )
   }
+  for (const s of report.seeds)
+    console.log(`  ${s.method} drew from seed ${s.seed} (${s.param} was null; the recipe in the output records it)`)
   if (report.keysSkipped.length) {
     console.log(`  ${report.keysSkipped.length} keys skipped:`)
     for (const s of report.keysSkipped.slice(0, 20)) console.log(`    ${s.key}: ${s.reason}`)

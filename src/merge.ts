@@ -46,6 +46,48 @@ export interface MergeOptions {
    * A number of bytes, or a size such as `'2G'` or `'512M'`.
    */
   memoryBudget?: number | string
+  /**
+   * Keeps what methods compute once per node and key (the SVD and eigen decompositions of
+   * `rotate`, `truncateRank`, `truncate_kronecker`) for later merges given the same cache: merge
+   * the same recipe again with another `alpha` or `alignment` and those steps are skipped.
+   * Without one, nothing is kept.
+   */
+  cache?: MergeCache
+}
+
+/**
+ * A cache of per-node, per-key results kept across merges (sd-mecha's `cache=` argument). Reuse
+ * one for merges of the same recipe with different hyper-parameters (an ablation sweep); entries
+ * are found by what the node computes from its inputs, so a different recipe never reads
+ * another's entries. Holds at most `limit` bytes, dropping the oldest entries first.
+ */
+export class MergeCache {
+  /** @internal */
+  readonly handle: native.MergeCache
+
+  /** `limit`: bytes or a size such as `'2G'` (default: a quarter of physical memory, at most 4 GiB). */
+  constructor(options: { limit?: number | string } = {}) {
+    const limit = options.limit === undefined ? undefined : parseBytes(options.limit, 'cache limit')
+    this.handle = new native.MergeCache(limit)
+  }
+
+  /** Bytes held now. */
+  get bytes(): number {
+    return this.handle.bytes
+  }
+
+  /** Entries held now (one per node, key and decomposition). */
+  get entries(): number {
+    return this.handle.entries
+  }
+
+  get limitBytes(): number {
+    return this.handle.limitBytes
+  }
+
+  clear(): void {
+    this.handle.clear()
+  }
 }
 
 /** Parses a byte size: a number, or digits with an optional K/M/G/T suffix (binary units). */
@@ -88,8 +130,22 @@ export interface MergeReport {
   memoryBudget: number
   /** Keys whose computation needed more than the budget, so ran alone. */
   overBudget: string[]
-  /** The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata. */
+  /**
+   * The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata, with the
+   * chosen seeds in place of `seed: null`, so merging it again reproduces the output exactly.
+   */
   recipe: string
+  /** Seeds chosen for `seed: null` parameters (also stored in the `mecha_seeds` metadata). */
+  seeds: ChosenSeed[]
+}
+
+/** A seed a merge chose because the recipe left a random method's `seed` null. */
+export interface ChosenSeed {
+  /** The node's index in the recipe as given (its line in `.mecha` text), if it has one. */
+  node?: number
+  method: string
+  param: string
+  seed: number
 }
 
 /** The result of an in-memory merge: key → tensor, in output order, plus the report. */
@@ -167,6 +223,7 @@ export async function mergeWire(
             options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
         },
         token,
+        options.cache?.handle ?? new native.MergeCache(0),
         progress,
       ),
     )

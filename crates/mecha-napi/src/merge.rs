@@ -2,6 +2,7 @@
 //! deserialize and conversions.
 
 use crate::errors::{parse_dtype, throw, ErrorInfo};
+use mecha_core::exec::cache::MethodCache;
 use mecha_core::exec::plan::{MergeDtype, PlanOptions};
 use mecha_core::exec::run::{Progress, ProgressSink};
 use mecha_core::exec::{MergeOptions, MergeReport, OutputTarget};
@@ -78,7 +79,7 @@ pub struct PlanInfo {
 pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi::Result<PlanInfo> {
     let run = || -> mecha_core::Result<PlanInfo> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
-        let options = merge_options(options)?;
+        let options = merge_options(options, Arc::new(MethodCache::new(0)))?;
         let plan = mecha_core::exec::plan::plan(recipe, &options.plan)?;
         let f = &plan.finalized;
         let threads = if options.threads == 0 { mecha_core::exec::run::auto_threads() } else { options.threads };
@@ -146,6 +147,52 @@ impl CancelToken {
     }
 }
 
+/// Values merge methods compute once per node and key (SVD factors, eigenbases), kept across
+/// the merges it is passed to.
+#[napi]
+pub struct MergeCache {
+    inner: Arc<MethodCache>,
+}
+
+#[napi]
+impl MergeCache {
+    /// `limit_bytes`: the most it holds (the oldest entries go first); default a quarter of
+    /// physical memory, at most 4 GiB.
+    #[napi(constructor)]
+    pub fn new(limit_bytes: Option<f64>) -> napi::Result<Self> {
+        let limit = match limit_bytes {
+            Some(b) if !(b.is_finite() && b >= 0.0) => {
+                return Err(napi::Error::from_reason(format!(
+                    "a cache limit must be a non-negative number of bytes, got {b}"
+                )))
+            }
+            Some(b) => b as u64,
+            None => mecha_core::exec::memory::default_budget(),
+        };
+        Ok(MergeCache { inner: Arc::new(MethodCache::new(limit)) })
+    }
+
+    #[napi(getter)]
+    pub fn bytes(&self) -> f64 {
+        self.inner.bytes() as f64
+    }
+
+    #[napi(getter)]
+    pub fn entries(&self) -> u32 {
+        self.inner.len() as u32
+    }
+
+    #[napi(getter)]
+    pub fn limit_bytes(&self) -> f64 {
+        self.inner.limit() as f64
+    }
+
+    #[napi]
+    pub fn clear(&self) {
+        self.inner.clear()
+    }
+}
+
 #[napi(object)]
 pub struct NativeMergeOptions {
     /// Output file; absent → tensors are returned in memory.
@@ -188,6 +235,17 @@ pub struct SkippedKeyInfo {
     pub reason: String,
 }
 
+/// A seed the merge chose for a `seed: None` parameter.
+#[napi(object)]
+pub struct ChosenSeedInfo {
+    /// The node's index in the recipe as given (its line in `.mecha` text).
+    pub node: Option<u32>,
+    pub method: String,
+    pub param: String,
+    /// Below 2^53, so exact as a JavaScript number.
+    pub seed: f64,
+}
+
 #[napi(object)]
 pub struct MergeReportInfo {
     pub output: Option<String>,
@@ -205,6 +263,7 @@ pub struct MergeReportInfo {
     /// Keys that needed more working memory than the budget, so ran alone.
     pub over_budget: Vec<String>,
     pub recipe: String,
+    pub seeds: Vec<ChosenSeedInfo>,
 }
 
 impl From<MergeReport> for MergeReportInfo {
@@ -222,6 +281,16 @@ impl From<MergeReport> for MergeReportInfo {
             memory_budget: r.memory_budget as f64,
             over_budget: r.over_budget,
             recipe: r.recipe,
+            seeds: r
+                .seeds
+                .into_iter()
+                .map(|s| ChosenSeedInfo {
+                    node: s.node.map(|n| n as u32),
+                    method: s.method,
+                    param: s.param,
+                    seed: s.seed as f64,
+                })
+                .collect(),
         }
     }
 }
@@ -263,7 +332,7 @@ impl ProgressSink for JsProgress {
     }
 }
 
-fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions> {
+fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_core::Result<MergeOptions> {
     let defaults = MergeOptions::default();
     Ok(MergeOptions {
         plan: PlanOptions {
@@ -295,7 +364,7 @@ fn merge_options(options: NativeMergeOptions) -> mecha_core::Result<MergeOptions
             Some(b) => b as u64,
             None => 0,
         },
-        cache: defaults.cache.clone(),
+        cache,
         progress_interval: options
             .progress_interval_ms
             .map_or(defaults.progress_interval, |ms| std::time::Duration::from_millis(ms as u64)),
@@ -312,17 +381,19 @@ pub fn merge<'env>(
     recipe_json: String,
     options: NativeMergeOptions,
     cancel: &CancelToken,
+    cache: &MergeCache,
     #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
 ) -> napi::Result<Object<'env>> {
     let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
     let flag = cancel.flag.clone();
+    let cache = cache.inner.clone();
     let progress = on_progress.map(JsProgress);
     std::thread::Builder::new()
         .name("mecha-merge".into())
         .spawn(move || {
             let result = (|| {
                 let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
-                let options = merge_options(options)?;
+                let options = merge_options(options, cache)?;
                 mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
             })();
             drop(progress); // release the callback so it no longer holds the event loop

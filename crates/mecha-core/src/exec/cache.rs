@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use crate::methods::seam::{NodeCache, NodeRef};
 
 type Entry = (Arc<dyn Any + Send + Sync>, u64);
-/// (node in the source recipe, key, name).
-type Id = (Option<usize>, String, String);
+/// (node's cache identity, key, name).
+type Id = (u64, String, String);
 
 /// The entries, their insertion order, and their total size.
 #[derive(Default)]
@@ -19,8 +19,9 @@ struct Entries {
     bytes: u64,
 }
 
-/// Entries are keyed by the node's index in the source recipe (stable across merges of the
-/// same recipe), the key and a name; the oldest go first when the limit is passed.
+/// Entries are keyed by the node's cache identity (the same across merges of the same recipe,
+/// different for another computation), the key and a name; the oldest go first when the limit
+/// is passed.
 pub struct MethodCache {
     limit: u64,
     inner: Mutex<Entries>,
@@ -34,6 +35,22 @@ impl MethodCache {
     pub fn bytes(&self) -> u64 {
         self.inner.lock().expect("cache lock").bytes
     }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("cache lock").map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self) {
+        *self.inner.lock().expect("cache lock") = Entries::default();
+    }
 }
 
 impl std::fmt::Debug for MethodCache {
@@ -45,7 +62,7 @@ impl std::fmt::Debug for MethodCache {
 impl NodeCache for MethodCache {
     fn get(&self, node: NodeRef, key: &str, name: &str) -> Option<Arc<dyn Any + Send + Sync>> {
         let inner = self.inner.lock().expect("cache lock");
-        inner.map.get(&(node.source, key.to_string(), name.to_string())).map(|(v, _)| v.clone())
+        inner.map.get(&(node.identity, key.to_string(), name.to_string())).map(|(v, _)| v.clone())
     }
 
     fn put(&self, node: NodeRef, key: &str, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: u64) {
@@ -53,7 +70,7 @@ impl NodeCache for MethodCache {
             return;
         }
         let mut inner = self.inner.lock().expect("cache lock");
-        let id = (node.source, key.to_string(), name.to_string());
+        let id = (node.identity, key.to_string(), name.to_string());
         if let Some((_, old)) = inner.map.insert(id.clone(), (value, bytes)) {
             inner.bytes -= old;
         } else {
@@ -76,7 +93,7 @@ mod tests {
     #[test]
     fn keeps_within_its_limit_dropping_the_oldest() {
         let cache = MethodCache::new(100);
-        let node = NodeRef { index: 0, source: Some(3) };
+        let node = NodeRef { index: 0, source: Some(3), identity: 3 };
         cache.put(node, "a", "u", Arc::new(1u8), 60);
         cache.put(node, "b", "u", Arc::new(2u8), 60);
         assert!(cache.get(node, "a", "u").is_none());

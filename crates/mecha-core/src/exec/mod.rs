@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
 use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
+use crate::recipe::seeds::{choose_seeds, ChosenSeed};
 use crate::recipe::Recipe;
 use cache::MethodCache;
 use plan::{Exclusions, Plan, PlanOptions, SkippedKey};
@@ -42,7 +43,8 @@ pub struct MergeOptions {
     /// Bytes of working memory the keys computed at once may use together (0: the default,
     /// a quarter of physical memory, at most 4 GiB).
     pub memory_budget: u64,
-    /// Values methods keep per node and key (kept across merges when the caller reuses it).
+    /// Values methods keep per node and key, for later merges of the same recipe that reuse
+    /// it. The default keeps nothing (a merge computes each key once).
     pub cache: Arc<MethodCache>,
 }
 
@@ -58,7 +60,7 @@ impl Default for MergeOptions {
             omit_non_finite_inputs: true,
             check_finite_output: true,
             memory_budget: 0,
-            cache: Arc::new(MethodCache::new(memory::default_budget())),
+            cache: Arc::new(MethodCache::new(0)),
         }
     }
 }
@@ -80,8 +82,11 @@ pub struct MergeReport {
     pub memory_budget: u64,
     pub over_budget: Vec<String>,
     pub threads: usize,
-    /// The recipe as `.mecha` text (also stored in the output's `__metadata__.mecha_recipe`).
+    /// The recipe as `.mecha` text (also stored in the output's `__metadata__.mecha_recipe`),
+    /// with the seeds below in place of null seeds.
     pub recipe: String,
+    /// Seeds chosen for `seed: None` parameters (also in `__metadata__.mecha_seeds`).
+    pub seeds: Vec<ChosenSeed>,
 }
 
 #[derive(Clone, Debug)]
@@ -126,11 +131,29 @@ enum Written {
     Memory(Vec<OutputTensor>),
 }
 
-fn run_once(plan: &Plan, options: &MergeOptions, run_options: &RunOptions) -> Result<(RunStats, Written)> {
+/// The output's `__metadata__`: the recipe, and the seeds the merge chose.
+fn output_metadata(plan: &Plan, seeds: &[ChosenSeed]) -> Vec<(String, String)> {
+    let mut metadata = vec![("mecha_recipe".to_string(), plan.serialized.clone())];
+    if !seeds.is_empty() {
+        let listed: Vec<serde_json::Value> = seeds
+            .iter()
+            .map(|s| serde_json::json!({ "node": s.node, "method": s.method, "param": s.param, "seed": s.seed }))
+            .collect();
+        metadata.push(("mecha_seeds".to_string(), serde_json::Value::Array(listed).to_string()));
+    }
+    metadata
+}
+
+fn run_once(
+    plan: &Plan,
+    seeds: &[ChosenSeed],
+    options: &MergeOptions,
+    run_options: &RunOptions,
+) -> Result<(RunStats, Written)> {
     match &options.output {
         OutputTarget::File(path) => {
             ensure_not_an_input(path, &plan.input_paths())?;
-            let metadata = vec![("mecha_recipe".to_string(), plan.serialized.clone())];
+            let metadata = output_metadata(plan, seeds);
             let layout = FileLayout::new(&planned_tensors(plan), &metadata);
             let writer = SafetensorsWriter::create(path, layout)?;
             let stats = run::run(plan, &writer, run_options)?;
@@ -178,6 +201,8 @@ pub fn merge(
 ) -> Result<MergeResult> {
     let started = Instant::now();
     let peak = memory::PeakWatch::start();
+    let mut recipe = recipe;
+    let seeds = choose_seeds(&mut recipe);
     let mut finalized = plan::finalize(recipe, &options.plan.root_space)?;
     if finalized.inputs.is_empty() {
         return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
@@ -197,7 +222,7 @@ pub fn merge(
     let mut excluded = Exclusions::default();
     let (plan, stats, written) = loop {
         let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
-        let (stats, written) = run_once(&plan, options, &run_options)?;
+        let (stats, written) = run_once(&plan, &seeds, options, &run_options)?;
         let before = excluded.len();
         if options.omit_non_finite_inputs {
             excluded.tensors.extend(stats.non_finite_inputs.iter().copied());
@@ -231,6 +256,7 @@ pub fn merge(
         over_budget: stats.over_budget.iter().map(|&k| plan.keys[k].name.clone()).collect(),
         threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
         recipe: plan.serialized.clone(),
+        seeds,
     };
     Ok(MergeResult { report, tensors })
 }

@@ -297,6 +297,8 @@ pub struct Finalized {
     pub inputs: Vec<Arc<SafetensorsFile>>,
     /// Input file of each model node.
     pub model_input: Vec<Option<usize>>,
+    /// Per node, the identity its method cache entries are stored under.
+    pub cache_ids: Vec<u64>,
 }
 
 impl Finalized {
@@ -359,7 +361,8 @@ pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
     let spaces = spaces::infer(&recipe, root_space)?;
     let Inputs { files, model_input, model_keys } = open_inputs(&recipe)?;
     let configs = inference::infer(&recipe, &model_keys, &[SINGLETON_CONFIG])?;
-    Ok(Finalized { recipe, spaces, configs, inputs: files, model_input })
+    let cache_ids = recipe.cache_identities();
+    Ok(Finalized { recipe, spaces, configs, inputs: files, model_input, cache_ids })
 }
 
 /// An input tensor, as (input file index, data offset): what a merge found non-finite values in.
@@ -718,7 +721,10 @@ impl KeyBuilder<'_> {
         let dtype = spec.dtype.or_else(|| {
             rounded.iter().flatten().find(|&&e| self.exprs[e].shape.is_some()).and_then(|&e| self.exprs[e].dtype)
         });
-        let at = (NodeRef { index: node, source: self.ctx.f.recipe.source_index[node] }, key.to_string());
+        let at = (
+            NodeRef { index: node, source: self.ctx.f.recipe.source_index[node], identity: self.ctx.f.cache_ids[node] },
+            key.to_string(),
+        );
         let numeric = method.returns.value_type != ValueType::Str;
         let op = match spec.kernel {
             Some(kernel) => {

@@ -86,8 +86,13 @@ mod tests {
     use crate::methods::seam::{Chunk, ChunkKernel, NodeRef};
 
     fn apply(x: &[Operand<f32>], out: &mut [f32]) {
-        let chunk =
-            Chunk { key: "k", shape: &[], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
+        let chunk = Chunk {
+            key: "k",
+            shape: &[],
+            offset: 0,
+            node: NodeRef { index: 0, source: None, identity: 0 },
+            host_context: 0,
+        };
         Clamp.apply_f32(&chunk, x, out).unwrap();
     }
 

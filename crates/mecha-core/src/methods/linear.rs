@@ -342,8 +342,13 @@ mod tests {
 
     fn run(kernel: &dyn ChunkKernel, x: &[Operand<f32>], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n];
-        let chunk =
-            Chunk { key: "k", shape: &[n], offset: 0, node: NodeRef { index: 0, source: None }, host_context: 0 };
+        let chunk = Chunk {
+            key: "k",
+            shape: &[n],
+            offset: 0,
+            node: NodeRef { index: 0, source: None, identity: 0 },
+            host_context: 0,
+        };
         kernel.apply_f32(&chunk, x, &mut out).unwrap();
         out
     }

@@ -232,11 +232,13 @@ pub struct Chunk<'a> {
 }
 
 /// The node a method runs for: its index in the finalized recipe and in the source form the
-/// user wrote (JSON node index or `.mecha` instruction).
+/// user wrote (JSON node index or `.mecha` instruction), and its cache identity
+/// ([`crate::recipe::Recipe::cache_identities`]).
 #[derive(Copy, Clone, Debug)]
 pub struct NodeRef {
     pub index: NodeId,
     pub source: Option<usize>,
+    pub identity: u64,
 }
 
 /// Elementwise math over one chunk (or a whole tensor): every slice operand has `out.len()`

@@ -4,6 +4,7 @@
 pub mod inference;
 pub mod mecha;
 pub mod parse;
+pub mod seeds;
 pub mod spaces;
 pub mod wire;
 
@@ -13,7 +14,7 @@ use indexmap::IndexMap;
 
 use crate::error::{MechaError, Result};
 use crate::methods::logistics::SINGLETON_CONFIG;
-use crate::methods::{registry, DefaultValue, MethodSpec, ParamKind};
+use crate::methods::{registry, DefaultValue, MethodSpec, ParamKind, SpaceSpec};
 
 pub type NodeId = usize;
 
@@ -358,6 +359,45 @@ impl Recipe {
         parts.join(" > ")
     }
 
+    /// For each node, a hash of what it computes from its inputs, hyper-parameters left out: the
+    /// method and the sub-recipes of its model-space inputs. The same node of another merge of the
+    /// same recipe gets the same value (whatever its `alpha`), so per-node caches stay valid
+    /// across merges; methods check the hyper-parameters their cached values depend on.
+    pub fn cache_identities(&self) -> Vec<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut ids: Vec<u64> = Vec::with_capacity(self.nodes.len());
+        // Children are stored before their parents, so one forward pass sees them first.
+        for node in &self.nodes {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&node.config, &node.merge_space).hash(&mut h);
+            match &node.kind {
+                NodeKind::Model { path } => ("model", path).hash(&mut h),
+                NodeKind::Literal { entries } => {
+                    "literal".hash(&mut h);
+                    for (k, v) in entries {
+                        k.hash(&mut h);
+                        match v {
+                            Value::Scalar(s) => format!("{s:?}").hash(&mut h),
+                            Value::Node(n) => ids[*n].hash(&mut h),
+                        }
+                    }
+                }
+                NodeKind::Merge { method, inputs } => {
+                    method.id.hash(&mut h);
+                    for (param, children) in method.params.iter().zip(inputs) {
+                        if param.space == SpaceSpec::fixed(&["param"]) {
+                            "hyper".hash(&mut h);
+                        } else {
+                            children.iter().for_each(|&c| ids[c].hash(&mut h));
+                        }
+                    }
+                }
+            }
+            ids.push(h.finish());
+        }
+        ids
+    }
+
     /// Model nodes reachable from the root, in post-order (the order sd-mecha visits them).
     pub fn models(&self) -> Vec<NodeId> {
         self.post_order().into_iter().filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. })).collect()
@@ -384,6 +424,26 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn weighted_sum_identity(b_path: &str, alpha: f64) -> u64 {
+        let mut b = RecipeBuilder::new();
+        let (x, y) = (b.model("a.safetensors", None, None), b.model(b_path, None, None));
+        let root = b
+            .merge(
+                "weighted_sum",
+                vec![Arg::Node(x), Arg::Node(y)],
+                vec![("alpha".into(), Arg::Value(Scalar::Float(alpha)))],
+            )
+            .expect("binds");
+        let recipe = b.finish(root).expect("valid");
+        recipe.cache_identities()[recipe.root]
+    }
+
+    #[test]
+    fn cache_identity_ignores_hyper_parameters_but_not_inputs() {
+        assert_eq!(weighted_sum_identity("b.safetensors", 0.3), weighted_sum_identity("b.safetensors", 0.7));
+        assert_ne!(weighted_sum_identity("b.safetensors", 0.3), weighted_sum_identity("c.safetensors", 0.3));
+    }
 
     #[test]
     fn binding_follows_python_rules() {
