@@ -9,7 +9,10 @@ import {
   methods,
   model,
   nAverage,
+  deserialize,
+  plan,
   serialize,
+  toFloat32,
   weightedSum,
 } from '../dist/index.js'
 import { twoSmallModels } from './helpers.ts'
@@ -85,4 +88,32 @@ test('literal dicts may hold recipe nodes, one per key', async (t) => {
   t.regex(text, /dict w=&\d+\nliteral &\d+ model_config="structural" merge_space="weight"$/)
   const result = await merge(perKey, { outputDtype: 'f32' })
   t.deepEqual(Array.from(result.get('w')!.data as Float32Array), [2, 3])
+})
+
+test('a chain of 100,000 nodes serializes, deserializes, plans and merges (no recursion on depth)', async (t) => {
+  let r = model(a)
+  const other = model(b)
+  for (let i = 0; i < 100_000; i++) r = weightedSum(r, other, { alpha: 0.5 })
+  const text = serialize(r)
+  t.is(text.split('\n').filter((l) => l.startsWith('merge "weighted_sum"')).length, 100_000)
+  t.is(serialize(deserialize(text)), text)
+  t.true(plan(r).keys > 0)
+  const merged = await merge(r, { outputDtype: 'f32' })
+  const replay = await merge(deserialize(text), { outputDtype: 'f32' })
+  t.deepEqual(
+    [...replay].map(([k, v]) => [k, [...toFloat32(v)]]),
+    [...merged].map(([k, v]) => [k, [...toFloat32(v)]]),
+  )
+})
+
+test('a node used twice at each of 30 levels is serialized and merged once per node', async (t) => {
+  let r = model(a)
+  for (let i = 0; i < 30; i++) r = weightedSum(r, r, { alpha: 0.5 })
+  const text = serialize(r)
+  // version, the model, the alpha (dict, literal, broadcast: one set, identical lines are shared), 30 merges
+  t.is(text.split('\n').filter((l) => l.startsWith('merge "weighted_sum"')).length, 30)
+  t.is(text.split('\n').length, 1 + 1 + 3 + 30)
+  const merged = await merge(r, { outputDtype: 'f32' })
+  const input = await merge(model(a), { outputDtype: 'f32' })
+  for (const [k, v] of input) t.deepEqual([...toFloat32(merged.get(k)!)], [...toFloat32(v)], k)
 })

@@ -135,10 +135,43 @@ export function toWire(root: RecipeInput): WireRecipe {
   return toWireWithNodes(root).wire
 }
 
+/** What a recipe graph is made of when walking it: nodes, and dicts of per-key sub-recipes. */
+type Item = RecipeNode | LiteralDict
+
+function childItems(item: Item): Item[] {
+  const of = (v: RecipeInput): Item[] => (v instanceof RecipeNode || isDict(v) ? [v] : [])
+  if (item instanceof MergeNode) return [...item.args.flatMap(of), ...Object.values(item.kwargs).flatMap(of)]
+  if (item instanceof LiteralNode) return isDict(item.value) ? childItems(item.value) : []
+  if (item instanceof RecipeNode) return []
+  return Object.values(item).filter((v): v is RecipeNode => v instanceof RecipeNode)
+}
+
+/**
+ * Calls `emit` once per item reachable from `root`, children first, in the order a recursive
+ * depth-first walk would finish them; iterative, so a chain of 100,000 nodes needs no stack.
+ */
+function walkPostOrder(root: Item, emit: (item: Item) => void): void {
+  const done = new Set<Item>()
+  const stack: { item: Item; expanded: boolean }[] = [{ item: root, expanded: false }]
+  while (stack.length) {
+    const top = stack.pop()!
+    if (done.has(top.item)) continue
+    if (top.expanded) {
+      done.add(top.item)
+      emit(top.item)
+      continue
+    }
+    stack.push({ item: top.item, expanded: true })
+    const children = childItems(top.item)
+    for (let i = children.length - 1; i >= 0; i--)
+      if (!done.has(children[i])) stack.push({ item: children[i], expanded: false })
+  }
+}
+
 export function toWireWithNodes(root: RecipeInput): WireWithNodes {
   const nodes: WireNode[] = []
   const objects: (RecipeNode | undefined)[] = []
-  const ids = new Map<RecipeNode, number>()
+  const ids = new Map<Item, number>()
 
   const scalar = (v: Scalar): WireValue => {
     if (v instanceof Int) return { int: v.value }
@@ -148,44 +181,33 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
     if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'string' || v === null) return v
     throw new TypeError(`unsupported recipe value: ${String(v)}`)
   }
+  // Children are emitted before their parents, so their ids are known here.
+  const ref = (item: Item): WireValue => ({ node: ids.get(item)! })
   const dict = (d: LiteralDict): Record<string, WireValue> =>
-    Object.fromEntries(Object.entries(d).map(([k, v]) => [k, v instanceof RecipeNode ? { node: visit(v) } : scalar(v)]))
-  const push = (n: WireNode, object?: RecipeNode) => {
-    objects.push(object)
-    return nodes.push(n) - 1
-  }
-  const value = (v: RecipeInput): WireValue => {
-    if (v instanceof RecipeNode) return { node: visit(v) }
-    if (isDict(v)) return { node: push({ literal: { dict: dict(v) } }) }
-    return scalar(v)
-  }
-  const visit = (node: RecipeNode): number => {
-    const known = ids.get(node)
-    if (known !== undefined) return known
-    let wire: WireNode
-    if (node instanceof ModelNode) {
-      wire = { model: node.path, config: node.config, mergeSpace: node.mergeSpace }
-    } else if (node instanceof LiteralNode) {
-      wire = {
-        literal: isDict(node.value) ? { dict: dict(node.value) } : scalar(node.value),
-        config: node.config,
-        mergeSpace: node.mergeSpace,
+    Object.fromEntries(Object.entries(d).map(([k, v]) => [k, v instanceof RecipeNode ? ref(v) : scalar(v)]))
+  const value = (v: RecipeInput): WireValue => (v instanceof RecipeNode || isDict(v) ? ref(v) : scalar(v))
+  const wireOf = (item: Item): WireNode => {
+    if (item instanceof ModelNode) return { model: item.path, config: item.config, mergeSpace: item.mergeSpace }
+    if (item instanceof LiteralNode)
+      return {
+        literal: isDict(item.value) ? { dict: dict(item.value) } : scalar(item.value),
+        config: item.config,
+        mergeSpace: item.mergeSpace,
       }
-    } else if (node instanceof MergeNode) {
-      const args = node.args.map(value)
-      const kwargs = Object.fromEntries(Object.entries(node.kwargs).map(([k, v]) => [k, value(v)]))
-      wire = { merge: node.method, args, kwargs }
-    } else {
-      throw new TypeError('unknown recipe node')
+    if (item instanceof MergeNode) {
+      const kwargs = Object.fromEntries(Object.entries(item.kwargs).map(([k, v]) => [k, value(v)]))
+      return { merge: item.method, args: item.args.map(value), kwargs }
     }
-    const id = push(wire, node)
-    ids.set(node, id)
-    return id
+    if (item instanceof RecipeNode) throw new TypeError('unknown recipe node')
+    return { literal: { dict: dict(item) } }
   }
 
   const top = root instanceof RecipeNode ? root : literal(isDict(root) ? root : (root as Scalar))
-  const rootId = visit(top)
-  return { wire: { nodes, root: rootId }, objects }
+  walkPostOrder(top, (item) => {
+    ids.set(item, nodes.push(wireOf(item)) - 1)
+    objects.push(item instanceof RecipeNode ? item : undefined)
+  })
+  return { wire: { nodes, root: ids.get(top)! }, objects }
 }
 
 /** Rebuilds node objects from the JSON form (as `deserialize` returns it). */

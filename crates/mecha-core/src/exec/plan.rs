@@ -215,7 +215,10 @@ impl KeyPlan {
             };
             peak = peak.max(live + size + transient);
             live += size;
-            for c in e.op.operands() {
+            let mut operands = e.op.operands();
+            operands.sort_unstable();
+            operands.dedup(); // `weighted_sum(r, r)` reads one buffer twice, frees it once
+            for c in operands {
                 if last_use[c] == i {
                     live -= len(&self.exprs[c]);
                 }
@@ -459,6 +462,13 @@ struct Context<'a> {
 /// `Err(reason)`: the node cannot provide this key (the key is skipped, not an error).
 type Built = std::result::Result<ExprId, String>;
 
+/// One step of building a (node, key) pair.
+enum Step {
+    Done(Built),
+    /// This input pair must be built first.
+    Needs((NodeId, String)),
+}
+
 struct KeyBuilder<'a> {
     ctx: &'a Context<'a>,
     key: &'a str,
@@ -530,28 +540,46 @@ impl KeyBuilder<'_> {
         self.push(Expr { op: Op::Constant(v), shape: None, dtype: None, origin: origin.into(), numeric })
     }
 
+    /// Builds (node, key) and everything it depends on without recursion (recipes may be chains
+    /// of 100,000 nodes): each step either finishes a pair or names the one input pair it needs
+    /// next, which is built first. Inputs are requested in the order a recursive builder would
+    /// visit them, and no further, so errors and skips are the same.
     fn build(&mut self, node: NodeId, key: &str) -> Result<Built> {
-        let memo_key = (node, key.to_string());
-        if let Some(b) = self.memo.get(&memo_key) {
-            return Ok(b.clone());
-        }
-        let built = match self.ctx.excluded.nodes.get(&memo_key) {
-            Some(reason) => Ok(Err(reason.clone())),
-            None => self.build_uncached(node, key),
-        }
-        .map_err(|e| {
-            let e = if e.key.is_none() { e.with_key(self.key) } else { e };
-            if e.node.is_none() {
-                e.within_node(&self.ctx.f.recipe.trace(node))
-            } else {
-                e
+        let mut pending = vec![(node, key.to_string())];
+        while let Some((n, k)) = pending.last().cloned() {
+            if self.memo.contains_key(&(n, k.clone())) {
+                pending.pop();
+                continue;
             }
-        })?;
-        self.memo.insert(memo_key, built.clone());
-        Ok(built)
+            let step = match self.ctx.excluded.nodes.get(&(n, k.clone())) {
+                Some(reason) => Ok(Step::Done(Err(reason.clone()))),
+                None => self.step(n, &k),
+            }
+            .map_err(|e| {
+                let e = if e.key.is_none() { e.with_key(self.key) } else { e };
+                if e.node.is_none() {
+                    e.within_node(&self.ctx.f.recipe.trace(n))
+                } else {
+                    e
+                }
+            })?;
+            match step {
+                Step::Done(built) => {
+                    self.memo.insert((n, k), built);
+                    pending.pop();
+                }
+                Step::Needs(input) => pending.push(input),
+            }
+        }
+        Ok(self.memo[&(node, key.to_string())].clone())
     }
 
-    fn build_uncached(&mut self, node: NodeId, key: &str) -> Result<Built> {
+    /// An input pair's result if it has been built, or the step that asks for it.
+    fn built(&self, node: NodeId, key: &str) -> std::result::Result<Built, Step> {
+        self.memo.get(&(node, key.to_string())).cloned().ok_or_else(|| Step::Needs((node, key.to_string())))
+    }
+
+    fn step(&mut self, node: NodeId, key: &str) -> Result<Step> {
         let recipe = &self.ctx.f.recipe;
         let n = recipe.node(node);
         let config = self.ctx.f.configs.configs[node].as_ref().expect("reachable nodes are solved");
@@ -564,10 +592,13 @@ impl KeyBuilder<'_> {
                 let file = &self.ctx.f.inputs[input];
                 let found = if in_domain { names().find_map(|name| file.entry(name)) } else { None };
                 let Some(entry) = found else {
-                    return Ok(Err(format!("missing from {}", file.path().display())));
+                    return Ok(Step::Done(Err(format!("missing from {}", file.path().display()))));
                 };
                 if self.ctx.excluded.tensors.contains(&(input, entry.start)) {
-                    return Ok(Err(format!("non-finite values (NaN or infinity) in {}", file.path().display())));
+                    return Ok(Step::Done(Err(format!(
+                        "non-finite values (NaN or infinity) in {}",
+                        file.path().display()
+                    ))));
                 }
                 let id = self.push(Expr {
                     op: Op::Source { input, entry: entry.clone() },
@@ -576,20 +607,21 @@ impl KeyBuilder<'_> {
                     origin: file.path().display().to_string(),
                     numeric: true,
                 });
-                Ok(Ok(id))
+                Ok(Step::Done(Ok(id)))
             }
             NodeKind::Literal { entries } => {
                 let found = if in_domain { names().find_map(|name| entries.get(name)) } else { None };
-                match found {
-                    None => Ok(Err(format!("missing from {}", n.label()))),
-                    Some(Value::Node(child)) => self.build(*child, key),
-                    Some(Value::Scalar(s)) => Ok(Ok(self.constant(s.clone(), &n.label()))),
-                }
+                Ok(match found {
+                    None => Step::Done(Err(format!("missing from {}", n.label()))),
+                    Some(Value::Node(child)) => self.built(*child, key).map_or_else(|needs| needs, Step::Done),
+                    Some(Value::Scalar(s)) => Step::Done(Ok(self.constant(s.clone(), &n.label()))),
+                })
             }
             NodeKind::Merge { method, inputs } => {
                 // A method maps the keys of its result's config (sd-mecha's key map).
                 if !in_domain || !config.contains(key) {
-                    return Ok(Err(format!("{} produces no key \"{key}\" for config \"{}\"", method.id, config.id())));
+                    let why = format!("{} produces no key \"{key}\" for config \"{}\"", method.id, config.id());
+                    return Ok(Step::Done(Err(why)));
                 }
                 self.build_merge(node, method, inputs, key, config)
             }
@@ -619,10 +651,10 @@ impl KeyBuilder<'_> {
         inputs: &[Vec<NodeId>],
         key: &str,
         config: &SolvedConfig,
-    ) -> Result<Built> {
+    ) -> Result<Step> {
         let implementation = method.implementation.clone();
         let Some(relation) = implementation.key_map(&KeyMapCall { method, key, config }) else {
-            return Ok(Err(format!("{} has no source keys for \"{key}\"", method.id)));
+            return Ok(Step::Done(Err(format!("{} has no source keys for \"{key}\"", method.id))));
         };
         // The first clause whose inputs all exist.
         let mut chosen = None;
@@ -634,12 +666,13 @@ impl KeyBuilder<'_> {
                 if let Some(Some(keys)) = clause.inputs.get(p) {
                     for &child in children {
                         for k in keys {
-                            match self.build(child, k)? {
-                                Ok(e) => values.push(e),
-                                Err(why) => {
+                            match self.built(child, k) {
+                                Ok(Ok(e)) => values.push(e),
+                                Ok(Err(why)) => {
                                     reason = why;
                                     continue 'clauses;
                                 }
+                                Err(needs) => return Ok(needs),
                             }
                         }
                     }
@@ -650,7 +683,7 @@ impl KeyBuilder<'_> {
             break;
         }
         let Some((clause, args)) = chosen else {
-            return Ok(Err(reason));
+            return Ok(Step::Done(Err(reason)));
         };
         // Text cannot stand in for numbers or tensors.
         for (param, values) in method.params.iter().zip(&args) {
@@ -682,11 +715,11 @@ impl KeyBuilder<'_> {
         let spec = match decision {
             Decision::Forward { param, index } => {
                 return match args.get(param).and_then(|a| a.get(index)) {
-                    Some(&e) => Ok(Ok(e)),
+                    Some(&e) => Ok(Step::Done(Ok(e))),
                     None => Err(call.fail(format!("forwards argument {index} of parameter {param}, which is absent"))),
                 };
             }
-            Decision::Constant(v) => return Ok(Ok(self.constant(v, &origin))),
+            Decision::Constant(v) => return Ok(Step::Done(Ok(self.constant(v, &origin)))),
             Decision::Fill { value, shape, dtype } => {
                 let id = self.push(Expr {
                     op: Op::Constant(Scalar::Float(value)),
@@ -695,9 +728,9 @@ impl KeyBuilder<'_> {
                     origin,
                     numeric: true,
                 });
-                return Ok(Ok(id));
+                return Ok(Step::Done(Ok(id)));
             }
-            Decision::Skip(why) => return Ok(Err(why)),
+            Decision::Skip(why) => return Ok(Step::Done(Err(why))),
             Decision::Compute(spec) => spec,
         };
         // Arithmetic reads every tensor in the merge precision; raw-only dtypes cannot be read.
@@ -737,6 +770,6 @@ impl KeyBuilder<'_> {
                 Op::Method { method: method.clone(), args: rounded, group, index, at, extra_bytes: spec.extra_bytes }
             }
         };
-        Ok(Ok(self.push(Expr { op, shape: spec.shape, dtype, origin, numeric })))
+        Ok(Step::Done(Ok(self.push(Expr { op, shape: spec.shape, dtype, origin, numeric }))))
     }
 }

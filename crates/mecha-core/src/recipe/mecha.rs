@@ -42,6 +42,8 @@ struct Writer<'a> {
     notes: &'a Annotations<'a>,
     lines: Vec<String>,
     index: HashMap<String, usize>,
+    /// Each written node's reference (`&3`), so a shared node is written once.
+    refs: Vec<Option<String>>,
 }
 
 impl Writer<'_> {
@@ -52,6 +54,11 @@ impl Writer<'_> {
             self.lines.push(line);
         }
         format!("&{i}")
+    }
+
+    /// A child's reference; children are written before their parents.
+    fn written(&self, id: NodeId) -> String {
+        self.refs[id].clone().expect("children are written first")
     }
 
     fn node(&mut self, id: NodeId) -> String {
@@ -69,7 +76,7 @@ impl Writer<'_> {
                 for (k, v) in entries {
                     let v = match v {
                         Value::Scalar(s) => format_scalar(s),
-                        Value::Node(n) => self.node(*n),
+                        Value::Node(n) => self.written(*n),
                     };
                     parts.push(format!("{k}={v}"));
                 }
@@ -85,7 +92,7 @@ impl Writer<'_> {
                 let mut kwargs = vec![];
                 for (param, children) in method.params.iter().zip(inputs) {
                     for &child in children {
-                        let r = self.node(child);
+                        let r = self.written(child);
                         match param.kind {
                             ParamKind::KeywordOnly => kwargs.push(format!("{}={r}", param.name)),
                             _ => args.push(r),
@@ -101,8 +108,12 @@ impl Writer<'_> {
 
 /// Serializes a recipe to `.mecha` text.
 pub fn serialize(recipe: &Recipe, notes: &Annotations) -> String {
-    let mut w = Writer { recipe, notes, lines: vec![], index: HashMap::new() };
-    w.node(recipe.root);
+    let mut w = Writer { recipe, notes, lines: vec![], index: HashMap::new(), refs: vec![None; recipe.nodes.len()] };
+    // The order a recursive writer would visit them in, without the recursion.
+    for id in recipe.post_order() {
+        let r = w.node(id);
+        w.refs[id] = Some(r);
+    }
     let mut text = format!("version {FORMAT_VERSION}");
     for line in w.lines {
         text.push('\n');

@@ -403,20 +403,24 @@ impl Recipe {
         self.post_order().into_iter().filter(|&n| matches!(self.nodes[n].kind, NodeKind::Model { .. })).collect()
     }
 
-    /// Nodes reachable from the root, children before parents, each once.
+    /// Nodes reachable from the root, children before parents, each once, in the order a
+    /// recursive depth-first walk would finish them. Iterative: recipes may be chains of
+    /// 100,000 nodes.
     pub fn post_order(&self) -> Vec<NodeId> {
-        let mut out = vec![];
+        let mut out = Vec::with_capacity(self.nodes.len());
         let mut seen = vec![false; self.nodes.len()];
-        fn visit(r: &Recipe, n: NodeId, seen: &mut [bool], out: &mut Vec<NodeId>) {
+        let mut stack = vec![(self.root, false)];
+        while let Some((n, expanded)) = stack.pop() {
+            if expanded {
+                out.push(n);
+                continue;
+            }
             if std::mem::replace(&mut seen[n], true) {
-                return;
+                continue;
             }
-            for (c, _) in r.children(n) {
-                visit(r, c, seen, out);
-            }
-            out.push(n);
+            stack.push((n, true));
+            stack.extend(self.children(n).into_iter().rev().filter(|(c, _)| !seen[*c]).map(|(c, _)| (c, false)));
         }
-        visit(self, self.root, &mut seen, &mut out);
         out
     }
 }
