@@ -2,6 +2,7 @@ import test from 'ava'
 
 import {
   MergeNode,
+  type RecipeNode,
   addDifferenceMethod,
   int,
   literal,
@@ -91,7 +92,7 @@ test('literal dicts may hold recipe nodes, one per key', async (t) => {
 })
 
 test('a chain of 100,000 nodes serializes, deserializes, plans and merges (no recursion on depth)', async (t) => {
-  let r = model(a)
+  let r: RecipeNode = model(a)
   const other = model(b)
   for (let i = 0; i < 100_000; i++) r = weightedSum(r, other, { alpha: 0.5 })
   const text = serialize(r)
@@ -107,7 +108,7 @@ test('a chain of 100,000 nodes serializes, deserializes, plans and merges (no re
 })
 
 test('a node used twice at each of 30 levels is serialized and merged once per node', async (t) => {
-  let r = model(a)
+  let r: RecipeNode = model(a)
   for (let i = 0; i < 30; i++) r = weightedSum(r, r, { alpha: 0.5 })
   const text = serialize(r)
   // version, the model, the alpha (dict, literal, broadcast: one set, identical lines are shared), 30 merges
