@@ -247,6 +247,8 @@ export interface NativeMergeOptions {
    * physical memory, at most 4 GiB).
    */
   memoryBudget?: number
+  /** Write a file with no tensors when no key can be produced (default false: an error). */
+  allowEmpty?: boolean
 }
 
 export interface OutputTensorInfo {

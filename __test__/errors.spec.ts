@@ -176,3 +176,20 @@ test('inputs holding NaN are treated as missing, as sd-mecha does by default', a
   const kept = await merge(weightedSum(model(nan), model(b)), { omitNonFiniteInputs: false })
   t.deepEqual(kept.report.nonFiniteOutputs, ['w'])
 })
+
+test('a merge that produces no keys is refused, saying why, unless allowEmpty is set', async (t) => {
+  const { dir, a, out } = twoModels()
+  const other = join(dir, 'other.safetensors')
+  writeSafetensors(other, { v: { dtype: 'F16', shape: [2], values: randomValues(3, 2) } })
+  const recipe = weightedSum(model(a), model(other), { alpha: 0.5 })
+  const err = await failsWith(t, merge(recipe, { output: out }), RecipeError)
+  t.regex(
+    err.message,
+    /produces no output keys \(2 skipped: 1 key\(s\): missing from .*other\.safetensors; 1 key\(s\): missing from .*a\.safetensors\)/,
+  )
+  t.regex(err.message, /allowEmpty/)
+  t.deepEqual(files(dir).sort(), ['a.safetensors', 'b.safetensors', 'other.safetensors'])
+  const report = await merge(recipe, { output: out, allowEmpty: true })
+  t.is(report.keysWritten, 0)
+  t.deepEqual((await inspect(out)).tensors, [])
+})

@@ -47,6 +47,11 @@ export interface MergeOptions {
    */
   memoryBudget?: number | string
   /**
+   * Write a file with no tensors when no key can be produced (default `false`: the merge is
+   * refused with a `RecipeError` saying why the keys were skipped, as sd-mecha refuses it).
+   */
+  allowEmpty?: boolean
+  /**
    * Keeps what methods compute once per node and key (the SVD and eigen decompositions of
    * `rotate`, `truncateRank`, `truncate_kronecker`) for later merges given the same cache: merge
    * the same recipe again with another `alpha` or `alignment` and those steps are skipped.
@@ -219,6 +224,7 @@ export async function mergeWire(
           context,
           omitNonFiniteInputs: options.omitNonFiniteInputs,
           checkFiniteOutput: options.checkFiniteOutput,
+          allowEmpty: options.allowEmpty,
           memoryBudget:
             options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
         },

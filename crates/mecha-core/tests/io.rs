@@ -196,3 +196,33 @@ fn odd_but_valid_files_round_trip() {
     assert_eq!(file.entry("sigma").unwrap().shape, Vec::<usize>::new());
     assert_eq!(file.read_tensor(file.entry("position_ids").unwrap()).unwrap(), ids);
 }
+
+#[test]
+fn temporary_files_of_dead_merges_are_removed_by_the_next_merge_into_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = {
+        let mut child = std::process::Command::new("true").spawn().expect("`true` runs");
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    };
+    let partial = |name: &str, pid: u32, idle_secs: u64| {
+        let path = dir.path().join(format!(".{name}.{pid}-42.partial"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(idle_secs)).unwrap();
+        path
+    };
+    let stale = partial("old.safetensors", dead, 600);
+    let recent = partial("busy.safetensors", dead, 0); // maybe a live merge in another PID namespace
+    let alive = partial("slow.safetensors", std::process::id(), 600); // this process: alive
+    let unrelated = dir.path().join(".notes.partial");
+    std::fs::write(&unrelated, b"not ours").unwrap();
+
+    let layout = FileLayout::new(&[PlannedTensor { name: "w".into(), dtype: DType::F32, shape: vec![1] }], &[]);
+    let writer = SafetensorsWriter::create(&dir.path().join("out.safetensors"), layout).unwrap();
+    writer.write_at(0, 0, &1f32.to_le_bytes()).unwrap();
+    writer.commit().unwrap();
+
+    assert!(!stale.exists(), "the dead merge's file is removed");
+    assert!(recent.exists() && alive.exists() && unrelated.exists());
+}

@@ -216,6 +216,8 @@ pub struct NativeMergeOptions {
     /// Bytes of working memory keys computed at once may use together (default: a quarter of
     /// physical memory, at most 4 GiB).
     pub memory_budget: Option<f64>,
+    /// Write a file with no tensors when no key can be produced (default false: an error).
+    pub allow_empty: Option<bool>,
 }
 
 #[napi(object)]
@@ -364,6 +366,7 @@ fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_
             Some(b) => b as u64,
             None => 0,
         },
+        allow_empty: options.allow_empty.unwrap_or(false),
         cache,
         progress_interval: options
             .progress_interval_ms

@@ -43,6 +43,9 @@ pub struct MergeOptions {
     /// Bytes of working memory the keys computed at once may use together (0: the default,
     /// a quarter of physical memory, at most 4 GiB).
     pub memory_budget: u64,
+    /// Write an output with no tensors when no key can be produced (refused by default, as
+    /// sd-mecha refuses a merge that "produces no output keys").
+    pub allow_empty: bool,
     /// Values methods keep per node and key, for later merges of the same recipe that reuse
     /// it. The default keeps nothing (a merge computes each key once).
     pub cache: Arc<MethodCache>,
@@ -60,6 +63,7 @@ impl Default for MergeOptions {
             omit_non_finite_inputs: true,
             check_finite_output: true,
             memory_budget: 0,
+            allow_empty: false,
             cache: Arc::new(MethodCache::new(0)),
         }
     }
@@ -178,6 +182,25 @@ fn run_once(
     }
 }
 
+/// Why a merge has nothing to write: the first reasons keys were skipped, grouped.
+fn empty_merge(plan: &Plan) -> MechaError {
+    let mut reasons: Vec<(String, usize)> = vec![];
+    for skipped in &plan.skipped {
+        match reasons.iter_mut().find(|(r, _)| *r == skipped.reason) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((skipped.reason.clone(), 1)),
+        }
+    }
+    let listed: Vec<String> = reasons.iter().take(5).map(|(r, n)| format!("{n} key(s): {r}")).collect();
+    MechaError::recipe(format!(
+        "the recipe produces no output keys ({} skipped{}{}); check that the inputs share an architecture, \
+         or pass allowEmpty: true to write an empty file",
+        plan.skipped.len(),
+        if listed.is_empty() { "" } else { ": " },
+        listed.join("; ")
+    ))
+}
+
 /// The budget a merge runs under: the one given, or the default.
 pub fn budget_or_default(budget: u64) -> u64 {
     if budget == 0 {
@@ -222,6 +245,11 @@ pub fn merge(
     let mut excluded = Exclusions::default();
     let (plan, stats, written) = loop {
         let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
+        // Refused when nothing can be built from the inputs' keys at all; keys emptied by
+        // values found while reading (NaN inputs) are reported as skipped instead.
+        if plan.keys.is_empty() && excluded.is_empty() && !options.allow_empty {
+            return Err(empty_merge(&plan));
+        }
         let (stats, written) = run_once(&plan, &seeds, options, &run_options)?;
         let before = excluded.len();
         if options.omit_non_finite_inputs {

@@ -135,6 +135,7 @@ impl SafetensorsWriter {
         if !dir.is_dir() {
             return Err(output_error(format!("the folder {} does not exist; create it first", dir.display())));
         }
+        remove_stale_partials(&dir);
         let temp =
             dir.join(format!(".{}.{}-{}.partial", file_name.to_string_lossy(), std::process::id(), unique_suffix()));
         let file = OpenOptions::new()
@@ -150,10 +151,7 @@ impl SafetensorsWriter {
         head.extend_from_slice(&writer.layout.header);
         writer.pwrite(0, &head)?;
         // Reserve the full size now so a full disk fails before the merge, not after.
-        writer
-            .file
-            .set_len(writer.layout.total_len)
-            .map_err(|e| MechaError::io(format!("cannot size {}", writer.temp.display()), e))?;
+        writer.file.set_len(writer.layout.total_len).map_err(|e| writer.io_error("reserving space for", e))?;
         Ok(writer)
     }
 
@@ -168,12 +166,18 @@ impl SafetensorsWriter {
     }
 
     fn pwrite(&self, at: u64, bytes: &[u8]) -> Result<()> {
-        write_all_at(&self.file, bytes, at).map_err(|e| MechaError::io(format!("writing {}", self.temp.display()), e))
+        write_all_at(&self.file, bytes, at).map_err(|e| self.io_error("writing", e))
+    }
+
+    /// Names the path the user asked for (disk full, permissions), with the temporary file.
+    fn io_error(&self, doing: &str, e: std::io::Error) -> MechaError {
+        MechaError::io(format!("{doing} {} (in its temporary file {})", self.target.display(), self.temp.display()), e)
+            .with_file(&self.target)
     }
 
     /// Flushes the file to disk and renames it onto the target path.
     pub fn commit(mut self) -> Result<()> {
-        self.file.sync_all().map_err(|e| MechaError::io(format!("flushing {}", self.temp.display()), e))?;
+        self.file.sync_all().map_err(|e| self.io_error("flushing", e))?;
         std::fs::rename(&self.temp, &self.target)
             .map_err(|e| MechaError::io(format!("renaming the finished file onto {}", self.target.display()), e))?;
         self.committed = true;
@@ -192,6 +196,49 @@ impl Drop for SafetensorsWriter {
             let _ = std::fs::remove_file(&self.temp);
         }
     }
+}
+
+/// Temporary files of merges that were killed (SIGKILL, power loss) cannot clean up after
+/// themselves; the next merge into the folder removes them. A file is stale when the process
+/// named in it (`.<name>.<pid>-<n>.partial`) is gone and it has not been written to for a
+/// minute (so a live merge in another PID namespace sharing the folder is left alone).
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(partial_owner) else { continue };
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if pid != std::process::id() && idle && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The pid in a temporary file name written by [`SafetensorsWriter::create`].
+fn partial_owner(name: &str) -> Option<u32> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".partial")?;
+    let (_, owner) = stem.rsplit_once('.')?;
+    let (pid, unique) = owner.split_once('-')?;
+    unique.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+    // Signal 0 checks existence only; EPERM means it exists but belongs to someone else.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_: u32) -> bool {
+    true // no portable check: keep the file
 }
 
 fn unique_suffix() -> u64 {
