@@ -111,7 +111,7 @@ impl Method for Ties {
         let xs = call.tensors(0)?;
         let params: Vec<Option<f64>> =
             (0..call.method.params.len()).map(|p| if p == 0 { None } else { call.number(p).ok() }).collect();
-        self.check(|p| params[p]).map_err(|e| call.fail(e))?;
+        self.check(|p| params.get(p).copied().flatten()).map_err(|e| call.fail(e))?;
         let num = |p: usize| call.number(p);
         let flag = |p: usize| Ok::<bool, crate::error::MechaError>(call.number(p)? != 0.0);
         let median = |eps, maxiter, ftol| -> Result<MedianOptions> {
