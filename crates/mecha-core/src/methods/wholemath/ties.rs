@@ -274,7 +274,7 @@ pub fn overlapping_sets_pmf(n: usize, p: f64, overlap: f64, emphasis: f64) -> st
             .map(|i| p.powi(i.count_ones() as i32) * (1.0 - p).powi(n as i32 - i.count_ones() as i32))
             .collect();
         let total: f64 = binomial.iter().sum();
-        if !(total > 0.0) {
+        if total.is_nan() || total <= 0.0 {
             return Err(format!(
                 "overlap_emphasis needs a binomial subset weight, which probability {p} does not give"
             ));
@@ -289,7 +289,7 @@ pub fn overlapping_sets_pmf(n: usize, p: f64, overlap: f64, emphasis: f64) -> st
     let mut out = Vec::with_capacity(subsets);
     out.push(p);
     out.extend(pmf.iter().map(|v| v * (1.0 - p)));
-    if out.iter().any(|v| !(*v >= 0.0)) {
+    if out.iter().any(|v| v.is_nan() || *v < 0.0) {
         return Err(format!(
             "the subset probabilities are not all non-negative (overlap {overlap}, overlap_emphasis {emphasis})"
         ));
@@ -410,7 +410,7 @@ fn ties_data<T: Elem>(xs: &[&[T]], dims: &[usize], k: f64, vote_sgn: bool, combi
         let (mut sum, mut count) = (0.0, 0.0);
         for g in g.iter_mut() {
             let keep = sign(*g) == elected;
-            *g = *g * if keep { T::ONE } else { T::ZERO };
+            *g = if keep { *g } else { *g * T::ZERO };
             sum += g.widen();
             count += keep as u8 as f64;
         }
