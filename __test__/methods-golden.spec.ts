@@ -8,6 +8,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 import * as mecha from '../dist/index.js'
+import { mismatches, readSafetensors } from './golden-fixtures.ts'
 import { deserialize, merge, model, serialize, toFloat32, type MergeOptions, type RecipeInput } from '../dist/index.js'
 
 const fixtures = new URL('./fixtures/golden/methods/', import.meta.url)
@@ -42,32 +43,6 @@ const cases: Case[] = JSON.parse(readFileSync(new URL('cases.json', fixtures), '
 /** The text with `{dir}` replaced by the inputs folder, escaped as a `.mecha` string. */
 const withDir = (text: string) => text.replaceAll('{dir}', inputs.replace(/\\/g, '\\\\').replace(/"/g, '\\"'))
 
-interface ExpectedTensor {
-  shape: number[]
-  values: Float32Array
-}
-
-/** A minimal safetensors reader: 8-byte little-endian header length, JSON header, data (F32 only). */
-function readSafetensors(path: string): Map<string, ExpectedTensor> {
-  const bytes = readFileSync(path)
-  const headerLength = Number(bytes.readBigUInt64LE(0))
-  const header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8')) as Record<
-    string,
-    { dtype: string; shape: number[]; data_offsets: [number, number] }
-  >
-  const data = bytes.subarray(8 + headerLength)
-  const out = new Map<string, ExpectedTensor>()
-  for (const [name, info] of Object.entries(header)) {
-    if (name === '__metadata__') continue
-    if (info.dtype !== 'F32') throw new Error(`${path}: ${name} is ${info.dtype}, expected F32`)
-    const [start, end] = info.data_offsets
-    const values = new Float32Array((end - start) / 4)
-    for (let i = 0; i < values.length; i++) values[i] = data.readFloatLE(start + 4 * i)
-    out.set(name, { shape: info.shape, values })
-  }
-  return out
-}
-
 /** sd_mecha.merge() keyword options → MergeOptions. */
 const optionNames: Record<string, keyof MergeOptions> = {
   omit_non_finite_inputs: 'omitNonFiniteInputs',
@@ -83,26 +58,6 @@ function mergeOptions(c: Case): Omit<MergeOptions, 'output'> {
     options[tsName] = value
   }
   return options as Omit<MergeOptions, 'output'>
-}
-
-/** Elements outside |x − y| ≤ max(tol·|y|, atol) (NaN must meet NaN, infinities must be equal), at most `limit`. */
-function mismatches(got: Float32Array, want: Float32Array, tol: number, atol: number, limit = 5): string[] {
-  const out: string[] = []
-  let count = 0
-  for (let i = 0; i < want.length; i++) {
-    const x = got[i]
-    const y = want[i]
-    let ok: boolean
-    if (Number.isNaN(y) || Number.isNaN(x)) ok = Number.isNaN(x) && Number.isNaN(y)
-    else if (!Number.isFinite(y) || !Number.isFinite(x)) ok = x === y
-    else ok = Math.abs(x - y) <= Math.max(tol * Math.abs(y), atol)
-    if (!ok) {
-      count++
-      if (out.length < limit) out.push(`[${i}] got ${x}, want ${y}`)
-    }
-  }
-  if (count > out.length) out.push(`… ${count - out.length} more`)
-  return out
 }
 
 test('the fixtures cover every merge method the port must run', (t) => {

@@ -7,8 +7,27 @@ import native = require('./native')
 export { model, literal, int, Int, callMethod, RecipeNode, ModelNode, LiteralNode, MergeNode } from './recipe'
 export type { MergeSpace, Scalar, LiteralDict, RecipeInput, NodeOptions } from './recipe'
 export * from './methods.generated'
-export { addDifference, addPerpendicular, copyRegion, tensorSum } from './wrappers'
-export type { AddDifferenceWrapperOptions, CopyRegionOptions } from './wrappers'
+export {
+  addDifference,
+  addDifferenceTies,
+  addDifferenceTiesExtended,
+  addPerpendicular,
+  addTiesWithDare,
+  copyRegion,
+  dropout,
+  nModelStock,
+  tensorSum,
+} from './wrappers'
+export type {
+  AddDifferenceTiesExtendedOptions,
+  AddDifferenceTiesOptions,
+  AddDifferenceWrapperOptions,
+  AddTiesWithDareOptions,
+  CopyRegionOptions,
+  DropoutWrapperOptions,
+  Seed,
+  TiesExtendedOptions,
+} from './wrappers'
 export { merge, MergeCache, MergedModel } from './merge'
 export type { ChosenSeed, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
 export { serialize, deserialize } from './serialize'

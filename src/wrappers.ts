@@ -1,9 +1,10 @@
 /**
  * sd-mecha's Python wrappers (`sd_mecha.add_difference`, `add_perpendicular`, `copy_region` /
- * `tensor_sum`): functions that build graphs of registered methods, so their `.mecha` text is
- * the one sd-mecha writes for the same call.
+ * `tensor_sum`, the TIES family's `add_difference_ties`, `add_difference_ties_extended`,
+ * `add_ties_with_dare`, `n_model_stock` and `dropout`): functions that build graphs of registered
+ * methods, so their `.mecha` text is the one sd-mecha writes for the same call.
  */
-import { callMethod, RecipeNode, type MergeNode, type RecipeInput } from './recipe'
+import { callMethod, Int, LiteralNode, ModelNode, RecipeNode, type MergeNode, type RecipeInput } from './recipe'
 
 export interface AddDifferenceWrapperOptions {
   /** Weight of the difference (default 1). A number, per-block values or a tensor. */
@@ -91,3 +92,164 @@ export function copyRegion(
 
 /** sd-mecha's `tensor_sum` wrapper is `copy_region`. */
 export const tensorSum = copyRegion
+
+/**
+ * Splits `[...models, options?]`: a trailing plain object is the options when all its keys are
+ * option names (otherwise it is a per-key dict input).
+ */
+function splitOptions<O extends object>(
+  args: readonly (RecipeInput | O)[],
+  names: readonly string[],
+): [RecipeInput[], Partial<O>] {
+  const last = args[args.length - 1]
+  if (args.length && isOptions(last) && Object.keys(last).every((k) => names.includes(k))) {
+    return [args.slice(0, -1) as RecipeInput[], last as Partial<O>]
+  }
+  return [args as RecipeInput[], {}]
+}
+
+/** Each model's difference from `base` where it is in weight space; others (deltas, merge nodes) as they are. */
+function deltasFrom(base: RecipeInput, models: readonly RecipeInput[]): RecipeInput[] {
+  return models.map((m) =>
+    (m instanceof ModelNode || m instanceof LiteralNode) && m.mergeSpace === 'weight'
+      ? callMethod('subtract', [m, base], {})
+      : m,
+  )
+}
+
+/** A seed for the random methods: an integer, or `null` to have one chosen (and reported). */
+export type Seed = number | Int | null
+
+/** A number given for an `int` parameter, written as an integer (as Python passes it). */
+const asInt = <T>(v: number | T): Int | T => (typeof v === 'number' ? new Int(v) : v)
+
+export interface AddDifferenceTiesOptions {
+  /** Weight of the merged difference (default 1). */
+  alpha?: RecipeInput
+  /** Fraction of each delta kept, by magnitude (default 1: all). */
+  k?: number
+}
+
+/**
+ * `base + alpha·ties_sum(models − base)`, falling back to `base` for keys the sum lacks
+ * (sd-mecha's `add_difference_ties`, whose wrapper crashes when `base` is a model: this is the
+ * graph it means).
+ */
+export function addDifferenceTies(base: RecipeInput, ...models: (RecipeInput | AddDifferenceTiesOptions)[]): MergeNode {
+  const [inputs, o] = splitOptions<AddDifferenceTiesOptions>(models, ['alpha', 'k'])
+  const res = callMethod('ties_sum', deltasFrom(base, inputs), { k: o.k ?? 1.0 })
+  return addDifference(base, res, undefined, { alpha: o.alpha ?? 1.0 })
+}
+
+export interface TiesExtendedOptions {
+  /** Fraction of each delta kept, by magnitude. */
+  k?: number
+  /** Elect the sign of the sum rather than the most common sign (default false). */
+  voteSgn?: boolean
+  /** sd-mecha's inverted flag: false (the default) applies model stock's factor, true leaves it out. */
+  applyStock?: boolean
+  cosEps?: number
+  /** Combine the elected deltas by their geometric median (default false). */
+  applyMedian?: boolean
+  eps?: number
+  maxiter?: number | Int
+  ftol?: number
+}
+
+const tiesExtendedNames = ['k', 'voteSgn', 'applyStock', 'cosEps', 'applyMedian', 'eps', 'maxiter', 'ftol']
+
+/** The extended TIES keyword arguments with sd-mecha's defaults (`k` as given). */
+function tiesExtendedArgs(o: TiesExtendedOptions, k: number) {
+  return {
+    k: o.k ?? k,
+    vote_sgn: o.voteSgn ?? false,
+    apply_stock: o.applyStock ?? false,
+    cos_eps: o.cosEps ?? 1e-6,
+    apply_median: o.applyMedian ?? false,
+    eps: o.eps ?? 1e-6,
+    maxiter: asInt(o.maxiter ?? 100),
+    ftol: o.ftol ?? 1e-20,
+  }
+}
+
+export interface AddDifferenceTiesExtendedOptions extends TiesExtendedOptions {
+  /** Weight of the merged difference (default 1). */
+  alpha?: RecipeInput
+}
+
+/**
+ * `base + alpha·ties_sum_extended(models − base)` (default k 0.2), falling back to `base`
+ * (sd-mecha's `add_difference_ties_extended`, without its crash).
+ */
+export function addDifferenceTiesExtended(
+  base: RecipeInput,
+  ...models: (RecipeInput | AddDifferenceTiesExtendedOptions)[]
+): MergeNode {
+  const [inputs, o] = splitOptions<AddDifferenceTiesExtendedOptions>(models, ['alpha', ...tiesExtendedNames])
+  const res = callMethod('ties_sum_extended', deltasFrom(base, inputs), tiesExtendedArgs(o, 0.2))
+  return addDifference(base, res, undefined, { alpha: o.alpha ?? 1.0 })
+}
+
+export interface AddTiesWithDareOptions extends TiesExtendedOptions {
+  /** DELLA: how much more likely larger magnitudes are kept (default 0: DARE). */
+  dellaEps?: number
+  /** Probability of dropping each delta element (default 0.9). */
+  probability?: RecipeInput
+  /** Divide by 1 − probability afterwards (default true). */
+  rescale?: boolean
+  /** Weight of the merged difference (default 1). */
+  alpha?: RecipeInput
+  seed?: Seed
+}
+
+/**
+ * `base + alpha·ties_sum_with_dropout(models − base)`: DARE/DELLA, then TIES (default k 1),
+ * rescaled (sd-mecha's `add_ties_with_dare`). Random: pass a `seed` to reproduce it.
+ */
+export function addTiesWithDare(base: RecipeInput, ...models: (RecipeInput | AddTiesWithDareOptions)[]): MergeNode {
+  const names = ['dellaEps', 'probability', 'rescale', 'alpha', 'seed', ...tiesExtendedNames]
+  const [inputs, o] = splitOptions<AddTiesWithDareOptions>(models, names)
+  const res = callMethod('ties_sum_with_dropout', deltasFrom(base, inputs), {
+    probability: o.probability ?? 0.9,
+    della_eps: o.dellaEps ?? 0.0,
+    rescale: o.rescale ?? true,
+    ...tiesExtendedArgs(o, 1.0),
+    seed: asInt(o.seed ?? null),
+  })
+  return callMethod('add_difference', [base, res], { alpha: o.alpha ?? 1.0 })
+}
+
+/** `base + model_stock(models − base)` (sd-mecha's `n_model_stock`). */
+export function nModelStock(base: RecipeInput, ...models: (RecipeInput | { cosEps?: number })[]): MergeNode {
+  const [inputs, o] = splitOptions<{ cosEps?: number }>(models, ['cosEps'])
+  const res = callMethod('model_stock', deltasFrom(base, inputs), { cos_eps: o.cosEps ?? 1e-6 })
+  return callMethod('add_difference', [base, res], { alpha: 1.0 })
+}
+
+export interface DropoutWrapperOptions {
+  /** Probability of dropping each element of each delta (default 0.9). */
+  probability?: number
+  /** Weight of the merged difference (default 0.5). */
+  alpha?: RecipeInput
+  /** How the models' kept subsets overlap (default 1: independently). */
+  overlap?: number
+  overlapEmphasis?: number
+  seed?: Seed
+}
+
+/**
+ * `a + alpha·dropout(models − a)` (n-supermario; sd-mecha's `dropout` wrapper). Random: pass a
+ * `seed` to reproduce it. The registered method itself is `dropoutMethod`.
+ */
+export function dropout(a: RecipeInput, ...models: (RecipeInput | DropoutWrapperOptions)[]): MergeNode {
+  const names = ['probability', 'alpha', 'overlap', 'overlapEmphasis', 'seed']
+  const [inputs, o] = splitOptions<DropoutWrapperOptions>(models, names)
+  const deltas = inputs.map((m) => callMethod('subtract', [m, a], {}))
+  const res = callMethod('dropout', deltas, {
+    probability: o.probability ?? 0.9,
+    overlap: o.overlap ?? 1.0,
+    overlap_emphasis: o.overlapEmphasis ?? 0.0,
+    seed: asInt(o.seed ?? null),
+  })
+  return callMethod('add_difference', [a, res], { alpha: o.alpha ?? 0.5 })
+}
