@@ -11,6 +11,7 @@ import {
   convert,
   defineMergeMethod,
   deserialize,
+  dropout,
   inspect,
   MergeCache,
   int,
@@ -407,4 +408,20 @@ test('MergeCache: options, limits and what a merge without methods that cache le
   await merge(weightedSum(model(paths.a), model(paths.b), { alpha: 0.3 }), { ...f32, cache })
   t.deepEqual([cache.entries, cache.bytes], [0, 0], 'elementwise methods store nothing')
   cache.clear()
+})
+
+test('a builtin random method (dropout) with seed null: a chosen seed per merge, replayable from the report', async (t) => {
+  await ready
+  const recipe = () => dropout(model(paths.a), model(paths.b), model(paths.c), { probability: 0.5 })
+  const flat = (m: Map<string, unknown>) =>
+    [...m].map(([k, v]) => [k, [...toFloat32(v as Parameters<typeof toFloat32>[0])]])
+  const first = await merge(recipe(), f32)
+  const second = await merge(recipe(), f32)
+  t.deepEqual(
+    first.report.seeds.map((s) => [s.method, s.param]),
+    [['dropout', 'seed']],
+  )
+  t.notDeepEqual(flat(first), flat(second), 'different chosen seeds, different masks')
+  const replay = await merge(deserialize(first.report.recipe), f32)
+  t.deepEqual(flat(replay), flat(first))
 })
