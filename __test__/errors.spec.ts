@@ -4,6 +4,7 @@ import { join } from 'node:path'
 
 import {
   AbortError,
+  InternalError,
   MechaError,
   MergeSpaceError,
   OutputError,
@@ -11,9 +12,13 @@ import {
   SafetensorsError,
   ShapeError,
   callMethod,
+  defineMergeMethod,
+  deserialize,
   inspect,
   merge,
   model,
+  plan,
+  serialize,
   weightedSum,
   writeRandomModel,
 } from '../dist/index.js'
@@ -192,4 +197,62 @@ test('a merge that produces no keys is refused, saying why, unless allowEmpty is
   const report = await merge(recipe, { output: out, allowEmpty: true })
   t.is(report.keysWritten, 0)
   t.deepEqual((await inspect(out)).tensors, [])
+})
+
+test('a throwing onProgress cancels the merge, which rejects with that error and leaves nothing', async (t) => {
+  const { dir, a, b, out } = twoModels()
+  const thrown = new Error('progress handler failed')
+  const err = await t.throwsAsync(
+    merge(weightedSum(model(a), model(b)), {
+      output: out,
+      progressIntervalMs: 0,
+      onProgress: () => {
+        throw thrown
+      },
+    }),
+  )
+  t.is(err, thrown)
+  t.deepEqual(files(dir).sort(), ['a.safetensors', 'b.safetensors'])
+  t.is((await merge(weightedSum(model(a), model(b)), { output: out })).keysWritten, 1, 'the process carries on')
+})
+
+test('a throwing JavaScript method fails the merge with a RecipeError whose cause is what it threw', async (t) => {
+  const { dir, a, out } = twoModels()
+  const thrown = new RangeError('bad input')
+  const broken = defineMergeMethod({
+    id: 'test_throws_cause',
+    inputs: [{ name: 'a' }],
+    fn: () => {
+      throw thrown
+    },
+  })
+  const err = await failsWith(t, merge(broken(model(a)), { output: out }), RecipeError)
+  t.regex(err.message, /test_throws_cause failed on key "w": bad input/)
+  t.is((err as Error & { cause?: unknown }).cause, thrown)
+  t.deepEqual(files(dir).sort(), ['a.safetensors', 'b.safetensors'])
+})
+
+test.serial('a panic in any native entry point is an InternalError, never a crash or a hang', async (t) => {
+  const { dir, a, b, out } = twoModels()
+  const recipe = weightedSum(model(a), model(b))
+  const text = serialize(recipe)
+  const cases: [string, () => unknown][] = [
+    ['merge', () => merge(recipe, { output: out })],
+    ['plan', () => plan(recipe)],
+    ['serialize', () => serialize(recipe)],
+    ['deserialize', () => deserialize(text)],
+    ['inspect', () => inspect(a)],
+  ]
+  for (const [entry, call] of cases) {
+    process.env.MECHA_INJECT_PANIC = entry
+    try {
+      const err = await t.throwsAsync(async () => call())
+      t.true(err instanceof InternalError, `${entry}: ${err?.name}: ${err?.message}`)
+      t.regex(err!.message, new RegExp(`internal error in ${entry}: injected panic`))
+    } finally {
+      delete process.env.MECHA_INJECT_PANIC
+    }
+  }
+  t.deepEqual(files(dir).sort(), ['a.safetensors', 'b.safetensors'])
+  t.is((await merge(recipe, { output: out })).keysWritten, 1)
 })

@@ -6,7 +6,7 @@
 import native = require('./native')
 import { native as callNative } from './errors'
 import { callMethod, Int, RecipeNode, type MergeNode, type MergeSpace, type RecipeInput, type Scalar } from './recipe'
-import { runningNode } from './merge'
+import { noteCallbackError, runningNode } from './merge'
 import { configs } from './configs'
 
 export type ParamType = 'Tensor' | 'float' | 'int' | 'bool' | 'str' | 'T'
@@ -149,14 +149,20 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
           if (!caches.has(node)) caches.set(node, def.cacheFactory())
           cache = caches.get(node)
         }
-        return def.fn(args, {
-          key: call.key,
-          shape: call.shape,
-          offset: call.offset,
-          length: call.length,
-          cache,
-          shapes,
-        })
+        try {
+          return def.fn(args, {
+            key: call.key,
+            shape: call.shape,
+            offset: call.offset,
+            length: call.length,
+            cache,
+            shapes,
+          })
+        } catch (error) {
+          // The merge fails with a RecipeError naming the method and key; this becomes its cause.
+          noteCallbackError(call.context, error)
+          throw error
+        }
       },
     ),
   )

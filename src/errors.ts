@@ -44,6 +44,8 @@ export class IoError extends MechaError {}
 export class ParseError extends MechaError {}
 /** The merge was cancelled through its `AbortSignal`. */
 export class AbortError extends MechaError {}
+/** A bug in this package: the native engine panicked. Reported instead of crashing the process. */
+export class InternalError extends MechaError {}
 
 const classes = {
   SafetensorsError,
@@ -55,6 +57,7 @@ const classes = {
   IoError,
   ParseError,
   AbortError,
+  InternalError,
 } as const
 
 /** What the native layer reports about an error. */

@@ -56,6 +56,7 @@ export {
   IoError,
   ParseError,
   AbortError,
+  InternalError,
 } from './errors'
 export type { ErrorDetails } from './errors'
 

@@ -1,4 +1,5 @@
 /** Running recipes: `merge()` streams a recipe to a safetensors file or into memory. */
+import { rmSync } from 'node:fs'
 import native = require('./native')
 import { AbortError, errorFromNative, native as callNative } from './errors'
 import { typedArray, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
@@ -176,12 +177,23 @@ export function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<
   return mergeWire(JSON.stringify(wire), options, objects)
 }
 
-/** Node objects of the merges in progress, by context id, so JavaScript methods find their node. */
-const running = new Map<number, readonly (RecipeNode | undefined)[]>()
+/** The merges in progress, by context id: their node objects (so JavaScript methods find their
+ * node) and the first error a JavaScript callback of theirs threw. */
+interface Running {
+  objects: readonly (RecipeNode | undefined)[]
+  callbackError?: { error: unknown }
+}
+const running = new Map<number, Running>()
 let nextContext = 1
 
 export function runningNode(context: number, node: number): RecipeNode | undefined {
-  return running.get(context)?.[node]
+  return running.get(context)?.objects[node]
+}
+
+/** Records what a JavaScript merge method threw, to attach to the merge's error as its cause. */
+export function noteCallbackError(context: number, error: unknown): void {
+  const merge = running.get(context)
+  if (merge && !merge.callbackError) merge.callbackError = { error }
 }
 
 /** `merge()` for a recipe already in its JSON form (as the CLI reads it from a file). */
@@ -193,19 +205,21 @@ export async function mergeWire(
   const { signal, onProgress } = options
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
   const context = nextContext++
-  running.set(context, objects)
+  const state: Running = { objects }
+  running.set(context, state)
   const token = new native.CancelToken()
   const onAbort = () => token.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
+  // A progress callback that throws cancels the merge, which then rejects with that error.
+  let progressError: { error: unknown } | undefined
   const progress = onProgress
     ? (p: Progress) => {
+        if (progressError) return
         try {
           onProgress(p)
-        } catch (e) {
-          // A throwing progress callback must not take down the merge thread's callback queue.
-          queueMicrotask(() => {
-            throw e
-          })
+        } catch (error) {
+          progressError = { error }
+          token.cancel()
         }
       }
     : undefined
@@ -233,7 +247,16 @@ export async function mergeWire(
         progress,
       ),
     )
-    if (outcome.error) throw errorFromNative(outcome.error)
+    if (progressError) {
+      // It may have thrown after the merge finished: the promise rejects, so no output stays.
+      if (!outcome.error && options.output !== undefined) rmSync(options.output, { force: true })
+      throw progressError.error
+    }
+    if (outcome.error) {
+      const error = errorFromNative(outcome.error)
+      if (state.callbackError) Object.defineProperty(error, 'cause', { value: state.callbackError.error })
+      throw error
+    }
     const report = outcome.report as MergeReport
     if (options.output !== undefined) return report
     const result = new MergedModel(report)

@@ -28,6 +28,9 @@ pub enum ErrorKind {
     /// A method found at run time that it cannot produce this key (sd-mecha's
     /// `StateDictKeyError`): the key is left out of the output, never reported as a failure.
     KeySkipped,
+    /// A bug: the engine panicked. The panic is caught and reported, never left to take down
+    /// the host process or hang a merge.
+    Internal,
 }
 
 impl ErrorKind {
@@ -44,6 +47,7 @@ impl ErrorKind {
             ErrorKind::Aborted => "AbortError",
             ErrorKind::Parse => "ParseError",
             ErrorKind::KeySkipped => "RecipeError",
+            ErrorKind::Internal => "InternalError",
         }
     }
 }
@@ -126,3 +130,21 @@ impl fmt::Display for MechaError {
 }
 
 impl std::error::Error for MechaError {}
+
+/// Runs `f`, turning a panic into an [`ErrorKind::Internal`] error that names `what` was running.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(MechaError::new(
+            ErrorKind::Internal,
+            format!(
+                "internal error in {what}: {message}; this is a bug in sd-mecha for Node: please report it \
+                 with the recipe and the inputs' headers (`mecha info`)"
+            ),
+        ))
+    })
+}

@@ -348,3 +348,50 @@ fn whole_tensor_methods_are_bit_identical_for_any_threads_and_budget() {
     }
     assert!(outputs.windows(2).all(|w| w[0] == w[1]));
 }
+
+/// Panics while running (a bug in a method), alone or as a group of three outputs.
+struct Panics {
+    group: bool,
+}
+
+impl Method for Panics {
+    fn key_map(&self, call: &KeyMapCall) -> Option<KeyRelation> {
+        if !self.group {
+            return Some(KeyRelation::identity(call.key, 1));
+        }
+        let keys: Vec<String> = ["q", "k", "v"].iter().map(|s| s.to_string()).collect();
+        Some(KeyRelation {
+            outputs: keys.clone(),
+            clauses: vec![Clause { inputs: vec![Some(keys)], meta: Meta::default() }],
+        })
+    }
+    fn plan(&self, call: &PlanCall) -> mecha_core::Result<Decision> {
+        Ok(ComputeSpec::whole(call.args[0][0].shape.clone()))
+    }
+    fn run(&self, call: RunCall) -> mecha_core::Result<Vec<Output>> {
+        let none: Option<usize> = None;
+        let index = none.expect("a bug in a method");
+        Ok(vec![call.args[0][index].clone()])
+    }
+}
+
+#[test]
+fn a_method_that_panics_fails_the_merge_with_an_internal_error_and_leaves_nothing() {
+    register("test_panics", vec![param("a", ValueType::Tensor, None)], Panics { group: false });
+    register("test_panics_group", vec![param("a", ValueType::Tensor, None)], Panics { group: true });
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = qkv_model(dir.path());
+    let out = dir.path().join("out.safetensors");
+    for id in ["test_panics", "test_panics_group"] {
+        for threads in [1, 3] {
+            let options = MergeOptions { threads, output: OutputTarget::File(out.clone()), ..f32_memory() };
+            let err = merge(one_method(&path, id, vec![]), &options, &AtomicBool::new(false), None)
+                .err()
+                .unwrap_or_else(|| panic!("{id} must fail"));
+            assert_eq!(err.kind, mecha_core::ErrorKind::Internal, "{err}");
+            assert!(err.to_string().contains("a bug in a method") && err.to_string().contains(id), "{err}");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("qkv.safetensors")], "{id}, {threads} threads");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Model configs and the folders searched for models.
 
-use crate::errors::throw;
+use crate::errors::guarded;
 use mecha_core::MechaError;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -46,7 +46,7 @@ pub fn config_list() -> Vec<ConfigInfo> {
 /// The keys of a model config in order, with their component and metadata.
 #[napi]
 pub fn config_keys(env: Env, id: String) -> napi::Result<Vec<ConfigKeyInfo>> {
-    let config = mecha_core::configs::resolve(&id).map_err(|e| throw(&env, &e))?;
+    let config = guarded(&env, "configs.get", || mecha_core::configs::resolve(&id))?;
     Ok(config
         .components()
         .iter()
@@ -73,7 +73,7 @@ pub fn config_register(env: Env, yaml: String, id: Option<String>) -> napi::Resu
         mecha_core::configs::register(config)?;
         Ok(id)
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "config_register", run)
 }
 
 /// Adds a folder searched for models given by relative path.
@@ -110,5 +110,5 @@ pub fn conversion_path(
         };
         conversion_path(&recipe, &target)
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "conversion_path", run)
 }

@@ -33,6 +33,24 @@ impl From<&MechaError> for ErrorInfo {
     }
 }
 
+/// Runs a binding's body; its errors, and any panic (as an `InternalError`), are thrown to
+/// JavaScript instead of aborting the host process.
+pub(crate) fn guarded<T>(env: &Env, what: &str, body: impl FnOnce() -> mecha_core::Result<T>) -> napi::Result<T> {
+    mecha_core::error::guarded(what, || {
+        inject_fault(what);
+        body()
+    })
+    .map_err(|e| throw(env, &e))
+}
+
+/// Fault injection for the test suite: `MECHA_INJECT_PANIC=<entry point>` makes that entry
+/// point panic, to check that every one reports an `InternalError` instead of crashing.
+pub(crate) fn inject_fault(what: &str) {
+    if std::env::var_os("MECHA_INJECT_PANIC").is_some_and(|v| v == what) {
+        panic!("injected panic in {what} (MECHA_INJECT_PANIC)");
+    }
+}
+
 /// Throws a JS `Error` whose `code` is the error class name, with the details as properties.
 pub(crate) fn throw(env: &Env, err: &MechaError) -> napi::Error {
     let info = ErrorInfo::from(err);

@@ -1,6 +1,6 @@
 //! Safetensors files: headers, inferred configs, and generated models for demos and tests.
 
-use crate::errors::{parse_dtype, throw};
+use crate::errors::{guarded, parse_dtype, throw};
 use mecha_core::io::reader::SafetensorsFile;
 use mecha_core::recipe::spaces::RootSpace;
 use napi::bindgen_prelude::*;
@@ -33,7 +33,7 @@ pub struct FileInfo {
 /// Reads and validates a safetensors header.
 #[napi]
 pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
-    let file = SafetensorsFile::open(std::path::Path::new(&path)).map_err(|e| throw(&env, &e))?;
+    let file = guarded(&env, "inspect", || SafetensorsFile::open(std::path::Path::new(&path)))?;
     Ok(FileInfo {
         path,
         file_bytes: file.file_len() as i64,
@@ -62,7 +62,7 @@ pub fn infer_config(env: Env, path: String) -> napi::Result<Option<String>> {
         let f = mecha_core::exec::plan::finalize(b.finish(node)?, &RootSpace::default())?;
         Ok(f.root_config().as_named().map(|c| c.id.clone()))
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "infer_config", run)
 }
 
 /// The configs a file could be, best first, as sd-mecha ranks them (`root_candidates`).
@@ -75,7 +75,7 @@ pub fn config_candidates(env: Env, path: String) -> napi::Result<Vec<String>> {
         let inputs = mecha_core::exec::plan::open_inputs(&recipe)?;
         mecha_core::recipe::inference::root_candidates(&recipe, &inputs.model_keys, None)
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "config_candidates", run)
 }
 
 // Synthetic models (demo, benchmarks, tests)
@@ -99,8 +99,10 @@ impl Task for RandomModelTask {
     type JsValue = ();
 
     fn compute(&mut self) -> napi::Result<()> {
-        mecha_core::synthetic::write_random_model(&self.path, &self.tensors, self.seed, &[])
-            .map_err(|e| napi::Error::new(Status::GenericFailure, e.to_string()))
+        mecha_core::error::guarded("writeRandomModel", || {
+            mecha_core::synthetic::write_random_model(&self.path, &self.tensors, self.seed, &[])
+        })
+        .map_err(|e| napi::Error::new(Status::GenericFailure, e.to_string()))
     }
 
     fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {

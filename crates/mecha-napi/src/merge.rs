@@ -1,7 +1,7 @@
 //! Running recipes: merge (on its own thread, with progress and cancel), plan, serialize,
 //! deserialize and conversions.
 
-use crate::errors::{parse_dtype, throw, ErrorInfo};
+use crate::errors::{guarded, parse_dtype, ErrorInfo};
 use mecha_core::exec::cache::MethodCache;
 use mecha_core::exec::plan::{MergeDtype, PlanOptions};
 use mecha_core::exec::run::{Progress, ProgressSink};
@@ -34,14 +34,14 @@ pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<Strin
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
         Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "serialize", run)
 }
 
 /// Parses `.mecha` text into the JSON recipe form (node ids are the instruction order, children
 /// first). Throws `ParseError` / `RecipeError` naming the line and column.
 #[napi]
 pub fn deserialize(env: Env, text: String) -> napi::Result<String> {
-    let recipe = mecha_core::recipe::parse::parse(&text).map_err(|e| throw(&env, &e))?;
+    let recipe = guarded(&env, "deserialize", || mecha_core::recipe::parse::parse(&text))?;
     Ok(mecha_core::recipe::wire::to_json(&recipe).to_string())
 }
 
@@ -114,7 +114,7 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
             recipe: plan.serialized.clone(),
         })
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "plan", run)
 }
 
 /// Cancels a running merge; checked between keys and chunks.
@@ -394,11 +394,14 @@ pub fn merge<'env>(
     std::thread::Builder::new()
         .name("mecha-merge".into())
         .spawn(move || {
-            let result = (|| {
+            // A panic settles the promise with an InternalError (the writer's drop removes any
+            // temporary file on the way out) instead of leaving it pending forever.
+            let result = mecha_core::error::guarded("merge", || {
+                crate::errors::inject_fault("merge");
                 let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
                 let options = merge_options(options, cache)?;
                 mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
-            })();
+            });
             drop(progress); // release the callback so it no longer holds the event loop
             deferred.resolve(Box::new(move |_env| {
                 Ok(match result {

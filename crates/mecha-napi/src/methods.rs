@@ -1,6 +1,6 @@
 //! The merge-method registry: listing it, and registering methods written in JavaScript.
 
-use crate::errors::throw;
+use crate::errors::guarded;
 use mecha_core::methods::external::{ExternalArg, ExternalCall, ExternalKernel, ExternalMethod, ExternalResult};
 use mecha_core::methods::{registry, DefaultValue, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType};
 use mecha_core::recipe::Scalar;
@@ -314,5 +314,5 @@ pub fn register_method(
         };
         registry().register(method)
     };
-    run().map_err(|e| throw(&env, &e))
+    guarded(&env, "register_method", run)
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::error::{ErrorKind, MechaError, Result};
+use crate::error::{guarded, ErrorKind, MechaError, Result};
 use crate::exec::plan::{Compute, Exclusions, Expr, Op, Plan, TensorId};
 use crate::io::reader::TensorEntry;
 use crate::kernels::convert::has_non_finite;
@@ -161,7 +161,7 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
             if alone {
                 over_budget.lock().expect("budget lock").extend(unit.iter().map(|(k, _)| *k));
             }
-            let result = (|| {
+            let result = guarded("the merge executor", || {
                 for (k, range) in unit {
                     if options.cancel.load(Ordering::Relaxed) {
                         return Err(MechaError::aborted());
@@ -176,7 +176,7 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
                     tracker.piece_done(*k, &key.name, written);
                 }
                 Ok(())
-            })();
+            });
             budget.release(need);
             scratch.shrink(chunk);
             result
@@ -368,13 +368,13 @@ trait Num: Real + WithDType {
 
 impl Num for f32 {
     fn apply(kernel: &dyn ChunkKernel, chunk: &Chunk, x: &[Operand<f32>], out: &mut [f32]) -> Result<()> {
-        kernel.apply_f32(chunk, x, out)
+        guarded(chunk.key, || kernel.apply_f32(chunk, x, out))
     }
 }
 
 impl Num for f64 {
     fn apply(kernel: &dyn ChunkKernel, chunk: &Chunk, x: &[Operand<f64>], out: &mut [f64]) -> Result<()> {
-        kernel.apply_f64(chunk, x, out)
+        guarded(chunk.key, || kernel.apply_f64(chunk, x, out))
     }
 }
 
@@ -674,8 +674,9 @@ impl Worker<'_> {
     /// the group has (whichever key asked first ran it).
     fn run_group(&self, call: RunCall, node: NodeRef, index: usize) -> Result<Output> {
         if call.outputs.len() == 1 {
-            let method = call.method.implementation.clone();
-            return method.run(call)?.into_iter().next().ok_or_else(|| MechaError::recipe("a method returned nothing"));
+            let (method, id) = (call.method.implementation.clone(), call.method.id.clone());
+            let outputs = guarded(&id, || method.run(call))?;
+            return outputs.into_iter().next().ok_or_else(|| MechaError::recipe(format!("{id} returned nothing")));
         }
         let id = (node.index, call.outputs[0].clone());
         let uses = self.plan.group_uses.get(&id).copied().unwrap_or(1);
@@ -690,7 +691,7 @@ impl Worker<'_> {
         if slot.outputs.is_none() {
             let (count, id_name) = (call.outputs.len(), call.method.id.clone());
             let method = call.method.implementation.clone();
-            let outputs = method.run(call)?;
+            let outputs = guarded(&id_name, || method.run(call))?;
             if outputs.len() != count {
                 return Err(MechaError::recipe(format!(
                     "{id_name} returned {} results for {count} keys",
