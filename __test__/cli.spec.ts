@@ -85,3 +85,25 @@ test('mecha reports errors with their type and a non-zero exit', (t) => {
   t.is(help.status, 0)
   t.regex(help.stdout, /mecha merge <recipe\.mecha\|recipe\.json> -o <out\.safetensors>/)
 })
+
+test('user mistakes on the command line get a one-line message, never a stack trace', (t) => {
+  const { dir, a, recipe } = setup()
+  const out = join(dir, 'out.safetensors')
+  const cases: [string[], RegExp, number][] = [
+    [['merge', recipe, '-o', out, '--thread', '2'], /merge has no option --thread; did you mean --threads\?/, 2],
+    [['merge', recipe, 'extra.mecha', '-o', out], /merge takes one recipe file, but was also given: extra\.mecha/, 2],
+    [['merge', join(dir, 'missing.mecha'), '-o', out], /cannot read recipe .*missing\.mecha: no such file/, 2],
+    [['merge', dir + '/', '-o', out], /cannot read recipe .*: it is a folder/, 2],
+    [['info', a, '--keyz'], /info has no option --keyz; did you mean --keys\?/, 2],
+    [['merg', recipe], /unknown command "merg"; did you mean "merge"\?/, 2],
+    [['merge', recipe, '-o', out, '--threads', '100000'], /OptionError: merge: threads must be an integer from 0/, 1],
+    [['merge', recipe, '-o', dir], /OutputError: cannot write .*: it is a folder/, 1],
+  ]
+  for (const [args, message, status] of cases) {
+    const r = mecha(...args)
+    t.is(r.status, status, `${args.join(' ')}: ${r.stderr}`)
+    t.regex(r.stderr, message, args.join(' '))
+    t.notRegex(r.stderr, /\n\s+at /, `no stack trace for ${args.join(' ')}`)
+  }
+  t.false(existsSync(out))
+})

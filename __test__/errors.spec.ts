@@ -1,12 +1,13 @@
 import test from 'ava'
 import { readFileSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 
 import {
   AbortError,
   InternalError,
   MechaError,
   MergeSpaceError,
+  OptionError,
   OutputError,
   RecipeError,
   SafetensorsError,
@@ -255,4 +256,41 @@ test.serial('a panic in any native entry point is an InternalError, never a cras
   }
   t.deepEqual(files(dir).sort(), ['a.safetensors', 'b.safetensors'])
   t.is((await merge(recipe, { output: out })).keysWritten, 1)
+})
+
+test('options are checked at the boundary: unknown names get the closest one, bad values say what is allowed', async (t) => {
+  const { a, b, out } = twoModels()
+  const recipe = weightedSum(model(a), model(b))
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ outptu: out }, /unknown option "outptu"; did you mean "output"\?/],
+    [{ threads: -1 }, /threads must be an integer from 0 \(one per CPU\) to \d+, got -1/],
+    [{ threads: 1e6 }, /threads must be an integer/],
+    [{ threads: 1.5 }, /threads must be an integer/],
+    [{ outputDtype: 7 }, /outputDtype must be a dtype name/],
+    [{ strictMergeSpace: 'wieght' }, /strictMergeSpace must be 'weight', 'delta', 'param' or null, got "wieght"/],
+    [{ signal: {} }, /signal must be an AbortSignal/],
+    [{ memoryBudget: -5 }, /memoryBudget must be a positive number of bytes/],
+    [{ memoryBudget: 'lots' }, /memoryBudget: "lots" is not a size/],
+    [{ allowEmpty: 'yes' }, /allowEmpty must be true or false/],
+    [{ cache: {} }, /cache must be a MergeCache/],
+    [{ onProgress: 3 }, /onProgress must be a function/],
+  ]
+  for (const [options, message] of cases) {
+    const err = await failsWith(t, merge(recipe, { output: out, ...options } as never), OptionError)
+    t.regex(err.message, message)
+  }
+  t.throws(() => plan(recipe, { output: out } as never), {
+    instanceOf: OptionError,
+    message: /plan: unknown option "output"/,
+  })
+  const err = await failsWith(t, merge(recipe, { outputDtype: 'f17' } as never), MechaError)
+  t.regex(err.message, /outputDtype/)
+  t.deepEqual(files(dirname(out)).sort(), ['a.safetensors', 'b.safetensors'])
+})
+
+test('a typo in a hyper-parameter name (plain JavaScript) is refused with the closest name', async (t) => {
+  const { a, b } = twoModels()
+  const err = await failsWith(t, merge(weightedSum(model(a), model(b), { alhpa: 0.3 } as never)), RecipeError)
+  t.regex(err.message, /alhpa/)
+  t.regex(err.message, /did you mean "alpha"\?/)
 })

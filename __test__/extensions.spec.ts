@@ -14,6 +14,7 @@ import {
   dropout,
   inspect,
   MergeCache,
+  OptionError,
   int,
   merge,
   methods,
@@ -404,7 +405,7 @@ test('MergeCache: options, limits and what a merge without methods that cache le
   const cache = new MergeCache({ limit: '1M' })
   t.is(cache.limitBytes, 1 << 20)
   t.is(new MergeCache().limitBytes > 0, true)
-  t.throws(() => new MergeCache({ limit: 'lots' }), { instanceOf: TypeError, message: /cache limit/ })
+  t.throws(() => new MergeCache({ limit: 'lots' }), { instanceOf: OptionError, message: /cache limit/ })
   await merge(weightedSum(model(paths.a), model(paths.b), { alpha: 0.3 }), { ...f32, cache })
   t.deepEqual([cache.entries, cache.bytes], [0, 0], 'elementwise methods store nothing')
   cache.clear()

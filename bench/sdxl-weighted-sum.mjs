@@ -10,12 +10,13 @@
 //   node bench/sdxl-weighted-sum.mjs [--cold] [--threads N] [--dir bench/out] [--layout sdxl]
 //                                    [--method weighted_sum] [--memory 1G] [--rounds 3]
 import { execFileSync, spawnSync } from 'node:child_process'
-import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { inspect, toFloat32, typedArray, writeRandomModel } from '../dist/index.js'
+import { writeRandomModel } from '../dist/index.js'
+import { compareOutputs } from './compare.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const arg = (name, fallback) => {
@@ -160,55 +161,3 @@ if (withReference) {
 console.log(
   `\ncommand: node bench/sdxl-weighted-sum.mjs${process.argv.slice(2).length ? ` ${process.argv.slice(2).join(' ')}` : ''}`,
 )
-
-/** Compares the two outputs tensor by tensor (bytes, and values where bytes differ). */
-function compareOutputs(a, b) {
-  const ia = inspect(a)
-  const ib = new Map(inspect(b).tensors.map((t) => [t.name, t]))
-  const fa = openSync(a, 'r')
-  const fb = openSync(b, 'r')
-  let identical = 0
-  let differentDtype = []
-  let maxDiff = 0
-  let maxRel = 0
-  let sampled = false
-  const read = (fd, t) => {
-    const buf = Buffer.alloc(t.bytes)
-    readSync(fd, buf, 0, t.bytes, t.start)
-    return buf
-  }
-  for (const t of ia.tensors) {
-    const u = ib.get(t.name)
-    if (!u) continue
-    if (u.dtype !== t.dtype) {
-      differentDtype.push(`${t.name} (${t.dtype} here, ${u.dtype} in sd-mecha)`)
-      continue
-    }
-    const x = read(fa, t)
-    const y = read(fb, u)
-    if (x.equals(y)) {
-      identical++
-      continue
-    }
-    // Differing tensors are compared on their first 2^20 elements (decoding SDXL's 3.4 G
-    // elements in JavaScript would take longer than the merges).
-    const sample = (b) => b.subarray(0, Math.min(b.length, (1 << 20) * 2))
-    const [vx, vy] = [x, y].map((b) =>
-      toFloat32({ dtype: t.dtype, shape: [Math.min(b.length, 1 << 21) / 2], data: typedArray(t.dtype, sample(b)) }),
-    )
-    sampled = true
-    for (let i = 0; i < vx.length; i++) {
-      const scale = Math.max(Math.abs(vy[i]), 1e-3)
-      maxDiff = Math.max(maxDiff, Math.abs(vx[i] - vy[i]))
-      maxRel = Math.max(maxRel, Math.abs(vx[i] - vy[i]) / scale)
-    }
-  }
-  closeSync(fa)
-  closeSync(fb)
-  console.log(
-    `outputs: ${identical}/${ia.tensors.length} tensors bit-identical; elsewhere max |difference| ${maxDiff}, ` +
-      `relative (to max(|x|, 1e-3)) ${maxRel.toExponential(2)}${sampled ? ' (first 2^20 elements of each)' : ''}`,
-  )
-  if (differentDtype.length)
-    console.log(`different dtypes (deliberate, see docs/differences.md): ${differentDtype.join(', ')}`)
-}

@@ -6,6 +6,7 @@ import native = require('./native')
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
 import { mergeWire, parseBytes, type MergeReport, type Progress } from './merge'
+import { nearest, suggestion } from './options'
 import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
 import type { MergeSpace } from './recipe'
@@ -38,6 +39,36 @@ Relative model paths are resolved against the current directory.
 `
 
 type Flags = Record<string, string | true>
+
+/** The flags each command takes (`help` and `version` go anywhere). */
+const commandFlags: Record<string, readonly string[]> = {
+  merge: ['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json', 'quiet'],
+  plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
+  serialize: ['output', 'strict-merge-space'],
+  info: ['json', 'keys'],
+}
+/** How many positional arguments (after the command) each command takes. */
+const commandArgs: Record<string, string> = {
+  merge: 'one recipe file',
+  plan: 'one recipe file',
+  serialize: 'one recipe file',
+  info: 'one safetensors file',
+}
+
+/** Refuses flags the command does not take and extra arguments, suggesting the closest flag. */
+function checkUsage(command: string, args: string[], flags: Flags): void {
+  const allowed = commandFlags[command]
+  if (!allowed) return
+  for (const name of Object.keys(flags)) {
+    if (name === 'help' || name === 'version' || allowed.includes(name)) continue
+    const near = nearest(name, allowed)
+    throw new UsageError(
+      `${command} has no option --${name}${near ? `; did you mean --${near}?` : `; it takes ${allowed.map((f) => `--${f}`).join(', ')}`}`,
+    )
+  }
+  if (args.length > 1)
+    throw new UsageError(`${command} takes ${commandArgs[command]}, but was also given: ${args.slice(1).join(' ')}`)
+}
 
 function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
   const aliases: Record<string, string> = { o: 'output', t: 'threads', q: 'quiet', h: 'help', v: 'version' }
@@ -108,7 +139,14 @@ function printReport(report: MergeReport) {
 /** A recipe file in the JSON form the native layer reads. */
 function readRecipe(path: string): string {
   const ext = extname(path).toLowerCase()
-  const text = readFileSync(path, 'utf8')
+  let text: string
+  try {
+    text = readFileSync(path, 'utf8')
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code
+    const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'it is a folder' : (e as Error).message
+    throw new UsageError(`cannot read recipe ${path}: ${why}`)
+  }
   if (ext === '.mecha') return callNative(() => native.deserialize(text))
   if (ext === '.json') return text
   throw new UsageError(`cannot read recipe ${basename(path)}: use a .mecha or .json file`)
@@ -242,6 +280,7 @@ async function main(argv: string[]): Promise<number> {
     console.log(HELP)
     return command || flags.help ? 0 : 1
   }
+  checkUsage(command, rest, flags)
   switch (command) {
     case 'merge':
       return cmdMerge(rest, flags)
@@ -252,7 +291,7 @@ async function main(argv: string[]): Promise<number> {
     case 'serialize':
       return cmdSerialize(rest, flags)
     default:
-      throw new UsageError(`unknown command "${command}"`)
+      throw new UsageError(`unknown command "${command}"; ${suggestion(command, Object.keys(commandFlags))}`)
   }
 }
 
@@ -268,7 +307,8 @@ main(process.argv.slice(2)).then(
       console.error(`mecha: ${e.name}: ${e.message}`)
       process.exit(e.name === 'AbortError' ? 130 : 1)
     }
-    console.error(e)
+    // Not a user mistake: a bug. The stack helps whoever fixes it.
+    console.error('mecha: internal error (please report it):', e)
     process.exit(1)
   },
 )

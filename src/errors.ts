@@ -44,6 +44,8 @@ export class IoError extends MechaError {}
 export class ParseError extends MechaError {}
 /** The merge was cancelled through its `AbortSignal`. */
 export class AbortError extends MechaError {}
+/** An option passed to `merge()`, `plan()` or the CLI is unknown or has a value it cannot take. */
+export class OptionError extends MechaError {}
 /** A bug in this package: the native engine panicked. Reported instead of crashing the process. */
 export class InternalError extends MechaError {}
 
@@ -58,6 +60,7 @@ const classes = {
   ParseError,
   AbortError,
   InternalError,
+  OptionError,
 } as const
 
 /** What the native layer reports about an error. */

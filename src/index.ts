@@ -57,6 +57,7 @@ export {
   ParseError,
   AbortError,
   InternalError,
+  OptionError,
 } from './errors'
 export type { ErrorDetails } from './errors'
 

@@ -1,7 +1,18 @@
 /** Running recipes: `merge()` streams a recipe to a safetensors file or into memory. */
 import { rmSync } from 'node:fs'
 import native = require('./native')
-import { AbortError, errorFromNative, native as callNative } from './errors'
+import { AbortError, OptionError, errorFromNative, native as callNative } from './errors'
+import {
+  checkNames,
+  checkValue,
+  isBool,
+  isCount,
+  isDtypeName,
+  isMillis,
+  isSpace,
+  isThreads,
+  maxThreads,
+} from './options'
 import { typedArray, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
 import { toWireWithNodes, type MergeSpace, type RecipeInput, type RecipeNode } from './recipe'
 
@@ -99,11 +110,15 @@ export class MergeCache {
 /** Parses a byte size: a number, or digits with an optional K/M/G/T suffix (binary units). */
 export function parseBytes(size: number | string, what = 'size'): number {
   if (typeof size === 'number') {
-    if (!(Number.isFinite(size) && size >= 1)) throw new TypeError(`${what} must be a positive number of bytes`)
+    if (!(Number.isFinite(size) && size >= 1))
+      throw new OptionError(`${what} must be a positive number of bytes, got ${size}`)
     return Math.floor(size)
   }
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$/i.exec(size)
-  if (!m) throw new TypeError(`${what}: "${size}" is not a size; use bytes or a number with K, M, G or T (e.g. '2G')`)
+  const m = typeof size === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$/i.exec(size) : null
+  if (typeof size !== 'string' || !m)
+    throw new OptionError(
+      `${what}: ${JSON.stringify(size)} is not a size; use bytes or a number with K, M, G or T (e.g. '2G')`,
+    )
   const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[
     m[2].toLowerCase() as '' | 'k' | 'm' | 'g' | 't'
   ]
@@ -161,6 +176,53 @@ export class MergedModel extends Map<string, Tensor> {
   }
 }
 
+const mergeOptionNames = [
+  'output',
+  'threads',
+  'mergeDtype',
+  'outputDtype',
+  'strictMergeSpace',
+  'onProgress',
+  'progressIntervalMs',
+  'signal',
+  'chunkElements',
+  'omitNonFiniteInputs',
+  'checkFiniteOutput',
+  'memoryBudget',
+  'allowEmpty',
+  'cache',
+] as const
+
+/** The options `plan()` takes (a subset of `merge()`'s). */
+export const planOptionNames = [
+  'threads',
+  'mergeDtype',
+  'outputDtype',
+  'strictMergeSpace',
+  'chunkElements',
+  'memoryBudget',
+] as const
+
+/** Refuses unknown option names and values outside what each option allows. */
+export function checkMergeOptions(options: unknown, what: string, names: readonly string[] = mergeOptionNames): void {
+  if (options === null || typeof options !== 'object') throw new OptionError(`${what}: options must be an object`)
+  const o = options as Record<string, unknown>
+  checkNames(o, names, what)
+  checkValue(what, 'output', o.output, (v) => typeof v === 'string' && v !== '', 'a non-empty file path')
+  checkValue(what, 'threads', o.threads, isThreads, `an integer from 0 (one per CPU) to ${maxThreads()}`)
+  for (const name of ['mergeDtype', 'outputDtype'])
+    checkValue(what, name, o[name], isDtypeName, "a dtype name such as 'f16', 'bf16' or 'f32'")
+  checkValue(what, 'strictMergeSpace', o.strictMergeSpace, isSpace, "'weight', 'delta', 'param' or null")
+  checkValue(what, 'onProgress', o.onProgress, (v) => typeof v === 'function', 'a function')
+  checkValue(what, 'progressIntervalMs', o.progressIntervalMs, isMillis, 'a number of milliseconds ≥ 0')
+  checkValue(what, 'signal', o.signal, (v) => v instanceof AbortSignal, 'an AbortSignal')
+  checkValue(what, 'chunkElements', o.chunkElements, isCount, 'a positive integer')
+  for (const name of ['omitNonFiniteInputs', 'checkFiniteOutput', 'allowEmpty'])
+    checkValue(what, name, o[name], isBool, 'true or false')
+  checkValue(what, 'cache', o.cache, (v) => v instanceof MergeCache, 'a MergeCache')
+  if (o.memoryBudget !== undefined) parseBytes(o.memoryBudget as number | string, 'memoryBudget')
+}
+
 function strictSpace(s: MergeSpace | null | undefined): string | undefined {
   return s === null ? 'any' : s
 }
@@ -202,6 +264,7 @@ export async function mergeWire(
   options: MergeOptions,
   objects: readonly (RecipeNode | undefined)[] = [],
 ): Promise<MergeReport | MergedModel> {
+  checkMergeOptions(options, 'merge')
   const { signal, onProgress } = options
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
   const context = nextContext++

@@ -2,7 +2,7 @@
 import native = require('./native')
 import { native as callNative } from './errors'
 import { toWire, type RecipeInput } from './recipe'
-import { parseBytes, type MergeOptions, type SkippedKey } from './merge'
+import { checkMergeOptions, parseBytes, planOptionNames, type MergeOptions, type SkippedKey } from './merge'
 
 export interface PlanReport {
   /** Model config of the result (`'structural'` for an unknown architecture). */
@@ -38,6 +38,7 @@ export function plan(
 }
 
 export function planWire(wire: string, options: Parameters<typeof plan>[1] = {}): PlanReport {
+  checkMergeOptions(options, 'plan', planOptionNames)
   return callNative(() =>
     native.plan(wire, {
       threads: options.threads,

@@ -226,3 +226,46 @@ fn temporary_files_of_dead_merges_are_removed_by_the_next_merge_into_the_folder(
     assert!(!stale.exists(), "the dead merge's file is removed");
     assert!(recent.exists() && alive.exists() && unrelated.exists());
 }
+
+#[test]
+fn folders_fifos_devices_and_duplicate_names_are_refused_by_name_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(open_err(d).contains("is a folder"), "{}", open_err(d));
+
+    let fifo = d.join("pipe.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Opening a FIFO without a writer would block forever; it is refused from its metadata.
+    assert!(open_err(&fifo).contains("FIFO"), "{}", open_err(&fifo));
+    let device = std::path::Path::new("/dev/null");
+    let err = SafetensorsFile::open(device).unwrap_err();
+    assert!(err.message.contains("is a device"), "{}", err.message);
+
+    let twice = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+    let path = header_file(d, "twice.safetensors", twice, 16);
+    let msg = open_err(&path);
+    assert!(msg.contains("names tensor 'a' twice"), "{msg}");
+    let same = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    assert!(open_err(&header_file(d, "same.safetensors", same, 8)).contains("twice"));
+
+    let reversed = r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#;
+    let msg = open_err(&header_file(d, "reversed.safetensors", reversed, 8));
+    assert!(msg.contains("'a'"), "{msg}");
+}
+
+#[test]
+fn an_output_path_that_is_a_folder_or_special_file_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = || FileLayout::new(&[PlannedTensor { name: "w".into(), dtype: DType::F32, shape: vec![1] }], &[]);
+    let folder = dir.path().join("out.safetensors");
+    std::fs::create_dir(&folder).unwrap();
+    let err = SafetensorsWriter::create(&folder, layout()).err().expect("refused");
+    assert_eq!(err.kind, ErrorKind::Output);
+    assert!(err.message.contains("is a folder"), "{}", err.message);
+    let err = SafetensorsWriter::create(std::path::Path::new("/dev/null"), layout()).err().expect("refused");
+    assert!(err.message.contains("not a regular file"), "{}", err.message);
+    let err = SafetensorsWriter::create(&dir.path().join("missing/out.safetensors"), layout()).err().expect("refused");
+    assert!(err.message.contains("does not exist"), "{}", err.message);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing written");
+}

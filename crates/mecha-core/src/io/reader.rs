@@ -54,6 +54,8 @@ impl std::fmt::Debug for SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
+        // Checked before opening: opening a FIFO blocks until a writer appears.
+        refuse_non_regular(path)?;
         let file = File::open(path).map_err(|e| {
             let problem = if e.kind() == std::io::ErrorKind::NotFound {
                 "file not found; check the path (relative paths are resolved against the \
@@ -81,6 +83,16 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only and only the header is read through it.
         let map = unsafe { Mmap::map(&file) }
             .map_err(|e| MechaError::safetensors(path, format!("cannot memory-map: {e}")))?;
+        // The JSON parser keeps the last of two equal names silently (and the layout check would
+        // then blame offsets): which tensor is meant? Checked first.
+        let declared = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
+        if let Some(name) = map.get(8..8usize.saturating_add(declared)).and_then(duplicate_name) {
+            return Err(MechaError::safetensors(
+                path,
+                format!("the header names tensor '{name}' twice; the file is corrupt (re-save it)"),
+            )
+            .with_key(&name));
+        }
         let (header_len, meta) = SafeTensors::read_metadata(&map)
             .map_err(|e| MechaError::safetensors(path, explain_header_error(&map, &e)))?;
         drop(map);
@@ -206,6 +218,63 @@ fn explain_header_error(buf: &[u8], err: &SafeTensorError) -> String {
         }
         _ => diagnose_layout(buf).unwrap_or_else(|| format!("invalid header ({err:?})")),
     }
+}
+
+/// Refuses folders, FIFOs, sockets and devices by name, without opening them.
+fn refuse_non_regular(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) }; // open() says what is wrong
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        "a folder"
+    } else {
+        special_file_kind(&kind)
+    };
+    Err(MechaError::safetensors(path, format!("is {what}, not a safetensors file; give the path of a .safetensors file")))
+}
+
+#[cfg(unix)]
+fn special_file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_file_kind(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// The first top-level name that appears twice in a header's JSON object.
+fn duplicate_name(header: &[u8]) -> Option<String> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut duplicate = None;
+            while let Some(name) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if duplicate.is_none() && !seen.insert(name.clone()) {
+                    duplicate = Some(name);
+                }
+            }
+            Ok(duplicate)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    serde::Deserializer::deserialize_map(&mut de, Names).ok().flatten()
 }
 
 /// Re-reads the header leniently to name the first tensor whose declared layout is wrong.

@@ -135,6 +135,14 @@ impl SafetensorsWriter {
         if !dir.is_dir() {
             return Err(output_error(format!("the folder {} does not exist; create it first", dir.display())));
         }
+        if let Ok(meta) = std::fs::metadata(target) {
+            if meta.is_dir() {
+                return Err(output_error("it is a folder; give the path of the file to write".into()));
+            }
+            if !meta.is_file() {
+                return Err(output_error("it is not a regular file (a FIFO, socket or device)".into()));
+            }
+        }
         remove_stale_partials(&dir);
         let temp =
             dir.join(format!(".{}.{}-{}.partial", file_name.to_string_lossy(), std::process::id(), unique_suffix()));

@@ -1,0 +1,128 @@
+// Benchmark: one recipe merged by this library and by sd-mecha 1.1.8 from the same `.mecha` text,
+// side by side in one run, on SD 1.5-layout fp16 models (real sd1-ldm keys and shapes, random
+// values), warm page cache. Cases (issue 8):
+//   ties          add_difference_ties(base, m1, m2, m3, k=0.5)             (W3)
+//   rotate        rotate(a, b, alignment=0.5), then again with alpha=0.5    (W4)
+//   truncate_rank truncate_rank(b − a, rank=32, full SVD), then rank 16    (W4)
+// The "again" merge runs in the same process with a MergeCache kept from the first, to measure
+// how much of the first merge the cached decompositions save.
+//
+//   node bench/recipe-bench.mjs --case ties|rotate|truncate_rank [--rounds 1] [--dir bench/out]
+//                               [--memory 2G] [--skip-reference]
+import { spawnSync } from 'node:child_process'
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+import * as mecha from '../dist/index.js'
+import { compareOutputs } from './compare.mjs'
+
+const here = dirname(fileURLToPath(import.meta.url))
+const arg = (name, fallback) => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? (process.argv[i + 1] ?? true) : fallback
+}
+const which = String(arg('case', 'ties'))
+const rounds = Number(arg('rounds', 1))
+const memory = arg('memory', undefined)
+const dir = resolve(String(arg('dir', join(here, 'out'))))
+mkdirSync(dir, { recursive: true })
+
+const names = ['a', 'b', 'c', 'd']
+const inputs = names.slice(0, which === 'ties' ? 4 : 2).map((n) => join(dir, `sd1-${n}.safetensors`))
+for (const [i, path] of inputs.entries()) {
+  if (!existsSync(path)) {
+    console.error(`generating ${path}`)
+    await mecha.writeRandomModel(path, 'sd1', i + 1)
+  }
+}
+
+const m = inputs.map((p) => mecha.model(p))
+const { int } = mecha
+const cases = {
+  ties: () => [mecha.addDifferenceTies(m[0], m[1], m[2], m[3], { k: 0.5 })],
+  rotate: () => [
+    mecha.rotate(m[0], m[1], { alignment: 0.5 }),
+    mecha.rotate(m[0], m[1], { alignment: 0.5, alpha: 0.5 }),
+  ],
+  truncate_rank: () => [
+    mecha.truncateRank(m[1].sub(m[0]), { rank: int(32), useApproximateBasis: false }),
+    mecha.truncateRank(m[1].sub(m[0]), { rank: int(16), useApproximateBasis: false }),
+  ],
+}
+if (!cases[which]) throw new Error(`--case must be one of ${Object.keys(cases).join(', ')}`)
+const recipes = cases[which]().map((recipe, i) => {
+  const path = join(dir, `${which}-${i + 1}.mecha`)
+  writeFileSync(path, mecha.serialize(recipe))
+  return path
+})
+
+/** Runs a command under /usr/bin/time; returns wall seconds, peak RSS bytes and stdout. */
+function timed(cmd, args) {
+  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', cmd, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 })
+  if (r.status !== 0) throw new Error(`${cmd} failed:\n${r.stdout}\n${r.stderr}`)
+  const [wall, kb] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number)
+  return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout }
+}
+const warm = () => spawnSync('cat', inputs, { stdio: ['ignore', 'ignore', 'inherit'] })
+
+const python = join(here, '.venv', 'bin', 'python')
+const withReference = existsSync(python) && !process.argv.includes('--skip-reference')
+const ourOut = join(dir, `${which}-mecha-node.safetensors`)
+const refOut = join(dir, `${which}-sd-mecha.safetensors`)
+const runs = []
+for (let round = 0; round < rounds; round++) {
+  rmSync(ourOut, { force: true })
+  warm()
+  const ours = timed(process.execPath, [
+    join(here, 'merge-recipe.mjs'),
+    ourOut,
+    ...(memory ? ['--memory', String(memory)] : []),
+    ...recipes,
+  ])
+  const report = JSON.parse(ours.stdout.trim().split('\n').at(-1))
+  let reference
+  if (withReference) {
+    rmSync(refOut, { force: true })
+    warm()
+    reference = timed(python, [join(here, 'reference_recipe.py'), recipes[0], refOut])
+    reference.inner = JSON.parse(reference.stdout.trim().split('\n').at(-1))
+  }
+  runs.push({ ours, report, reference })
+  console.error(
+    `round ${round + 1}/${rounds}: ours ${report.merges.map((s) => s.toFixed(2)).join(' s, then ')} s` +
+      (reference ? `; sd-mecha ${reference.inner.seconds.toFixed(2)} s` : ''),
+  )
+}
+
+const median = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]
+const first = median(runs.map((r) => r.report.merges[0]))
+console.log(`\n${which}: ${inputs.length} sd1-ldm fp16 models, warm page cache, ${rounds} round(s), medians`)
+console.log(
+  `machine: ${cpus().length} × ${cpus()[0]?.model}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; node ${process.version}\n`,
+)
+console.log('| run | merge s | peak RSS MiB |')
+console.log('|---|---|---|')
+const ourRss = Math.max(...runs.map((r) => r.ours.peakRss))
+console.log(
+  `| sd-mecha for Node, ${runs[0].report.threads} threads | ${first.toFixed(2)} | ${(ourRss / 2 ** 20).toFixed(0)} |`,
+)
+if (runs[0].report.merges.length > 1) {
+  const again = median(runs.map((r) => r.report.merges[1]))
+  console.log(`| … the second recipe, cache kept | ${again.toFixed(2)} | (same process) |`)
+  console.log(`\nsecond merge with the cache: ${(first / again).toFixed(2)}× faster than the first`)
+}
+if (withReference) {
+  const ref = median(runs.map((r) => r.reference.inner.seconds))
+  const refRss = Math.max(...runs.map((r) => r.reference.peakRss))
+  console.log(`| sd-mecha 1.1.8 (torch CPU) | ${ref.toFixed(2)} | ${(refRss / 2 ** 20).toFixed(0)} |`)
+  console.log(
+    `\nsd-mecha / this library: ${(ref / first).toFixed(2)}× merge time, ${(refRss / ourRss).toFixed(1)}× peak RSS`,
+  )
+  compareOutputs(ourOut, refOut)
+}
+console.log(
+  `memory budget ${(runs[0].report.memoryBudget / 2 ** 20).toFixed(0)} MiB, ${runs[0].report.overBudget} key(s) over it`,
+)
+console.log(`\ncommand: node bench/recipe-bench.mjs ${process.argv.slice(2).join(' ')}`)
