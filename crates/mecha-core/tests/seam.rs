@@ -129,23 +129,6 @@ fn one_method(path: &Path, id: &str, extra: Vec<RecipeArg>) -> Recipe {
     r.finish(root).unwrap()
 }
 
-fn f32_memory() -> MergeOptions {
-    MergeOptions {
-        plan: PlanOptions { output_dtype: DType::F32, ..Default::default() },
-        output: OutputTarget::Memory,
-        ..MergeOptions::default()
-    }
-}
-
-fn run(recipe: Recipe, options: &MergeOptions) -> MergeResult {
-    merge(recipe, options, &AtomicBool::new(false), None).expect("merge")
-}
-
-fn tensor(result: &MergeResult, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = result.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
-    (t.shape.clone(), decode(t.dtype, &t.data))
-}
-
 #[test]
 fn a_group_with_several_outputs_is_computed_once() {
     let runs = Arc::new(AtomicUsize::new(0));

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod logistics;
 pub mod seam;
 pub mod slicing;
+pub mod svd;
 pub mod wholemath;
 
 pub use seam::{Arg, ChunkKernel, Decision, KeyRelation, Method, Output, PlanCall, RunCall};
@@ -221,6 +222,7 @@ impl Registry {
         methods.extend(cosine::methods());
         methods.extend(crossover::methods());
         methods.extend(slicing::methods());
+        methods.extend(svd::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
