@@ -5,13 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use common::*;
 use mecha_core::exec::plan::PlanOptions;
-use mecha_core::exec::{merge, MergeOptions, MergeResult, OutputTarget};
+use mecha_core::exec::MergeOptions;
 use mecha_core::methods::seam::{
     Arg, Clause, ComputeSpec, Decision, KeyMapCall, KeyRelation, Meta, Method, Output, PlanCall, RunCall,
 };

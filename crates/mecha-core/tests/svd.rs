@@ -23,14 +23,19 @@ fn serial() -> MutexGuard<'static, ()> {
 const ROTATE_KEYS: [(&str, &[usize]); 4] =
     [("sq", &[6, 6]), ("tall", &[8, 5]), ("wide", &[3, 7]), ("conv", &[4, 3, 3, 3])];
 
-fn rotate_model(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let path = dir.join(name);
-    let tensors: Vec<(&str, Raw)> = ROTATE_KEYS
+/// A file with pseudo-random F32 tensors of these shapes.
+fn write_keys(path: &Path, keys: &[(&str, &[usize])], seed: u64) {
+    let tensors: Vec<(&str, Raw)> = keys
         .iter()
         .enumerate()
         .map(|(i, (k, s))| (*k, f32_tensor(DType::F32, s, &values(seed * 10 + i as u64, s.iter().product()))))
         .collect();
-    write_file(&path, &tensors);
+    write_file(path, &tensors);
+}
+
+fn rotate_model(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let path = dir.join(name);
+    write_keys(&path, &ROTATE_KEYS, seed);
     path
 }
 
@@ -283,12 +288,7 @@ fn degenerate_shapes_neither_panic_nor_give_nan() {
     ];
     let model = |name: &str, seed: u64| {
         let path = dir.path().join(name);
-        let tensors: Vec<(&str, Raw)> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, (k, s))| (*k, f32_tensor(DType::F32, s, &values(seed * 10 + i as u64, s.iter().product()))))
-            .collect();
-        write_file(&path, &tensors);
+        write_keys(&path, &shapes, seed);
         path
     };
     let (a, b) = (model("a.safetensors", 3), model("b.safetensors", 4));

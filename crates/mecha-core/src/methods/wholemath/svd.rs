@@ -479,7 +479,7 @@ fn divisors(n: usize) -> Vec<usize> {
     let mut ds = Vec::new();
     let mut d = 1;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             ds.push(d);
             if d != n / d {
                 ds.push(n / d);
