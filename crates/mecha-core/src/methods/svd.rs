@@ -537,3 +537,38 @@ pub fn methods() -> Vec<MethodSpec> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_broadcasts_like_torch() {
+        let t = |v: Vec<f64>, dims: &[usize]| Tensor::from_vec(v, dims, &candle_core::Device::Cpu).unwrap();
+        let row = t(vec![1.0, 2.0, 3.0], &[3]);
+        assert_eq!(broadcast(&row, &[2, 3]).unwrap(), [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        let column = t(vec![1.0, 2.0], &[2, 1]);
+        assert_eq!(broadcast(&column, &[2, 3]).unwrap(), [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert!(broadcast(&row, &[3, 2]).is_err());
+        assert!(broadcast(&t(vec![0.0; 6], &[1, 2, 3]), &[2, 3]).is_err());
+    }
+
+    #[test]
+    fn allclose_compares_in_float16() {
+        assert!(allclose_f16(&[1.0, -2.0], &[1.0 + 1e-4, -2.0]));
+        assert!(!allclose_f16(&[1.0], &[1.01]));
+        assert!(!allclose_f16(&[f64::NAN], &[f64::NAN]));
+        assert!(allclose_f16(&[], &[]));
+    }
+
+    #[test]
+    fn shapes_become_matrices_as_in_sd_mecha() {
+        assert_eq!(rotate_2d(&[4, 3, 3, 3]), (12, 9));
+        assert_eq!(rotate_2d(&[4, 3, 1, 1]), (4, 3));
+        assert_eq!(rotate_2d(&[4, 6, 2]), (4, 12));
+        assert_eq!(flat_2d(&[]), (1, 1));
+        assert_eq!(clamp_rank(2.5, 4, "m", "p"), Ok(2), "half to even");
+        assert_eq!(clamp_rank(-1.0, 4, "m", "p"), Ok(0));
+        assert!(clamp_rank(f64::NAN, 4, "m", "p").unwrap_err().contains("p must be"));
+    }
+}
