@@ -28,8 +28,8 @@ export function readSafetensors(path: string): Map<string, ExpectedTensor> {
   return out
 }
 
-export /** Elements outside |x − y| ≤ max(tol·|y|, atol) (NaN must meet NaN, infinities must be equal), at most `limit`. */
-function mismatches(got: Float32Array, want: Float32Array, tol: number, atol: number, limit = 5): string[] {
+/** Elements outside |x − y| ≤ max(tol·|y|, atol) (NaN must meet NaN, infinities must be equal), at most `limit`. */
+export function mismatches(got: Float32Array, want: Float32Array, tol: number, atol: number, limit = 5): string[] {
   const out: string[] = []
   let count = 0
   for (let i = 0; i < want.length; i++) {

@@ -26,9 +26,14 @@ const tsType = (p) =>
 const describeSpace = (s) => (s.symbol ? 'same space as the result' : s.spaces.join(' | '))
 const describeDefault = (p) => (p.hasDefault ? ` (default ${JSON.stringify(p.default)})` : '')
 
-// sd-mecha's top-level add_difference, tensor_sum and dropout are Python wrappers that build
-// graphs (src/wrappers.ts); the registered methods' builders take another name.
-const wrapped = { add_difference: 'addDifferenceMethod', tensor_sum: 'tensorSumMethod', dropout: 'dropoutMethod' }
+// sd-mecha's top-level add_difference, tensor_sum, dropout and rotate are Python wrappers that
+// build graphs (src/wrappers.ts); the registered methods' builders take another name.
+const wrapped = {
+  add_difference: 'addDifferenceMethod',
+  tensor_sum: 'tensorSumMethod',
+  dropout: 'dropoutMethod',
+  rotate: 'rotateMethod',
+}
 
 function builder(m) {
   const name = wrapped[m.id] ?? camel(m.id)

@@ -16,6 +16,7 @@ export {
   copyRegion,
   dropout,
   nModelStock,
+  rotate,
   tensorSum,
 } from './wrappers'
 export type {
@@ -25,6 +26,7 @@ export type {
   AddTiesWithDareOptions,
   CopyRegionOptions,
   DropoutWrapperOptions,
+  RotateWrapperOptions,
   Seed,
   TiesExtendedOptions,
 } from './wrappers'

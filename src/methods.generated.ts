@@ -457,3 +457,76 @@ export interface DropoutMethodOptions {
 export function dropoutMethod(deltas: readonly RecipeInput[], options: DropoutMethodOptions = {}): MergeNode {
   return callMethod('dropout', [...deltas], { probability: options.probability, rescale: options.rescale, overlap: options.overlap, overlap_emphasis: options.overlapEmphasis, seed: options.seed })
 }
+
+export interface RotateMethodOptions {
+  alignment?: RecipeInput
+  alpha?: RecipeInput
+  centralization?: RecipeInput
+  stiefelEps?: RecipeInput
+  stiefelMaxIters?: number | Int | RecipeNode
+}
+/**
+ * `rotate`: Aligns a with b by an orthogonal transform Q^alignment of its centred rows (alpha also moves a's scaling toward b's).
+ * @param a Tensor, same space as the result
+ * @param b Tensor, same space as the result
+ * @param options.alignment float, param (default 1)
+ * @param options.alpha Tensor, param (default 0)
+ * @param options.centralization float, param (default 1)
+ * @param options.stiefelEps float, param (default 1e-8)
+ * @param options.stiefelMaxIters int, param (default 100)
+ * @returns Tensor in same space as the result
+ */
+export function rotateMethod(a: RecipeInput, b: RecipeInput, options: RotateMethodOptions = {}): MergeNode {
+  return callMethod('rotate', [a, b], { alignment: options.alignment, alpha: options.alpha, centralization: options.centralization, stiefel_eps: options.stiefelEps, stiefel_max_iters: options.stiefelMaxIters })
+}
+
+export interface TruncateRankOptions {
+  rank?: number | Int | RecipeNode
+  useApproximateBasis?: boolean | RecipeNode
+  approximateBasisIters?: number | Int | RecipeNode
+  approximateBasisSeed?: number | Int | RecipeNode
+}
+/**
+ * `truncate_rank`: The best rank-`rank` approximation of a delta (a.flatten(1)), from its SVD or a seeded randomised range finder.
+ * @param a Tensor, delta
+ * @param options.rank int, param (default 8)
+ * @param options.useApproximateBasis bool, param (default true)
+ * @param options.approximateBasisIters int, param (default 2)
+ * @param options.approximateBasisSeed int, param (default null)
+ * @returns Tensor in delta
+ */
+export function truncateRank(a: RecipeInput, options: TruncateRankOptions = {}): MergeNode {
+  return callMethod('truncate_rank', [a], { rank: options.rank, use_approximate_basis: options.useApproximateBasis, approximate_basis_iters: options.approximateBasisIters, approximate_basis_seed: options.approximateBasisSeed })
+}
+
+export interface GetRankFromRatioOptions {
+  ratio?: RecipeInput
+}
+/**
+ * `get_rank_from_ratio`: round(min(shape[0], prod(shape[1:])) · ratio), clamped: a rank for truncate_rank, from the shape alone.
+ * @param a Tensor, weight | delta
+ * @param options.ratio float, param (default 0.5)
+ * @returns int in param
+ */
+export function getRankFromRatio(a: RecipeInput, options: GetRankFromRatioOptions = {}): MergeNode {
+  return callMethod('get_rank_from_ratio', [a], { ratio: options.ratio })
+}
+
+export interface TruncateKroneckerOptions {
+  kroneckerRatio?: RecipeInput
+  useApproximateBasis?: boolean | RecipeNode
+  approximateBasisIters?: number | Int | RecipeNode
+  approximateBasisSeed?: number | Int | RecipeNode
+}
+/**
+ * `truncate_kronecker`: The nearest Kronecker product w1 ⊗ w2 to a delta (rank-1 SVD of its rearrangement); kronecker_ratio sets the factor sizes.
+ * @param a Tensor, delta
+ * @param options.kroneckerRatio float, param (default 0.5)
+ * @param options.useApproximateBasis bool, param (default true)
+ * @param options.approximateBasisIters int, param (default 2)
+ * @param options.approximateBasisSeed int, param (default null)
+ * @returns Tensor in delta
+ */
+export function truncateKronecker(a: RecipeInput, options: TruncateKroneckerOptions = {}): MergeNode {
+  return callMethod('truncate_kronecker', [a], { kronecker_ratio: options.kroneckerRatio, use_approximate_basis: options.useApproximateBasis, approximate_basis_iters: options.approximateBasisIters, approximate_basis_seed: options.approximateBasisSeed })
+}

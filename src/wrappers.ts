@@ -1,6 +1,6 @@
 /**
  * sd-mecha's Python wrappers (`sd_mecha.add_difference`, `add_perpendicular`, `copy_region` /
- * `tensor_sum`, the TIES family's `add_difference_ties`, `add_difference_ties_extended`,
+ * `tensor_sum`, `rotate`, the TIES family's `add_difference_ties`, `add_difference_ties_extended`,
  * `add_ties_with_dare`, `n_model_stock` and `dropout`): functions that build graphs of registered
  * methods, so their `.mecha` text is the one sd-mecha writes for the same call.
  */
@@ -17,6 +17,11 @@ function isOptions(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !(v instanceof RecipeNode) && !Array.isArray(v)
 }
 
+/** Whether the optional third input is in fact the options object (only `names` as keys). */
+function isOptionsOf<T>(v: unknown, names: readonly string[]): v is T {
+  return isOptions(v) && Object.keys(v).every((k) => names.includes(k))
+}
+
 /**
  * `a + alpha·(b − c)`, or `a + alpha·b` when `b` already is a delta and `c` is omitted; falls
  * back to `a` for keys the difference lacks. With `clampToAb`, the result is clamped to the
@@ -29,8 +34,8 @@ export function addDifference(
   c?: RecipeInput | AddDifferenceWrapperOptions,
   options: AddDifferenceWrapperOptions = {},
 ): MergeNode {
-  if (isOptions(c) && !(c instanceof RecipeNode) && Object.keys(c).every((k) => k === 'alpha' || k === 'clampToAb')) {
-    options = c as AddDifferenceWrapperOptions
+  if (isOptionsOf<AddDifferenceWrapperOptions>(c, ['alpha', 'clampToAb'])) {
+    options = c
     c = undefined
   }
   const delta = c === undefined ? b : callMethod('subtract', [b, c as RecipeInput], {})
@@ -76,18 +81,28 @@ export function copyRegion(
   c?: RecipeInput | CopyRegionOptions,
   options: CopyRegionOptions = {},
 ): MergeNode {
-  if (isOptions(c) && Object.keys(c).every((k) => k === 'width' || k === 'offset' || k === 'topK')) {
-    options = c as CopyRegionOptions
+  if (isOptionsOf<CopyRegionOptions>(c, ['width', 'offset', 'topK'])) {
+    options = c
     c = undefined
   }
-  const base = c as RecipeInput | undefined
-  const [x, y] =
-    base === undefined ? [a, b] : [callMethod('subtract', [a, base], {}), callMethod('subtract', [b, base], {})]
-  const res = callMethod(options.topK ? 'top_k_tensor_sum' : 'tensor_sum', [x, y], {
-    width: options.width ?? 1.0,
-    offset: options.offset ?? 0.0,
-  })
-  return base === undefined ? res : callMethod('add_difference', [base, res], { alpha: 1.0 })
+  return onDifferences(a, b, c as RecipeInput | undefined, (x, y) =>
+    callMethod(options.topK ? 'top_k_tensor_sum' : 'tensor_sum', [x, y], {
+      width: options.width ?? 1.0,
+      offset: options.offset ?? 0.0,
+    }),
+  )
+}
+
+/** `f(a, b)`, or with `c`: `c + f(a − c, b − c)` (`add_difference` with alpha 1). */
+function onDifferences(
+  a: RecipeInput,
+  b: RecipeInput,
+  c: RecipeInput | undefined,
+  f: (x: RecipeInput, y: RecipeInput) => MergeNode,
+): MergeNode {
+  if (c === undefined) return f(a, b)
+  const res = f(callMethod('subtract', [a, c], {}), callMethod('subtract', [b, c], {}))
+  return callMethod('add_difference', [c, res], { alpha: 1.0 })
 }
 
 /** sd-mecha's `tensor_sum` wrapper is `copy_region`. */
@@ -252,4 +267,30 @@ export function dropout(a: RecipeInput, ...models: (RecipeInput | DropoutWrapper
     seed: asInt(o.seed ?? null),
   })
   return callMethod('add_difference', [a, res], { alpha: o.alpha ?? 0.5 })
+}
+export interface RotateWrapperOptions {
+  /** How far `a` is turned toward `b`: the power of the orthogonal transform (default 1). */
+  alignment?: RecipeInput
+  /** How far `a`'s scaling moves toward `b`'s (default 0). A number, per-block values or a tensor. */
+  alpha?: RecipeInput
+}
+
+/**
+ * Aligns `a` with `b` by an orthogonal transform (`rotate`); with `c`, on the differences from
+ * `c`, added back to it. sd-mecha's wrapper also takes `cache` and crashes on it (`set_cache`);
+ * here decompositions are kept by the merge itself (see docs/differences.md).
+ */
+export function rotate(
+  a: RecipeInput,
+  b: RecipeInput,
+  c?: RecipeInput | RotateWrapperOptions,
+  options: RotateWrapperOptions = {},
+): MergeNode {
+  if (isOptionsOf<RotateWrapperOptions>(c, ['alignment', 'alpha'])) {
+    options = c
+    c = undefined
+  }
+  return onDifferences(a, b, c as RecipeInput | undefined, (x, y) =>
+    callMethod('rotate', [x, y], { alignment: options.alignment ?? 1.0, alpha: options.alpha ?? 0.0 }),
+  )
 }

@@ -465,12 +465,16 @@ def run_case(spec, directory, outputs_dir):
 
     # the tolerance is wide enough for an implementation computing in float64: sd-mecha itself
     # with merge_dtype=float64 stays within it (unless the case says why that cannot hold, e.g. a
-    # selection by rank whose float64 threshold differs: "no_f64_check")
+    # selection by rank whose float64 threshold differs: "no_f64_check"); keys whose result
+    # sd-mecha leaves to rounding (see svd.py) are not compared
     excess = 0.0
+    ill_posed = spec.get("ill_posed", [])
     if not spec.get("no_f64_check"):
         wide = do_merge(run_code(spec["python"], namespace_for(directory)), torch.float64, spec["options"])
         assert sorted(wide) == list(tensors), spec["id"]
-        per_key = {k: worst_excess(wide[k], v, spec["tolerance"], spec["atol"]) for k, v in tensors.items()}
+        per_key = {
+            k: worst_excess(wide[k], v, spec["tolerance"], spec["atol"]) for k, v in tensors.items() if k not in ill_posed
+        }
         excess = max(per_key.values())
         if not excess <= 1:
             bad = ", ".join(f"{k} {e:.3g}x" for k, e in per_key.items() if not e <= 1)
@@ -491,6 +495,8 @@ def run_case(spec, directory, outputs_dir):
         out["wrapper"] = spec["wrapper"]
     if spec.get("no_f64_check"):
         out["no_f64_check"] = spec["no_f64_check"]
+    if ill_posed:
+        out["ill_posed"] = ill_posed
     return out, excess
 
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use common::*;
 use mecha_core::exec::plan::PlanOptions;
-use mecha_core::exec::{merge, MergeOptions, MergeResult, OutputTarget};
+use mecha_core::exec::{merge, MergeOptions, OutputTarget};
 use mecha_core::methods::seam::{
     Arg, Clause, ComputeSpec, Decision, KeyMapCall, KeyRelation, Meta, Method, Output, PlanCall, RunCall,
 };
@@ -127,23 +127,6 @@ fn one_method(path: &Path, id: &str, extra: Vec<RecipeArg>) -> Recipe {
     args.extend(extra);
     let root = r.merge(id, args, vec![]).unwrap();
     r.finish(root).unwrap()
-}
-
-fn f32_memory() -> MergeOptions {
-    MergeOptions {
-        plan: PlanOptions { output_dtype: DType::F32, ..Default::default() },
-        output: OutputTarget::Memory,
-        ..MergeOptions::default()
-    }
-}
-
-fn run(recipe: Recipe, options: &MergeOptions) -> MergeResult {
-    merge(recipe, options, &AtomicBool::new(false), None).expect("merge")
-}
-
-fn tensor(result: &MergeResult, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = result.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
-    (t.shape.clone(), decode(t.dtype, &t.data))
 }
 
 #[test]

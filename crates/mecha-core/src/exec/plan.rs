@@ -685,10 +685,14 @@ impl KeyBuilder<'_> {
         let Some((clause, args)) = chosen else {
             return Ok(Step::Done(Err(reason)));
         };
-        // Text cannot stand in for numbers or tensors.
+        // Text cannot stand in for numbers or tensors; null can where it is the default
+        // (sd-mecha's `seed: int = None`).
         for (param, values) in method.params.iter().zip(&args) {
             let numeric = !matches!(param.value_type, ValueType::Str | ValueType::Any);
-            if let Some(&bad) = values.iter().find(|&&e| numeric && !self.exprs[e].numeric) {
+            let optional = param.default == Some(crate::methods::DefaultValue::Null);
+            let is_null = |e: usize| matches!(self.exprs[e].op, Op::Constant(Scalar::Null));
+            if let Some(&bad) = values.iter().find(|&&e| numeric && !self.exprs[e].numeric && !(optional && is_null(e)))
+            {
                 return Err(MechaError::recipe(format!(
                     "{}: \"{}\" expects {}, but received a text value (from {})",
                     method.id,

@@ -231,7 +231,10 @@ fn refuse_non_regular(path: &Path) -> Result<()> {
     } else {
         special_file_kind(&kind)
     };
-    Err(MechaError::safetensors(path, format!("is {what}, not a safetensors file; give the path of a .safetensors file")))
+    Err(MechaError::safetensors(
+        path,
+        format!("is {what}, not a safetensors file; give the path of a .safetensors file"),
+    ))
 }
 
 #[cfg(unix)]

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod logistics;
 pub mod seam;
 pub mod slicing;
+pub mod svd;
 pub mod ties;
 pub mod wholemath;
 
@@ -223,6 +224,7 @@ impl Registry {
         methods.extend(crossover::methods());
         methods.extend(slicing::methods());
         methods.extend(ties::methods());
+        methods.extend(svd::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 

@@ -79,3 +79,25 @@ pub fn values(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Merges into memory with f32 output.
+pub fn f32_memory() -> mecha_core::exec::MergeOptions {
+    mecha_core::exec::MergeOptions {
+        plan: mecha_core::exec::plan::PlanOptions { output_dtype: DType::F32, ..Default::default() },
+        output: mecha_core::exec::OutputTarget::Memory,
+        ..mecha_core::exec::MergeOptions::default()
+    }
+}
+
+pub fn run(
+    recipe: mecha_core::recipe::Recipe,
+    options: &mecha_core::exec::MergeOptions,
+) -> mecha_core::exec::MergeResult {
+    mecha_core::exec::merge(recipe, options, &std::sync::atomic::AtomicBool::new(false), None).expect("merge")
+}
+
+/// An in-memory result's tensor: shape and values.
+pub fn tensor(result: &mecha_core::exec::MergeResult, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = result.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
+    (t.shape.clone(), decode(t.dtype, &t.data))
+}

@@ -7,6 +7,7 @@
 //! - [`mod@crossover`]: `crossover` and its filter (`crossover.py`)
 //! - [`slicing`]: `tensor_sum`, `top_k_tensor_sum` (`slicing.py`)
 //! - [`ties`]: TIES sums, model stock, the geometric median, DARE/DELLA and `dropout` (`ties.py`)
+//! - [`mod@svd`]: the linear algebra of `rotate`, `truncate_rank`, `truncate_kronecker` (`svd.py`, `kronecker.py`)
 //!
 //! Inputs are F32 or F64 tensors of any rank; results have the shape and dtype of `a`. The math
 //! runs on the contiguous data with plain loops: reductions accumulate in f64 over fixed-size
@@ -17,6 +18,7 @@ pub mod cosine;
 pub mod crossover;
 pub mod linear_whole;
 pub mod slicing;
+pub mod svd;
 pub mod ties;
 
 pub use cosine::{add_cosine_a, add_cosine_b};

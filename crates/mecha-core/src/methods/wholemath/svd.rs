@@ -1,0 +1,553 @@
+//! The linear algebra behind sd-mecha's `svd.py` and `kronecker.py` (`rotate`, `truncate_rank`,
+//! `truncate_kronecker`), on `faer` matrices in f64.
+//!
+//! Decompositions run sequentially (`Par::Seq`): keys already run in parallel, and a fixed
+//! order of operations makes results independent of the thread count. Everything is computed
+//! in f64 whatever the merge dtype: the SVD/eig results are then at least as accurate as
+//! sd-mecha's float32 ones, and the Stiefel logarithm can reach its tolerance (1e-8), which
+//! float32 never does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+use faer::{c64, Mat, MatRef, Side};
+
+/// An error of the math, without the method/key context (the caller adds it).
+pub type MathResult<T> = std::result::Result<T, String>;
+
+static DECOMPOSITIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many SVD / eigen decompositions this process has computed (cache tests read it).
+pub fn decompositions() -> u64 {
+    DECOMPOSITIONS.load(Ordering::Relaxed)
+}
+
+fn counted() {
+    DECOMPOSITIONS.fetch_add(1, Ordering::Relaxed);
+    static INIT: Once = Once::new();
+    INIT.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
+}
+
+/// A row-major `rows × cols` slice as a matrix.
+pub fn from_rows(data: &[f64], rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| data[i * cols + j])
+}
+
+/// The matrix in row-major order.
+pub fn to_rows(m: MatRef<f64>) -> Vec<f64> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        for j in 0..m.ncols() {
+            out.push(m[(i, j)]);
+        }
+    }
+    out
+}
+
+fn mm(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
+    a * b
+}
+
+fn all_finite(m: MatRef<f64>) -> bool {
+    (0..m.ncols()).all(|j| (0..m.nrows()).all(|i| m[(i, j)].is_finite()))
+}
+
+/// A thin SVD `a = u·diag(s)·vᵀ`, singular values non-increasing.
+#[derive(Clone)]
+pub struct Svd {
+    pub u: Mat<f64>,
+    pub s: Vec<f64>,
+    pub v: Mat<f64>,
+}
+
+impl Svd {
+    pub fn bytes(&self) -> u64 {
+        8 * (self.u.nrows() * self.u.ncols() + self.s.len() + self.v.nrows() * self.v.ncols()) as u64
+    }
+
+    /// `u[:, :r]·diag(s[:r])·v[:, :r]ᵀ`.
+    pub fn product(&self, r: usize) -> Mat<f64> {
+        let us = Mat::from_fn(self.u.nrows(), r, |i, j| self.u[(i, j)] * self.s[j]);
+        us.as_ref() * self.v.subcols(0, r).transpose()
+    }
+}
+
+pub fn svd(a: MatRef<f64>) -> MathResult<Svd> {
+    if !all_finite(a) {
+        return Err("the matrix to decompose holds NaN or infinity".into());
+    }
+    counted();
+    let d = a.thin_svd().map_err(|e| format!("the SVD did not converge ({e:?})"))?;
+    Ok(Svd { u: d.U().to_owned(), s: d.S().column_vector().iter().copied().collect(), v: d.V().to_owned() })
+}
+
+/// Thin QR (Householder, LAPACK's sign convention): `q` is `m × min(m, n)`, `r` is `min(m, n) × n`.
+fn qr(a: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
+    let d = a.qr();
+    (d.compute_thin_Q(), d.thin_R().to_owned())
+}
+
+/// QR with a non-negative diagonal in `r` (sd-mecha's `qr_pos`).
+fn qr_pos(a: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
+    let (mut q, mut r) = qr(a);
+    for i in 0..r.nrows() {
+        if r[(i, i)] < 0.0 {
+            for j in 0..q.nrows() {
+                q[(j, i)] = -q[(j, i)];
+            }
+            for j in 0..r.ncols() {
+                r[(i, j)] = -r[(i, j)];
+            }
+        }
+    }
+    (q, r)
+}
+
+/// `f(q)` for an orthogonal `q` through its eigendecomposition `W·diag(λ)·Wᴴ` (real part).
+/// Eigenvectors of (nearly) equal eigenvalues are orthonormalised first, so `Wᴴ = W⁻¹` holds
+/// even for repeated eigenvalues.
+#[derive(Clone)]
+pub struct OrthogonalEig {
+    values: Vec<c64>,
+    vectors: Mat<c64>,
+}
+
+impl OrthogonalEig {
+    pub fn new(q: MatRef<f64>) -> MathResult<OrthogonalEig> {
+        if !all_finite(q) {
+            return Err("the matrix to decompose holds NaN or infinity".into());
+        }
+        counted();
+        let e = q.eigen().map_err(|e| format!("the eigendecomposition did not converge ({e:?})"))?;
+        let values: Vec<c64> = e.S().column_vector().iter().copied().collect();
+        let mut vectors = e.U().to_owned();
+        let n = values.len();
+        for j in 0..n {
+            for i in 0..j {
+                if (values[i] - values[j]).norm() < 1e-6 {
+                    // w_j -= <w_i, w_j> w_i
+                    let dot: c64 = (0..n).map(|k| vectors[(k, i)].conj() * vectors[(k, j)]).sum();
+                    for k in 0..n {
+                        let wi = vectors[(k, i)];
+                        vectors[(k, j)] -= dot * wi;
+                    }
+                }
+            }
+            let norm = (0..n).map(|k| vectors[(k, j)].norm_sqr()).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                for k in 0..n {
+                    vectors[(k, j)] /= norm;
+                }
+            }
+        }
+        Ok(OrthogonalEig { values, vectors })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        16 * (self.values.len() * (1 + self.values.len())) as u64
+    }
+
+    /// `Re(W·diag(f(λ))·Wᴴ)`.
+    pub fn apply(&self, f: impl Fn(c64) -> c64) -> Mat<f64> {
+        let n = self.values.len();
+        let fl: Vec<c64> = self.values.iter().map(|&l| f(l)).collect();
+        let scaled = Mat::from_fn(n, n, |i, j| self.vectors[(i, j)] * fl[j]);
+        let prod: Mat<c64> = scaled.as_ref() * self.vectors.adjoint();
+        Mat::from_fn(n, n, |i, j| prod[(i, j)].re)
+    }
+
+    /// The principal power `q^t` (torch's complex `λ**t`).
+    pub fn power(&self, t: f64) -> Mat<f64> {
+        self.apply(|l| if l == c64::new(0.0, 0.0) { l } else { (l.ln() * t).exp() })
+    }
+
+    /// The principal logarithm.
+    pub fn log(&self) -> Mat<f64> {
+        self.apply(|l| l.ln())
+    }
+}
+
+/// `exp(a)` by scaling and squaring with a Taylor series (used on skew-symmetric matrices of
+/// moderate norm, where it is accurate to rounding).
+fn expm(a: MatRef<f64>) -> Mat<f64> {
+    let n = a.nrows();
+    let norm = (0..n).map(|j| (0..n).map(|i| a[(i, j)].abs()).sum::<f64>()).fold(0.0, f64::max);
+    let squarings = if norm > 0.5 { (norm / 0.5).log2().ceil() as i32 } else { 0 };
+    let scale = 0.5f64.powi(squarings);
+    let x = Mat::from_fn(n, n, |i, j| a[(i, j)] * scale);
+    let mut result = Mat::<f64>::identity(n, n);
+    let mut term = Mat::<f64>::identity(n, n);
+    for k in 1..=30 {
+        let next = mm(term.as_ref(), x.as_ref());
+        term = Mat::from_fn(n, n, |i, j| next[(i, j)] / k as f64);
+        result += &term;
+        let size = (0..n).map(|j| (0..n).map(|i| term[(i, j)].abs()).sum::<f64>()).fold(0.0, f64::max);
+        if size < 1e-18 {
+            break;
+        }
+    }
+    for _ in 0..squarings {
+        result = mm(result.as_ref(), result.as_ref());
+    }
+    result
+}
+
+/// Solves `s·g + g·s = c` for a symmetric `s` (eigenbasis of `s`).
+fn solve_symmetric_sylvester(s: MatRef<f64>, c: MatRef<f64>) -> MathResult<Mat<f64>> {
+    counted();
+    let e = s.self_adjoint_eigen(Side::Lower).map_err(|e| format!("the Sylvester solve did not converge ({e:?})"))?;
+    let (vals, vs) = (e.S().column_vector().iter().copied().collect::<Vec<f64>>(), e.U().to_owned());
+    let ct = mm(mm(vs.transpose(), c).as_ref(), vs.as_ref());
+    let n = vals.len();
+    let mut gt = Mat::<f64>::zeros(n, n);
+    for i in 0..n {
+        for j in 0..n {
+            let d = vals[i] + vals[j];
+            if d.abs() < 1e-12 {
+                return Err("singular Sylvester operator in the Stiefel logarithm (λ_i + λ_j ≈ 0)".into());
+            }
+            gt[(i, j)] = ct[(i, j)] / d;
+        }
+    }
+    Ok(mm(mm(vs.as_ref(), gt.as_ref()).as_ref(), vs.transpose()))
+}
+
+/// Completes the orthonormal columns of a tall `a` (`m × n`, m > n) to an `m × m` orthogonal
+/// matrix (the complement from a QR of `I[:, n:] − a·a[n:, :]ᵀ`).
+fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
+    let (m, n) = (a.nrows(), a.ncols());
+    if m <= n {
+        return a.to_owned();
+    }
+    let proj = Mat::from_fn(m, m - n, |i, j| {
+        let e = if i == n + j { 1.0 } else { 0.0 };
+        e - (0..n).map(|k| a[(i, k)] * a[(n + j, k)]).sum::<f64>()
+    });
+    let (ext, _) = qr(proj.as_ref());
+    Mat::from_fn(m, m, |i, j| if j < n { a[(i, j)] } else { ext[(i, j - n)] })
+}
+
+/// The geodesic exponential on the Stiefel manifold (canonical metric) at the tall `u`.
+fn exp_stiefel(u: MatRef<f64>, delta: MatRef<f64>) -> Mat<f64> {
+    let (n, p) = (u.nrows(), u.ncols());
+    let k = (n - p).min(p);
+    let a = mm(u.transpose(), delta);
+    let (q, r) = qr_pos((delta - u * a.as_ref()).as_ref());
+    let w = Mat::from_fn(p + k, p + k, |i, j| match (i < p, j < p) {
+        (true, true) => a[(i, j)],
+        (true, false) => -r[(j - p, i)],
+        (false, true) => r[(i - p, j)],
+        (false, false) => 0.0,
+    });
+    let m = expm(w.as_ref());
+    mm(u, m.submatrix(0, 0, p, p)) + mm(q.subcols(0, k), m.submatrix(p, 0, k, p))
+}
+
+/// The Stiefel logarithm of tall `b` at tall `a` (Zimmermann's algorithm, as in sd-mecha):
+/// the tangent `Δ` at `a` with `exp_stiefel(a, Δ) = b`. Stops when the lower-right block of
+/// the matrix logarithm has Frobenius norm ≤ `eps`, or after `max_iters` iterations.
+pub fn log_stiefel(a: MatRef<f64>, b: MatRef<f64>, eps: f64, max_iters: usize) -> MathResult<Mat<f64>> {
+    let (n, p) = (a.nrows(), a.ncols());
+    let k = (n - p).min(p);
+    let m = mm(a.transpose(), b);
+    let (q, nmat) = qr_pos((b - a * m.as_ref()).as_ref());
+    let (q, nmat) = (q.subcols(0, k).to_owned(), nmat.subrows(0, k).to_owned());
+    let stacked = Mat::from_fn(p + k, p, |i, j| if i < p { m[(i, j)] } else { nmat[(i - p, j)] });
+    let mut v = orthogonal_complete(stacked.as_ref());
+
+    // Rotate the complement so that its lower-right block is diagonal.
+    let d = svd(v.submatrix(p, p, k, k))?;
+    let q = mm(q.as_ref(), d.u.as_ref());
+    let lower_left = mm(d.u.transpose(), nmat.as_ref());
+    let upper_right = mm(v.submatrix(0, p, p, k), d.v.as_ref());
+    for i in 0..k {
+        for j in 0..p {
+            v[(p + i, j)] = lower_left[(i, j)];
+            v[(j, p + i)] = upper_right[(j, i)];
+        }
+        for j in 0..k {
+            v[(p + i, p + j)] = if i == j { d.s[i] } else { 0.0 };
+        }
+    }
+    if v.determinant() < 0.0 {
+        let last = p + k - 1;
+        for i in 0..p + k {
+            v[(i, last)] = -v[(i, last)];
+        }
+    }
+
+    let mut l = Mat::<f64>::zeros(p + k, p + k);
+    for _ in 0..max_iters.max(1) {
+        l = OrthogonalEig::new(v.as_ref())?.log();
+        let c = l.submatrix(p, p, k, k).to_owned();
+        if c.norm_l2() <= eps {
+            break;
+        }
+        let l21 = l.submatrix(p, 0, k, p);
+        let mut s = mm(l21, l21.transpose());
+        for i in 0..k {
+            for j in 0..k {
+                s[(i, j)] /= 12.0;
+            }
+            s[(i, i)] -= 0.5;
+        }
+        let g = solve_symmetric_sylvester(s.as_ref(), c.as_ref())?;
+        let rotated = mm(v.subcols(p, k), expm(g.as_ref()).as_ref());
+        v.subcols_mut(p, k).copy_from(&rotated);
+    }
+    Ok(mm(a, l.submatrix(0, 0, p, p)) + mm(q.as_ref(), l.submatrix(p, 0, k, p)))
+}
+
+/// sd-mecha's orthogonal transform from `a` toward `b` (both `n × p`, rows centred).
+#[derive(Clone)]
+pub enum Transform {
+    /// `n ≥ p`: the orthogonal `q` (p × p) minimising ‖a·q − b‖.
+    Full(Mat<f64>),
+    /// `n < p` (wide): the rank-n map sending the span of `v` to that of `u` (both p × n,
+    /// orthonormal columns): `x ↦ x − x·v·vᵀ + x·u·vᵀ`.
+    LowRank { u: Mat<f64>, v: Mat<f64> },
+}
+
+impl Transform {
+    /// Orthogonal Procrustes; with `cancel_reflection` a full transform is made a rotation
+    /// (a fractional power of a reflection is not real).
+    pub fn procrustes(a: MatRef<f64>, b: MatRef<f64>, cancel_reflection: bool) -> MathResult<Transform> {
+        let (n, p) = (a.nrows(), a.ncols());
+        if n < p {
+            let (bq, br) = qr(b.transpose());
+            let d = svd(mm(a.transpose(), br.transpose()).as_ref())?;
+            Ok(Transform::LowRank { v: mm(bq.as_ref(), d.v.as_ref()), u: d.u })
+        } else {
+            let mut d = svd(mm(a.transpose(), b).as_ref())?;
+            if cancel_reflection && mm(d.u.as_ref(), d.v.transpose()).determinant() < 0.0 {
+                let last = d.u.ncols() - 1;
+                for i in 0..d.u.nrows() {
+                    d.u[(i, last)] = -d.u[(i, last)];
+                }
+            }
+            Ok(Transform::Full(mm(d.u.as_ref(), d.v.transpose())))
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Transform::Full(q) => 8 * (q.nrows() * q.ncols()) as u64,
+            Transform::LowRank { u, v } => 8 * (u.nrows() * u.ncols() + v.nrows() * v.ncols()) as u64,
+        }
+    }
+
+    /// The orthogonal matrix of a full transform.
+    pub fn full(&self) -> Option<&Mat<f64>> {
+        match self {
+            Transform::Full(q) => Some(q),
+            Transform::LowRank { .. } => None,
+        }
+    }
+
+    /// `x` transformed by the transform's power `t`. `eig` gives the eigendecomposition of the
+    /// full matrix, `log` the Stiefel logarithm of `u` at `v`; both are asked for only when `t`
+    /// needs them (so their cached values can be used).
+    pub fn apply(
+        &self,
+        x: MatRef<f64>,
+        t: f64,
+        eig: &mut dyn FnMut() -> MathResult<std::sync::Arc<OrthogonalEig>>,
+        log: &mut dyn FnMut() -> MathResult<std::sync::Arc<Mat<f64>>>,
+    ) -> MathResult<Mat<f64>> {
+        if t == 0.0 {
+            return Ok(x.to_owned());
+        }
+        match self {
+            Transform::Full(q) => {
+                let power = if is_close(t, 1.0) {
+                    q.clone()
+                } else if is_close(t, -1.0) {
+                    q.transpose().to_owned()
+                } else if is_close(t, t.round()) {
+                    integer_power(q.as_ref(), t.round() as i64)
+                } else {
+                    eig()?.power(t)
+                };
+                Ok(mm(x, power.as_ref()))
+            }
+            Transform::LowRank { u, v } => {
+                // x − (x·r)·rᵀ + (x·l)·rᵀ with (l, r) = (u, v) at t = 1 and (v, u) at t = −1;
+                // in between, points of the geodesic from v to u.
+                let (l, r) = if is_close(t, 1.0) {
+                    (u.clone(), v.clone())
+                } else if is_close(t, -1.0) {
+                    (v.clone(), u.clone())
+                } else {
+                    let delta = log()?;
+                    let scaled = |f: f64| Mat::from_fn(delta.nrows(), delta.ncols(), |i, j| delta[(i, j)] * f);
+                    let l = exp_stiefel(v.as_ref(), scaled((t + 1.0) / 2.0).as_ref());
+                    let r = exp_stiefel(v.as_ref(), scaled((1.0 - t) / 2.0).as_ref());
+                    (l, r)
+                };
+                let (xr, xl) = (mm(x, r.as_ref()), mm(x, l.as_ref()));
+                Ok(x - mm(xr.as_ref(), r.transpose()) + mm(xl.as_ref(), r.transpose()))
+            }
+        }
+    }
+}
+
+/// `q^k` for an orthogonal `q` by repeated squaring (`q⁻¹ = qᵀ`).
+fn integer_power(q: MatRef<f64>, k: i64) -> Mat<f64> {
+    let n = q.nrows();
+    let mut base = if k < 0 { q.transpose().to_owned() } else { q.to_owned() };
+    let mut e = k.unsigned_abs();
+    let mut result = Mat::<f64>::identity(n, n);
+    while e > 0 {
+        if e & 1 == 1 {
+            result = mm(result.as_ref(), base.as_ref());
+        }
+        base = mm(base.as_ref(), base.as_ref());
+        e >>= 1;
+    }
+    result
+}
+
+/// Python's `math.isclose` with its defaults (relative 1e-9, no absolute tolerance).
+pub fn is_close(a: f64, b: f64) -> bool {
+    a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+/// The thin SVD of `a` from a randomised range finder of rank `rank` (torch's `svd_lowrank`
+/// with `iters` power iterations); `normal` draws the Gaussian test matrix in row-major order.
+pub fn svd_lowrank(a: MatRef<f64>, rank: usize, iters: usize, mut normal: impl FnMut() -> f64) -> MathResult<Svd> {
+    if !all_finite(a) {
+        return Err("the matrix to decompose holds NaN or infinity".into());
+    }
+    let wide = a.nrows() < a.ncols();
+    let a = if wide { a.transpose() } else { a };
+    let mut r = Mat::<f64>::zeros(a.ncols(), rank);
+    for i in 0..a.ncols() {
+        for j in 0..rank {
+            r[(i, j)] = normal();
+        }
+    }
+    let mut q = qr(mm(a, r.as_ref()).as_ref()).0;
+    for _ in 0..iters {
+        q = qr(mm(a.transpose(), q.as_ref()).as_ref()).0;
+        q = qr(mm(a, q.as_ref()).as_ref()).0;
+    }
+    let d = svd(mm(q.transpose(), a).as_ref())?;
+    let u = mm(q.as_ref(), d.u.as_ref());
+    Ok(if wide { Svd { u: d.v, s: d.s, v: u } } else { Svd { u, s: d.s, v: d.v } })
+}
+
+/// sd-mecha's `kron_dims_from_ratio`: `(m1, m2, n1, n2)` with `m1·m2 = shape[0]` and
+/// `n1·n2 = shape[1]`, the log-size of the first factor aimed at `(2·ratio − 1)` times its
+/// range, balanced splits preferred.
+pub fn kron_dims_from_ratio(shape: &[usize], ratio: f64) -> (usize, usize, usize, usize) {
+    let numel: usize = shape.iter().product();
+    let log_sqrt_numel = 0.5 * (numel as f64).ln();
+    let mut candidates = Vec::new();
+    let (mut s_min, mut s_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for m1 in divisors(shape[0]) {
+        let m2 = shape[0] / m1;
+        for n1 in divisors(shape[1]) {
+            let n2 = shape[1] / n1;
+            let s = ((m1 * n1) as f64).ln() - log_sqrt_numel;
+            let bal = (m1 as f64 / m2 as f64).ln().abs() + (n1 as f64 / n2 as f64).ln().abs();
+            candidates.push((s, bal, (m1, m2, n1, n2)));
+            s_min = s_min.min(s);
+            s_max = s_max.max(s);
+        }
+    }
+    let s_range = s_min.abs().max(s_max.abs());
+    let first_min = |key: &dyn Fn(f64, f64) -> (f64, f64)| {
+        let mut best = candidates[0].2;
+        let mut best_key = (f64::INFINITY, f64::INFINITY);
+        for &(s, bal, dims) in &candidates {
+            let k = key(s, bal);
+            if k.0 < best_key.0 || (k.0 == best_key.0 && k.1 < best_key.1) {
+                best_key = k;
+                best = dims;
+            }
+        }
+        best
+    };
+    if s_range == 0.0 {
+        return first_min(&|_, bal| (0.0, bal));
+    }
+    let target = (2.0 * ratio - 1.0) * s_range;
+    first_min(&|s, bal| ((s - target).abs(), bal))
+}
+
+fn divisors(n: usize) -> Vec<usize> {
+    let mut ds = Vec::new();
+    let mut d = 1;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            ds.push(d);
+            if d != n / d {
+                ds.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    ds.sort_unstable();
+    ds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normals(n: usize, seed: u64) -> Vec<f64> {
+        super::super::tests::normals(n, seed).into_iter().map(f64::from).collect()
+    }
+
+    fn max_diff(a: MatRef<f64>, b: MatRef<f64>) -> f64 {
+        let d = a - b;
+        (0..d.ncols()).flat_map(|j| (0..d.nrows()).map(move |i| (i, j))).fold(0.0, |m, (i, j)| m.max(d[(i, j)].abs()))
+    }
+
+    #[test]
+    fn fractional_powers_compose() {
+        let a = from_rows(&normals(30, 1), 6, 5);
+        let b = from_rows(&normals(30, 2), 6, 5);
+        let t = Transform::procrustes(a.as_ref(), b.as_ref(), true).unwrap();
+        let q = t.full().unwrap();
+        assert!(q.determinant() > 0.0);
+        let e = OrthogonalEig::new(q.as_ref()).unwrap();
+        let half = e.power(0.5);
+        assert!(max_diff(mm(half.as_ref(), half.as_ref()).as_ref(), q.as_ref()) < 1e-12);
+        assert!(max_diff(integer_power(q.as_ref(), -2).as_ref(), e.power(-2.0).as_ref()) < 1e-12);
+        // exp(log q) = q
+        assert!(max_diff(expm(e.log().as_ref()).as_ref(), q.as_ref()) < 1e-12);
+    }
+
+    #[test]
+    fn stiefel_log_inverts_exp() {
+        let x = from_rows(&normals(21, 3), 7, 3);
+        let y = from_rows(&normals(21, 4), 7, 3);
+        let (u, _) = qr(x.as_ref());
+        let (w, _) = qr(y.as_ref());
+        let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
+        assert!(max_diff(exp_stiefel(u.as_ref(), delta.as_ref()).as_ref(), w.as_ref()) < 1e-9);
+    }
+
+    #[test]
+    fn kron_dims_follow_the_ratio() {
+        assert_eq!(kron_dims_from_ratio(&[4, 4], 0.5), (2, 2, 2, 2));
+        let (m1, m2, n1, n2) = kron_dims_from_ratio(&[12, 9], 0.0);
+        assert_eq!((m1 * m2, n1 * n2, m1 * n1), (12, 9, 1));
+        let (m1, _, n1, _) = kron_dims_from_ratio(&[12, 9], 1.0);
+        assert_eq!(m1 * n1, 108);
+    }
+
+    #[test]
+    fn lowrank_svd_recovers_a_low_rank_matrix() {
+        let l = from_rows(&normals(40, 5), 20, 2);
+        let r = from_rows(&normals(30, 6), 2, 15);
+        let a = mm(l.as_ref(), r.as_ref());
+        let mut z = normals(100, 7).into_iter();
+        let d = svd_lowrank(a.as_ref(), 2, 2, || z.next().unwrap()).unwrap();
+        assert!(max_diff(d.product(2).as_ref(), a.as_ref()) < 1e-10);
+        let mut z = normals(100, 8).into_iter();
+        let d = svd_lowrank(a.transpose(), 2, 0, || z.next().unwrap()).unwrap();
+        assert!(max_diff(d.product(2).as_ref(), a.transpose()) < 1e-10);
+    }
+}
