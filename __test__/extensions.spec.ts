@@ -13,6 +13,7 @@ import {
   deserialize,
   dropout,
   inspect,
+  rotate,
   MergeCache,
   OptionError,
   int,
@@ -425,4 +426,24 @@ test('a builtin random method (dropout) with seed null: a chosen seed per merge,
   t.notDeepEqual(flat(first), flat(second), 'different chosen seeds, different masks')
   const replay = await merge(deserialize(first.report.recipe), f32)
   t.deepEqual(flat(replay), flat(first))
+})
+
+test("MergeCache keeps rotate's decompositions for the next merge of the recipe with other hyper-parameters", async (t) => {
+  await ready
+  const flat = (m: Map<string, unknown>) =>
+    [...m].map(([k, v]) => [k, [...toFloat32(v as Parameters<typeof toFloat32>[0])]])
+  const cache = new MergeCache()
+  const first = await merge(rotate(model(paths.a), model(paths.b), { alignment: 0.5 }), { ...f32, cache })
+  const entries = cache.entries
+  t.true(entries > 0 && cache.bytes > 0, 'decompositions stored')
+  // another alpha: the transforms are found (no new entries), the result is a fresh merge's
+  const recipe = () => rotate(model(paths.a), model(paths.b), { alignment: 0.5, alpha: 0.5 })
+  const second = await merge(recipe(), { ...f32, cache })
+  t.is(cache.entries, entries)
+  t.deepEqual(flat(second), flat(await merge(recipe(), f32)))
+  t.notDeepEqual(flat(second), flat(first))
+  // the wrapper's `cache` option (sd-mecha's rotate(…, cache=…)) attaches it to the node
+  const attached = new MergeCache()
+  await merge(rotate(model(paths.a), model(paths.b), { alignment: 0.5, cache: attached }), f32)
+  t.is(attached.entries, entries)
 })

@@ -239,6 +239,14 @@ export function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<
   return mergeWire(JSON.stringify(wire), options, objects)
 }
 
+/** Caches attached to recipe nodes (sd-mecha's `rotate(…, cache=…)`), used by merges of them. */
+const attachedCaches = new WeakMap<RecipeNode, MergeCache>()
+
+/** Makes merges of recipes containing `node` use `cache` unless they are given one. */
+export function attachCache(node: RecipeNode, cache: MergeCache): void {
+  attachedCaches.set(node, cache)
+}
+
 /** The merges in progress, by context id: their node objects (so JavaScript methods find their
  * node) and the first error a JavaScript callback of theirs threw. */
 interface Running {
@@ -247,6 +255,14 @@ interface Running {
 }
 const running = new Map<number, Running>()
 let nextContext = 1
+
+function attachedCache(objects: readonly (RecipeNode | undefined)[]): MergeCache | undefined {
+  for (const o of objects) {
+    const cache = o && attachedCaches.get(o)
+    if (cache) return cache
+  }
+  return undefined
+}
 
 export function runningNode(context: number, node: number): RecipeNode | undefined {
   return running.get(context)?.objects[node]
@@ -306,7 +322,7 @@ export async function mergeWire(
             options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
         },
         token,
-        options.cache?.handle ?? new native.MergeCache(0),
+        (options.cache ?? attachedCache(objects))?.handle ?? new native.MergeCache(0),
         progress,
       ),
     )

@@ -3,6 +3,9 @@
  * core validates it (methods, arity, merge spaces) and streams it when you `merge()` or `serialize()`.
  */
 
+import { RecipeError } from './errors'
+import { suggestion } from './options'
+
 export type MergeSpace = 'weight' | 'delta' | 'param'
 
 /** Marks a number to be written as an integer (`3`), not a float (`3.0`), in `.mecha` text. */
@@ -94,6 +97,17 @@ export function model(path: string, options: NodeOptions = {}): ModelNode {
 /** A literal value: a number/string/bool broadcast to every key, or a dict of per-key values. */
 export function literal(value: Scalar | LiteralDict, options: NodeOptions = {}): LiteralNode {
   return new LiteralNode(value, options.config, options.mergeSpace)
+}
+
+/**
+ * Refuses hyper-parameter names a builder does not take: in plain JavaScript a typo such as
+ * `alhpa` would otherwise be dropped and the default used.
+ */
+export function checkOptionNames(method: string, options: object, names: readonly string[]): void {
+  for (const name of Object.keys(options)) {
+    if (!names.includes(name))
+      throw new RecipeError(`${method}(): unknown parameter "${name}"; ${suggestion(name, names)}`)
+  }
 }
 
 /** Calls a merge method by its sd-mecha id. Arguments are checked when the recipe is used. */

@@ -4,6 +4,7 @@
  * `add_ties_with_dare`, `n_model_stock` and `dropout`): functions that build graphs of registered
  * methods, so their `.mecha` text is the one sd-mecha writes for the same call.
  */
+import { attachCache, type MergeCache } from './merge'
 import { callMethod, Int, LiteralNode, ModelNode, RecipeNode, type MergeNode, type RecipeInput } from './recipe'
 
 export interface AddDifferenceWrapperOptions {
@@ -273,12 +274,17 @@ export interface RotateWrapperOptions {
   alignment?: RecipeInput
   /** How far `a`'s scaling moves toward `b`'s (default 0). A number, per-block values or a tensor. */
   alpha?: RecipeInput
+  /**
+   * Keeps the decompositions for later merges of this recipe (with another `alignment` or
+   * `alpha`): a merge of a recipe containing this node uses it unless given its own `cache`.
+   */
+  cache?: MergeCache
 }
 
 /**
  * Aligns `a` with `b` by an orthogonal transform (`rotate`); with `c`, on the differences from
- * `c`, added back to it. sd-mecha's wrapper also takes `cache` and crashes on it (`set_cache`);
- * here decompositions are kept by the merge itself (see docs/differences.md).
+ * `c`, added back to it. sd-mecha's wrapper takes `cache` and crashes on it (`set_cache`); here
+ * the cache is attached to the node and used by `merge()` (see docs/differences.md).
  */
 export function rotate(
   a: RecipeInput,
@@ -286,11 +292,13 @@ export function rotate(
   c?: RecipeInput | RotateWrapperOptions,
   options: RotateWrapperOptions = {},
 ): MergeNode {
-  if (isOptionsOf<RotateWrapperOptions>(c, ['alignment', 'alpha'])) {
+  if (isOptionsOf<RotateWrapperOptions>(c, ['alignment', 'alpha', 'cache'])) {
     options = c
     c = undefined
   }
-  return onDifferences(a, b, c as RecipeInput | undefined, (x, y) =>
+  const node = onDifferences(a, b, c as RecipeInput | undefined, (x, y) =>
     callMethod('rotate', [x, y], { alignment: options.alignment ?? 1.0, alpha: options.alpha ?? 0.0 }),
   )
+  if (options.cache) attachCache(node, options.cache)
+  return node
 }

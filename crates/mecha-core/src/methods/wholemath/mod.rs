@@ -328,11 +328,55 @@ fn chunk_sums_body<T: Elem>(a: &[T], b: &[T]) -> [f64; 3] {
     [total(aa), total(bb), total(ab)]
 }
 
+/// The `kth` smallest (1-based) of `key(x)` over `x`, without sorting or copying the data:
+/// a histogram of the keys' first-level buckets finds the bucket that holds it, then only that
+/// bucket's keys are selected from. Two linear passes, parallel over chunks.
+pub(crate) fn kth_smallest_key<T: Elem>(x: &[T], kth: usize, key: impl Fn(T) -> T::Key + Sync) -> T::Key {
+    assert!((1..=x.len()).contains(&kth), "kth {kth} of {} values", x.len());
+    let chunk = (x.len() / rayon::current_num_threads().max(1)).clamp(1 << 16, 1 << 22);
+    let histogram = x
+        .par_chunks(chunk)
+        .map(|c| {
+            let mut h = vec![0usize; T::BUCKETS];
+            c.iter().for_each(|&v| h[T::bucket(key(v))] += 1);
+            h
+        })
+        .reduce(
+            || vec![0usize; T::BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    let (mut bucket, mut before) = (0, 0);
+    while before + histogram[bucket] < kth {
+        before += histogram[bucket];
+        bucket += 1;
+    }
+    let mut inside: Vec<T::Key> = x
+        .par_chunks(chunk)
+        .flat_map_iter(|c| c.iter().map(|&v| key(v)).filter(|&k| T::bucket(k) == bucket).collect::<Vec<_>>())
+        .collect();
+    *inside.select_nth_unstable(kth - before - 1).1
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
+
+    #[test]
+    fn kth_smallest_key_is_the_kth_of_a_sort() {
+        // duplicates, both zeros, NaN, a wide range: every first-level bucket case
+        let mut x: Vec<f32> = (0..300_000).map(|i| ((i * 7919) % 1000) as f32 * 0.37 - 150.0).collect();
+        x.extend([0.0, -0.0, f32::NAN, f32::INFINITY, 1e-30, -1e30]);
+        let mut sorted: Vec<u32> = x.iter().map(|v| v.abs().order_key()).collect();
+        sorted.sort_unstable();
+        for kth in [1, 2, 1000, 150_000, 299_999, x.len() - 1, x.len()] {
+            assert_eq!(kth_smallest_key(&x, kth, |v| v.abs().order_key()), sorted[kth - 1], "kth {kth}");
+        }
+    }
 
     /// Deterministic pseudo-random normals.
     pub(crate) fn normals(n: usize, seed: u64) -> Vec<f32> {

@@ -361,15 +361,13 @@ fn ordinal_ranks<T: Elem>(x: &[T]) -> Vec<u32> {
 }
 
 /// The magnitude at or above which sd-mecha's `filter_top_k(x, k)` keeps values.
-fn top_k_threshold<T: Elem>(x: &[T], k: f64, keys: &mut Vec<T::Key>) -> T {
+fn top_k_threshold<T: Elem>(x: &[T], k: f64) -> T {
     let n = x.len();
     // int() truncates toward zero, so k > 1 gives the smallest magnitude (keep everything)
     let kth = (((1.0 - k) * n as f64).trunc().max(1.0) as usize).min(n);
-    keys.clear();
-    keys.extend(x.iter().map(|v| v.abs().order_key()));
-    let (_, value, _) = keys.select_nth_unstable(kth - 1);
+    let value = super::kth_smallest_key(x, kth, |v| v.abs().order_key());
     // kthvalue runs on `.float()` values: the threshold is an f32 whatever the dtype
-    T::narrow(T::from_order_key(*value).widen() as f32 as f64)
+    T::narrow(T::from_order_key(value).widen() as f32 as f64)
 }
 
 /// torch's `sign` as f64 (NaN → 0).
@@ -388,9 +386,7 @@ fn sign<T: Elem>(x: T) -> f64 {
 fn ties_data<T: Elem>(xs: &[&[T]], dims: &[usize], k: f64, vote_sgn: bool, combine: Combine) -> Vec<T> {
     let n = xs.len();
     let numel = xs[0].len();
-    let mut keys = Vec::new();
-    let thresholds: Vec<T> = xs.iter().map(|x| top_k_threshold(x, k, &mut keys)).collect();
-    drop(keys);
+    let thresholds: Vec<T> = xs.iter().map(|x| top_k_threshold(x, k)).collect();
     // g[m] = the elected value of model m at i (0 where it lost); returns (Σ g, count)
     let elect = |i: usize, g: &mut [T]| {
         let mut vote = 0.0;
