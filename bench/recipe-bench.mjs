@@ -3,7 +3,7 @@
 // values), warm page cache. Cases (issue 8):
 //   ties          add_difference_ties(base, m1, m2, m3, k=0.5)             (W3)
 //   rotate        rotate(a, b, alignment=0.5), then again with alpha=0.5    (W4)
-//   truncate_rank truncate_rank(b − a, rank=32, full SVD), then rank 16    (W4)
+//   truncate_rank a + truncate_rank(b − a, rank=32, full SVD), then rank 16 (W4)
 // The "again" merge runs in the same process with a MergeCache kept from the first, to measure
 // how much of the first merge the cached decompositions save.
 //
@@ -47,8 +47,8 @@ const cases = {
     mecha.rotate(m[0], m[1], { alignment: 0.5, alpha: 0.5 }),
   ],
   truncate_rank: () => [
-    mecha.truncateRank(m[1].sub(m[0]), { rank: int(32), useApproximateBasis: false }),
-    mecha.truncateRank(m[1].sub(m[0]), { rank: int(16), useApproximateBasis: false }),
+    m[0].add(mecha.truncateRank(m[1].sub(m[0]), { rank: int(32), useApproximateBasis: false })),
+    m[0].add(mecha.truncateRank(m[1].sub(m[0]), { rank: int(16), useApproximateBasis: false })),
   ],
 }
 if (!cases[which]) throw new Error(`--case must be one of ${Object.keys(cases).join(', ')}`)
