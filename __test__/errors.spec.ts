@@ -1,5 +1,6 @@
 import test from 'ava'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { spawn } from 'node:child_process'
+import { readFileSync, utimesSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 
 import {
@@ -294,4 +295,43 @@ test('a typo in a hyper-parameter name (plain JavaScript) is refused with the cl
     instanceOf: RecipeError,
     message: /weighted_sum\(\): unknown parameter "alhpa"; did you mean "alpha"\?/,
   })
+})
+
+test('a merge killed with SIGKILL leaves a temporary file that the next merge into the folder removes', async (t) => {
+  const { dir, a, b, out } = twoModels()
+  // A child merges through a JavaScript method that never returns, so it is killed mid-merge.
+  const script = join(dir, 'hang.mjs')
+  writeFileSync(
+    script,
+    `import { defineMergeMethod, merge, model } from ${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)}
+const hang = defineMergeMethod({ id: 'test_hang', inputs: [{ name: 'a' }], fn: () => { for (;;) {} } })
+await merge(hang(model(${JSON.stringify(a)})), { output: ${JSON.stringify(join(dir, 'killed.safetensors'))} })`,
+  )
+  const child = spawn(process.execPath, [script], { stdio: 'ignore' })
+  const partial = () => files(dir).filter((f) => f.endsWith('.partial'))
+  for (let i = 0; i < 200 && partial().length === 0; i++) await new Promise((r) => setTimeout(r, 50))
+  t.is(partial().length, 1, 'the killed merge had started writing')
+  child.kill('SIGKILL')
+  await new Promise((r) => child.once('exit', r))
+  const [left] = partial()
+  t.regex(left, /^\.killed\.safetensors\.\d+-\d+\.partial$/)
+  // Idle for over a minute (a live merge in another PID namespace is left alone until then).
+  const old = new Date(Date.now() - 120_000)
+  utimesSync(join(dir, left), old, old)
+  await merge(weightedSum(model(a), model(b)), { output: out })
+  t.deepEqual(partial(), [])
+  t.false(files(dir).includes('killed.safetensors'))
+})
+
+test('8 concurrent merges in one process give the bytes of the same merges run one by one', async (t) => {
+  const { dir, a, b } = twoModels()
+  const alphas = [0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 1]
+  const path = (mode: string, i: number) => join(dir, `${mode}-${i}.safetensors`)
+  for (const [i, alpha] of alphas.entries())
+    await merge(weightedSum(model(a), model(b), { alpha }), { output: path('one', i) })
+  await Promise.all(
+    alphas.map((alpha, i) => merge(weightedSum(model(a), model(b), { alpha }), { output: path('all', i) })),
+  )
+  for (const i of alphas.keys())
+    t.true(readFileSync(path('all', i)).equals(readFileSync(path('one', i))), `alpha ${alphas[i]}`)
 })
