@@ -251,7 +251,7 @@ fn folders_fifos_devices_and_duplicate_names_are_refused_by_name_without_blockin
 
     let reversed = r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#;
     let msg = open_err(&header_file(d, "reversed.safetensors", reversed, 8));
-    assert!(msg.contains("'a'"), "{msg}");
+    assert!(msg.contains("'a' ends (offset 0) before it begins (8)"), "{msg}");
 }
 
 #[test]

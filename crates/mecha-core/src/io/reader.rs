@@ -298,6 +298,9 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
     entries.sort();
     let mut expected_begin = 0;
     for (begin, end, name, size, dtype) in &entries {
+        if end < begin {
+            return Some(format!("tensor '{name}' ends (offset {end}) before it begins ({begin})"));
+        }
         if *begin != expected_begin {
             let what = if *begin < expected_begin {
                 "overlaps the previous tensor"
@@ -308,9 +311,6 @@ fn diagnose_layout(buf: &[u8]) -> Option<String> {
                 "tensor '{name}' starts at data offset {begin} but the previous tensor ends at \
                  {expected_begin}: it {what}; the header lies about offsets"
             ));
-        }
-        if end < begin {
-            return Some(format!("tensor '{name}' ends (offset {end}) before it begins ({begin})"));
         }
         match size {
             Some(size) if end - begin != *size => {
