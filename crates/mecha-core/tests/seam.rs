@@ -352,9 +352,10 @@ impl Method for Panics {
         Ok(ComputeSpec::whole(call.args[0][0].shape.clone()))
     }
     fn run(&self, call: RunCall) -> mecha_core::Result<Vec<Output>> {
-        let none: Option<usize> = None;
-        let index = none.expect("a bug in a method");
-        Ok(vec![call.args[0][index].clone()])
+        // an out-of-bounds index, as a buggy method would have
+        let index = call.args[0].len() + usize::from(call.outputs.is_empty());
+        let _ = &call.args[0][index];
+        Ok(vec![call.args[0][0].clone()])
     }
 }
 
@@ -372,7 +373,7 @@ fn a_method_that_panics_fails_the_merge_with_an_internal_error_and_leaves_nothin
                 .err()
                 .unwrap_or_else(|| panic!("{id} must fail"));
             assert_eq!(err.kind, mecha_core::ErrorKind::Internal, "{err}");
-            assert!(err.to_string().contains("a bug in a method") && err.to_string().contains(id), "{err}");
+            assert!(err.to_string().contains("index out of bounds") && err.to_string().contains(id), "{err}");
             let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
             assert_eq!(left, vec![std::ffi::OsString::from("qkv.safetensors")], "{id}, {threads} threads");
         }
