@@ -1,11 +1,13 @@
 import test from 'ava'
-import { spawn } from 'node:child_process'
-import { readFileSync, utimesSync, writeFileSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync, truncateSync, utimesSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 
 import {
   AbortError,
   InternalError,
+  IoError,
   MechaError,
   MergeSpaceError,
   OptionError,
@@ -33,6 +35,16 @@ function twoModels() {
   writeSafetensors(a, { w: { dtype: 'F16', shape: [4, 8], values: randomValues(1, 32) } })
   writeSafetensors(b, { w: { dtype: 'F16', shape: [4, 8], values: randomValues(2, 32) } })
   return { dir, a, b, out: join(dir, 'out.safetensors') }
+}
+
+/** Two 64 MiB models, and options that make their merge slow enough to act on mid-way. */
+async function largeModels(shape = [1024, 4096], layers = 8) {
+  const dir = tempDir()
+  const specs = Array.from({ length: layers }, (_, i) => ({ name: `layer.${i}.weight`, dtype: 'F16', shape }))
+  const [a, b] = [join(dir, 'a.safetensors'), join(dir, 'b.safetensors')]
+  await Promise.all([writeRandomModel(a, specs, 1), writeRandomModel(b, specs, 2)])
+  const slowly = { threads: 1, chunkElements: 4096, progressIntervalMs: 0 }
+  return { dir, a, b, out: join(dir, 'out.safetensors'), slowly }
 }
 
 async function failsWith<T extends MechaError>(
@@ -130,20 +142,14 @@ test('an already aborted signal fails fast', async (t) => {
 })
 
 test('cancelling mid-merge leaves no file at the output path', async (t) => {
-  const dir = tempDir()
-  const specs = Array.from({ length: 8 }, (_, i) => ({ name: `layer.${i}.weight`, dtype: 'F16', shape: [1024, 4096] }))
-  const [a, b] = [join(dir, 'a.safetensors'), join(dir, 'b.safetensors')]
-  await Promise.all([writeRandomModel(a, specs, 1), writeRandomModel(b, specs, 2)])
-  const out = join(dir, 'out.safetensors')
+  const { dir, a, b, out, slowly } = await largeModels()
   const controller = new AbortController()
   let progressSeen = 0
   const err = await failsWith(
     t,
     merge(weightedSum(model(a), model(b)), {
       output: out,
-      threads: 1,
-      chunkElements: 4096,
-      progressIntervalMs: 0,
+      ...slowly,
       signal: controller.signal,
       onProgress: (p) => {
         progressSeen++
@@ -335,3 +341,60 @@ test('8 concurrent merges in one process give the bytes of the same merges run o
   for (const i of alphas.keys())
     t.true(readFileSync(path('all', i)).equals(readFileSync(path('one', i))), `alpha ${alphas[i]}`)
 })
+
+test('an input truncated while it is read is a SafetensorsError naming it, and leaves no output', async (t) => {
+  const { dir, a, b, out, slowly } = await largeModels()
+  let truncated = false
+  const err = await failsWith(
+    t,
+    merge(weightedSum(model(a), model(b)), {
+      output: out,
+      ...slowly,
+      onProgress: () => {
+        // 64 MiB are still to be read: cut b down to its header and a little data.
+        if (!truncated) truncateSync(b, 64 * 1024)
+        truncated = true
+      },
+    }),
+    SafetensorsError,
+  )
+  t.true(truncated)
+  t.is(err.file, b)
+  t.regex(err.message, /b\.safetensors: reading tensor data failed .*truncated during the merge/)
+  t.deepEqual(files(dir), ['a.safetensors', 'b.safetensors'])
+})
+
+// A 1 MiB tmpfs to fill up. Mounting needs root and a kernel that allows it here; the disk-full
+// test is skipped otherwise.
+function smallTmpfs(): string | undefined {
+  if (process.platform !== 'linux' || process.getuid?.() !== 0) return undefined
+  const dir = mkdtempSync(join(tmpdir(), 'mecha-full-'))
+  const r = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir], { stdio: 'ignore' })
+  if (r.status === 0) return dir
+  rmSync(dir, { recursive: true, force: true })
+  return undefined
+}
+const fullDisk = smallTmpfs()
+test.after.always(() => {
+  if (fullDisk) {
+    spawnSync('umount', [fullDisk], { stdio: 'ignore' })
+    rmSync(fullDisk, { recursive: true, force: true })
+  }
+})
+
+;(fullDisk ? test.serial : test.skip)(
+  'a full disk is an IoError naming the output path, and leaves nothing there',
+  async (t) => {
+    const { a, b } = await largeModels([1024, 1024], 1) // 2 MiB of output, 1 MiB of disk
+    const out = join(fullDisk!, 'out.safetensors')
+    const err = await failsWith(t, merge(weightedSum(model(a), model(b)), { output: out }), IoError)
+    t.is(err.file, out)
+    // refused when the space is reserved, before any tensor is read
+    t.regex(err.message, /reserving space for .*out\.safetensors .*No space left on device/)
+    t.deepEqual(files(fullDisk!), [])
+    // The space was given back: a merge that fits still succeeds there.
+    const small = twoModels()
+    await merge(weightedSum(model(small.a), model(small.b)), { output: out })
+    t.deepEqual(files(fullDisk!), ['out.safetensors'])
+  },
+)

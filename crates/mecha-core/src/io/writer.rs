@@ -159,7 +159,7 @@ impl SafetensorsWriter {
         head.extend_from_slice(&writer.layout.header);
         writer.pwrite(0, &head)?;
         // Reserve the full size now so a full disk fails before the merge, not after.
-        writer.file.set_len(writer.layout.total_len).map_err(|e| writer.io_error("reserving space for", e))?;
+        reserve(&writer.file, writer.layout.total_len).map_err(|e| writer.io_error("reserving space for", e))?;
         Ok(writer)
     }
 
@@ -254,6 +254,26 @@ fn unique_suffix() -> u64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
     nanos ^ (COUNTER.fetch_add(1, Ordering::Relaxed) << 32)
+}
+
+/// Sizes the file to `len` bytes. On Linux the blocks are allocated too (`fallocate`), so a
+/// disk that cannot hold the output refuses it here, before any tensor is read; `set_len`
+/// alone makes a sparse file that fails midway. File systems without `fallocate` keep the
+/// sparse file.
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                return Err(e);
+            }
+        }
+    }
+    file.set_len(len)
 }
 
 #[cfg(unix)]
