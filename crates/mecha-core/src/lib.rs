@@ -2,6 +2,7 @@
 //! stored as safetensors, streaming one key (and one chunk) at a time. Pure Rust, no Node-API:
 //! the `mecha-napi` crate binds it.
 
+pub mod block_cache;
 pub mod configs;
 pub mod dtype;
 pub mod error;

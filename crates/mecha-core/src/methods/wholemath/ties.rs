@@ -14,7 +14,9 @@
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{prepare, Elem, CHUNK};
+#[cfg(target_arch = "x86_64")]
+use super::avx2_fma;
+use super::{prepare, simd_variant, Elem, CHUNK};
 use crate::methods::seam::KeyRng;
 
 /// How `ties_sum_extended` combines the elected deltas.
@@ -415,7 +417,12 @@ fn ties_data<T: Elem>(xs: &[&[T]], dims: &[usize], k: f64, vote_sgn: bool, combi
     let zero_non_finite = |v: T| if v.is_finite() { v } else { T::ZERO };
     match combine {
         Combine::Mean => {
-            stock_combine(n, numel, row_len(dims), None, elect, |s, c, _| zero_non_finite(T::narrow(s / c)))
+            // The common case, in blocks the compiler vectorises (same operations, same order).
+            let mut out = vec![T::ZERO; numel];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+                ties_mean_chunk(xs, &thresholds, vote_sgn, c * CHUNK, chunk);
+            });
+            out
         }
         Combine::Stock { cos_eps } => stock_combine(n, numel, row_len(dims), Some(cos_eps), elect, |s, c, t| {
             zero_non_finite(T::narrow(s * t / c))
@@ -436,6 +443,46 @@ fn ties_data<T: Elem>(xs: &[&[T]], dims: &[usize], k: f64, vote_sgn: bool, combi
         }
     }
 }
+
+/// Elements per block of [`ties_mean_chunk`]: its per-element sums stay in L1.
+const MEAN_BLOCK: usize = 512;
+
+/// `elect` followed by the plain mean of [`ties_data`] for `out.len()` elements from flat
+/// index `start`, model by model over blocks of [`MEAN_BLOCK`] (structure of arrays instead of
+/// a loop over the models per element): the same operations in the same order, so the same bits.
+#[inline(always)]
+fn ties_mean_chunk_scalar<T: Elem>(xs: &[&[T]], thresholds: &[T], vote_sgn: bool, start: usize, out: &mut [T]) {
+    let (mut vote, mut sum, mut count) = ([0f64; MEAN_BLOCK], [0f64; MEAN_BLOCK], [0f64; MEAN_BLOCK]);
+    for (b, out) in out.chunks_mut(MEAN_BLOCK).enumerate() {
+        let (from, len) = (start + b * MEAN_BLOCK, out.len());
+        // times 0 rather than 0, so that NaN and ±inf turn into NaN as in sd-mecha
+        fn kept<T: Elem>(x: &[T], t: T) -> impl Iterator<Item = T> + '_ {
+            x.iter().map(move |&v| v * if v.abs() >= t { T::ONE } else { T::ZERO })
+        }
+        vote[..len].fill(0.0);
+        for (x, &t) in xs.iter().zip(thresholds) {
+            for (vote, g) in vote.iter_mut().zip(kept(&x[from..from + len], t)) {
+                *vote += if vote_sgn { g.widen() } else { sign(g) };
+            }
+        }
+        sum[..len].fill(0.0);
+        count[..len].fill(0.0);
+        for (x, &t) in xs.iter().zip(thresholds) {
+            for (((sum, count), vote), g) in
+                sum.iter_mut().zip(count.iter_mut()).zip(&vote).zip(kept(&x[from..from + len], t))
+            {
+                let keep = sign(g) == sign(*vote);
+                *sum += if keep { g } else { g * T::ZERO }.widen();
+                *count += keep as u8 as f64;
+            }
+        }
+        for ((o, &s), &c) in out.iter_mut().zip(&sum).zip(&count) {
+            let v = T::narrow(s / c);
+            *o = if v.is_finite() { v } else { T::ZERO };
+        }
+    }
+}
+simd_variant!(fn ties_mean_chunk<T: Elem>(xs: &[&[T]], thresholds: &[T], vote_sgn: bool, start: usize, out: &mut [T]) = ties_mean_chunk_scalar);
 
 /// The length of the last dimension (1 for a 0-D tensor): model stock's rows.
 fn row_len(dims: &[usize]) -> usize {
