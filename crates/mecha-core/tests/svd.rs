@@ -126,15 +126,22 @@ fn decompositions_are_cached_across_merges_and_give_fresh_results() {
     run(rotate(2.0, 0.0), &with_cache(&cache));
     assert!(decompositions() > before);
 
-    // truncate_rank: the full SVD serves every rank; changed data is recomputed.
+    // truncate_rank: the exact basis serves every rank up to the one it was computed for; a
+    // larger rank is computed again (and then serves the smaller ones).
     let (lr, zero, _) = low_rank_model(dir.path());
     let cache = Arc::new(MethodCache::new(1 << 30));
     let full = |rank| delta_recipe(&lr, &zero, "truncate_rank", truncate(rank, false, Scalar::Null)).unwrap();
-    run(full(3), &with_cache(&cache));
+    run(full(5), &with_cache(&cache));
     let before = decompositions();
-    let cached = run(full(5), &with_cache(&cache));
+    let cached = run(full(3), &with_cache(&cache));
     assert_eq!(decompositions() - before, 0);
-    assert_eq!(bytes(&cached), bytes(&run(full(5), &f32_memory())));
+    assert_eq!(bytes(&cached), bytes(&run(full(3), &f32_memory())));
+    let before = decompositions();
+    run(full(7), &with_cache(&cache));
+    assert!(decompositions() > before, "a larger rank than the cached basis holds is computed");
+    let before = decompositions();
+    run(full(6), &with_cache(&cache));
+    assert_eq!(decompositions() - before, 0);
     // The randomised basis is cached per rank and seed.
     let approx = |seed| delta_recipe(&lr, &zero, "truncate_rank", truncate(4, true, Scalar::Int(seed))).unwrap();
     run(approx(1), &with_cache(&cache));

@@ -14,7 +14,7 @@ use faer::Mat;
 use super::decl::*;
 use super::seam::{Arg, ComputeSpec, Decision, Method, Output, PlanCall, RunCall};
 use super::wholemath::lerp;
-use super::wholemath::svd::{self as math, is_close, MathResult, OrthogonalEig, Svd, Transform};
+use super::wholemath::svd::{self as math, is_close, LeadingBasis, MathResult, OrthogonalEig, Svd, Transform};
 use super::{DefaultValue, MethodSpec, SpaceSpec, ValueType};
 use crate::error::Result;
 use crate::recipe::Scalar;
@@ -51,12 +51,29 @@ fn cached<K, V>(
     compute: impl FnOnce() -> MathResult<V>,
 ) -> MathResult<Arc<V>>
 where
-    K: PartialEq + Send + Sync + 'static,
+    K: PartialEq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    let wanted = params.clone();
+    cached_if(call, name, params, move |k: &K, _: &V| *k == wanted, bytes, compute)
+}
+
+/// Like `cached`, with the test of whether a stored `(params, value)` serves this call given.
+fn cached_if<K, V>(
+    call: &RunCall,
+    name: &str,
+    params: K,
+    serves: impl Fn(&K, &V) -> bool,
+    bytes: impl Fn(&V) -> u64,
+    compute: impl FnOnce() -> MathResult<V>,
+) -> MathResult<Arc<V>>
+where
+    K: Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     if let Some(entry) = call.cache.get(call.node, call.key(), name) {
         if let Some((k, v)) = entry.downcast_ref::<(K, Arc<V>)>() {
-            if *k == params {
+            if serves(k, v) {
                 return Ok(v.clone());
             }
         }
@@ -326,17 +343,41 @@ fn rotate(
 /// The Kronecker factor shapes a rearranged matrix was built for (zeros for truncate_rank).
 type KronDims = (usize, usize, usize, usize);
 
-/// How a cached SVD was computed: the full one serves every rank; a randomised one only the
-/// rank, iterations and seed it was drawn for.
+/// A rank-limited decomposition of a matrix: the leading basis of the exact route, or the SVD
+/// drawn by the randomised range finder.
+enum Truncation {
+    Exact(LeadingBasis),
+    Approximate(Svd),
+}
+
+impl Truncation {
+    fn bytes(&self) -> u64 {
+        match self {
+            Truncation::Exact(b) => b.bytes(),
+            Truncation::Approximate(d) => d.bytes(),
+        }
+    }
+
+    /// The rank-`r` approximation of `m`, the matrix this was computed from.
+    fn truncate(&self, m: &Mat<f64>, r: usize) -> Mat<f64> {
+        match self {
+            Truncation::Exact(b) => b.truncate(m.as_ref(), r),
+            Truncation::Approximate(d) => d.product(r),
+        }
+    }
+}
+
+/// How a cached decomposition was computed: the exact basis serves every rank up to the one
+/// it was computed for; a randomised one only the rank, iterations and seed it was drawn for.
 #[derive(PartialEq, Clone, Copy)]
 enum SvdKind {
     Full,
     Approximate { rank: usize, iters: usize, seed: i64 },
 }
 
-/// The SVD of `m` for rank `rank` as the method's parameters 2–4 ask (full, or randomised
-/// from the key's seeded stream), from the cache when computed before.
-fn decompose(call: &RunCall, name: &str, m: &Mat<f64>, data: u64, dims: KronDims, rank: usize) -> Result<Arc<Svd>> {
+/// The decomposition of `m` for rank `rank` as the method's parameters 2–4 ask (exact, or
+/// randomised from the key's seeded stream), from the cache when computed before.
+fn decompose(call: &RunCall, name: &str, m: &Mat<f64>, data: u64, dims: KronDims, rank: usize) -> Result<Arc<Truncation>> {
     let approximate = call.int(2)? != 0;
     // seed_rng first: it explains a seed that was never chosen
     let mut rng = if approximate { Some(call.seed_rng(4)?) } else { None };
@@ -347,11 +388,14 @@ fn decompose(call: &RunCall, name: &str, m: &Mat<f64>, data: u64, dims: KronDims
     } else {
         SvdKind::Full
     };
-    cached(call, name, (data, dims, kind), Svd::bytes, || match kind {
-        SvdKind::Full => math::svd(m.as_ref()),
+    let serves = |k: &(u64, KronDims, SvdKind), v: &Truncation| {
+        *k == (data, dims, kind) && !matches!(v, Truncation::Exact(b) if b.rank() < rank.min(m.nrows().min(m.ncols())))
+    };
+    cached_if(call, name, (data, dims, kind), serves, Truncation::bytes, || match kind {
+        SvdKind::Full => Ok(Truncation::Exact(LeadingBasis::new(m.as_ref(), rank)?)),
         SvdKind::Approximate { rank, iters, .. } => {
             let rng = rng.as_mut().expect("drawn for the approximate basis");
-            math::svd_lowrank(m.as_ref(), rank, iters, || rng.next_normal())
+            Ok(Truncation::Approximate(math::svd_lowrank(m.as_ref(), rank, iters, || rng.next_normal())?))
         }
     })
     .map_err(|e| call.fail(e))
@@ -393,7 +437,7 @@ impl Method for TruncateRank {
         let data = values(&a)?;
         let mat = math::from_rows(&data, m, n);
         let d = decompose(&call, "truncate_rank.svd", &mat, fingerprint(&[&data]), (0, 0, 0, 0), target)?;
-        Ok(vec![Arg::Tensor(tensor_like(math::to_rows(d.product(target).as_ref()), &a)?)])
+        Ok(vec![Arg::Tensor(tensor_like(math::to_rows(d.truncate(&mat, target).as_ref()), &a)?)])
     }
 }
 
@@ -445,19 +489,15 @@ impl Method for TruncateKronecker {
             at(i1, i2, j1, rest / p2, rest % p2)
         });
         let d = decompose(&call, "truncate_kronecker.svd", &mat, fingerprint(&[&data]), (m1, m2, n1, n2), 1)?;
-        let s = d.s[0].sqrt();
+        // the nearest w1 ⊗ w2 is the rank-1 truncation of the rearrangement, put back in place
+        let nearest = d.truncate(&mat, 1);
         let mut out = vec![0.0; data.len()];
-        for i1 in 0..m1 {
-            for j1 in 0..n1 {
-                let w1 = d.u[(i1 * n1 + j1, 0)] * s;
-                for i2 in 0..m2 {
-                    for j2 in 0..n2 {
-                        for q in 0..p2 {
-                            let w2 = s * d.v[((i2 * n2 + j2) * p2 + q, 0)];
-                            out[((i1 * m2 + i2) * (n1 * n2) + j1 * n2 + j2) * p2 + q] = w1 * w2;
-                        }
-                    }
-                }
+        for r in 0..m1 * n1 {
+            let (i1, j1) = (r / n1, r % n1);
+            for c in 0..cols {
+                let (i2, rest) = (c / (n2 * p2), c % (n2 * p2));
+                let (j2, q) = (rest / p2, rest % p2);
+                out[((i1 * m2 + i2) * (n1 * n2) + j1 * n2 + j2) * p2 + q] = nearest[(r, c)];
             }
         }
         Ok(vec![Arg::Tensor(tensor_like(out, &a)?)])

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
-use faer::{c64, Mat, MatRef, Side};
+use faer::{Mat, MatRef, Side};
 
 /// An error of the math, without the method/key context (the caller adds it).
 pub type MathResult<T> = std::result::Result<T, String>;
@@ -81,6 +81,60 @@ pub fn svd(a: MatRef<f64>) -> MathResult<Svd> {
     Ok(Svd { u: d.U().to_owned(), s: d.S().column_vector().iter().copied().collect(), v: d.V().to_owned() })
 }
 
+/// The leading singular directions of a matrix `a` (`m × n`) on its smaller side, enough for
+/// rank-`r` truncations `u_r·s_r·v_rᵀ` with `r ≤ rank()`.
+///
+/// Found from the symmetric eigendecomposition of the Gram matrix `a·aᵀ` (or `aᵀ·a` when `a`
+/// is tall) rather than an SVD: in f64 this is 4–8× faster for the wide SD matrices
+/// (1280 × 11520: 1.1 s against the thin SVD's several seconds) and the truncation
+/// `u_r·(u_rᵀ·a)` is a projection, so it stays accurate even where small singular values of
+/// the Gram route are not (they are never divided by). Only the `rank` leading vectors are
+/// kept, so a cached basis costs `min(m, n)·rank` values, not a whole SVD.
+#[derive(Clone)]
+pub struct LeadingBasis {
+    /// Orthonormal columns in order of decreasing singular value: left singular vectors
+    /// (`m × rank`) when `m ≤ n`, right ones (`n × rank`) otherwise.
+    vectors: Mat<f64>,
+    left: bool,
+}
+
+impl LeadingBasis {
+    pub fn new(a: MatRef<f64>, rank: usize) -> MathResult<LeadingBasis> {
+        if !all_finite(a) {
+            return Err("the matrix to decompose holds NaN or infinity".into());
+        }
+        counted();
+        let left = a.nrows() <= a.ncols();
+        let gram = if left { mm(a, a.transpose()) } else { mm(a.transpose(), a) };
+        let e = gram
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| format!("the eigendecomposition of the Gram matrix did not converge ({e:?})"))?;
+        let (d, u) = (gram.nrows(), e.U());
+        let rank = rank.min(d);
+        // faer's eigenvalues increase: the leading vectors are the last columns
+        let vectors = Mat::from_fn(d, rank, |i, j| u[(i, d - 1 - j)]);
+        Ok(LeadingBasis { vectors, left })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.vectors.ncols()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        8 * (self.vectors.nrows() * self.vectors.ncols()) as u64
+    }
+
+    /// The best rank-`r` approximation of `a` (the matrix the basis was computed from).
+    pub fn truncate(&self, a: MatRef<f64>, r: usize) -> Mat<f64> {
+        let basis = self.vectors.subcols(0, r.min(self.rank()));
+        if self.left {
+            mm(basis, mm(basis.transpose(), a).as_ref())
+        } else {
+            mm(mm(a, basis).as_ref(), basis.transpose())
+        }
+    }
+}
+
 /// Thin QR (Householder, LAPACK's sign convention): `q` is `m × min(m, n)`, `r` is `min(m, n) × n`.
 fn qr(a: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
     let d = a.qr();
@@ -103,13 +157,22 @@ fn qr_pos(a: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
     (q, r)
 }
 
-/// `f(q)` for an orthogonal `q` through its eigendecomposition `W·diag(λ)·Wᴴ` (real part).
-/// Eigenvectors of (nearly) equal eigenvalues are orthonormalised first, so `Wᴴ = W⁻¹` holds
-/// even for repeated eigenvalues.
+/// Functions of an orthogonal `q` (torch's `Re(W·diag(f(λ))·W⁻¹)` from its complex eigenvalues
+/// `λ = e^{±iθ}`), computed from the symmetric eigendecomposition of `s = (q + qᵀ)/2` instead.
+///
+/// `q` is normal, so on each of its invariant planes it is a rotation by some θ ∈ [0, π]: there
+/// `s = cos θ·I` and `k = (q − qᵀ)/2 = sin θ·J`, and `f(q) = c(s) + g(s)·k` with
+/// `c = Re f(e^{iθ})` and `g = Im f(e^{iθ}) / sin θ`. A symmetric eigensolver is several times
+/// faster than a complex non-symmetric one and well conditioned for repeated angles. θ comes
+/// from both its cosine (the eigenvalue) and its sine (`‖k·w‖` for the eigenvector `w`), so it
+/// is accurate near 0 and π too.
 #[derive(Clone)]
 pub struct OrthogonalEig {
-    values: Vec<c64>,
-    vectors: Mat<c64>,
+    /// The rotation angle of each eigenvector's plane, and its sine.
+    angles: Vec<(f64, f64)>,
+    /// Eigenvectors `W` of `s` (columns) and `Wᵀ·k`.
+    vectors: Mat<f64>,
+    vectors_t_skew: Mat<f64>,
 }
 
 impl OrthogonalEig {
@@ -118,53 +181,59 @@ impl OrthogonalEig {
             return Err("the matrix to decompose holds NaN or infinity".into());
         }
         counted();
-        let e = q.eigen().map_err(|e| format!("the eigendecomposition did not converge ({e:?})"))?;
-        let values: Vec<c64> = e.S().column_vector().iter().copied().collect();
-        let mut vectors = e.U().to_owned();
-        let n = values.len();
-        for j in 0..n {
-            for i in 0..j {
-                if (values[i] - values[j]).norm() < 1e-6 {
-                    // w_j -= <w_i, w_j> w_i
-                    let dot: c64 = (0..n).map(|k| vectors[(k, i)].conj() * vectors[(k, j)]).sum();
-                    for k in 0..n {
-                        let wi = vectors[(k, i)];
-                        vectors[(k, j)] -= dot * wi;
-                    }
-                }
-            }
-            let norm = (0..n).map(|k| vectors[(k, j)].norm_sqr()).sum::<f64>().sqrt();
-            if norm > 0.0 {
-                for k in 0..n {
-                    vectors[(k, j)] /= norm;
-                }
-            }
-        }
-        Ok(OrthogonalEig { values, vectors })
+        let n = q.nrows();
+        let sym = Mat::from_fn(n, n, |i, j| 0.5 * (q[(i, j)] + q[(j, i)]));
+        let skew = skew_part(q);
+        let e = sym
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| format!("the eigendecomposition did not converge ({e:?})"))?;
+        let vectors = e.U().to_owned();
+        let vectors_t_skew = mm(vectors.transpose(), skew.as_ref());
+        let cosines = e.S().column_vector();
+        let angles = (0..n)
+            .map(|j| {
+                // ‖k·w_j‖ is row j of Wᵀ·k (k is skew-symmetric)
+                let sine = (0..n).map(|i| vectors_t_skew[(j, i)].powi(2)).sum::<f64>().sqrt().min(1.0);
+                (sine.atan2(cosines[j]), sine)
+            })
+            .collect();
+        Ok(OrthogonalEig { angles, vectors, vectors_t_skew })
     }
 
     pub fn bytes(&self) -> u64 {
-        16 * (self.values.len() * (1 + self.values.len())) as u64
+        8 * (2 * self.angles.len() + 2 * self.vectors.nrows() * self.vectors.ncols()) as u64
     }
 
-    /// `Re(W·diag(f(λ))·Wᴴ)`.
-    pub fn apply(&self, f: impl Fn(c64) -> c64) -> Mat<f64> {
-        let n = self.values.len();
-        let fl: Vec<c64> = self.values.iter().map(|&l| f(l)).collect();
-        let scaled = Mat::from_fn(n, n, |i, j| self.vectors[(i, j)] * fl[j]);
-        let prod: Mat<c64> = scaled.as_ref() * self.vectors.adjoint();
-        Mat::from_fn(n, n, |i, j| prod[(i, j)].re)
+    /// `c(s) + g(s)·k` with `(c, g) = parts(θ, sin θ)`.
+    fn apply(&self, parts: impl Fn(f64, f64) -> (f64, f64)) -> Mat<f64> {
+        let n = self.angles.len();
+        let (c, g): (Vec<f64>, Vec<f64>) = self.angles.iter().map(|&(theta, sine)| parts(theta, sine)).unzip();
+        // W·(diag(c)·Wᵀ + diag(g)·Wᵀ·k)
+        let inner = Mat::from_fn(n, n, |i, j| c[i] * self.vectors[(j, i)] + g[i] * self.vectors_t_skew[(i, j)]);
+        mm(self.vectors.as_ref(), inner.as_ref())
     }
 
-    /// The principal power `q^t` (torch's complex `λ**t`).
+    /// The principal power `q^t` (the real part of torch's complex `λ**t`).
     pub fn power(&self, t: f64) -> Mat<f64> {
-        self.apply(|l| if l == c64::new(0.0, 0.0) { l } else { (l.ln() * t).exp() })
+        self.apply(|theta, sine| {
+            // sin(tθ)/sin θ → t at θ = 0; at θ = π (a real eigenvalue −1) only the real part counts
+            let g = if sine > 0.0 { (t * theta).sin() / sine } else if theta < 1.0 { t } else { 0.0 };
+            ((t * theta).cos(), g)
+        })
     }
 
-    /// The principal logarithm.
+    /// The principal logarithm (real part), made exactly skew-symmetric as the logarithm of an
+    /// orthogonal matrix is: iterations that exponentiate it (the Stiefel logarithm) would
+    /// otherwise amplify the rounding away from orthogonality, about threefold per step.
     pub fn log(&self) -> Mat<f64> {
-        self.apply(|l| l.ln())
+        let l = self.apply(|theta, sine| (0.0, if sine > 0.0 { theta / sine } else if theta < 1.0 { 1.0 } else { 0.0 }));
+        skew_part(l.as_ref())
     }
+}
+
+/// `(a − aᵀ)/2`.
+fn skew_part(a: MatRef<f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| 0.5 * (a[(i, j)] - a[(j, i)]))
 }
 
 /// `exp(a)` by scaling and squaring with a Taylor series (used on skew-symmetric matrices of
@@ -291,7 +360,7 @@ pub fn log_stiefel(a: MatRef<f64>, b: MatRef<f64>, eps: f64, max_iters: usize) -
             }
             s[(i, i)] -= 0.5;
         }
-        let g = solve_symmetric_sylvester(s.as_ref(), c.as_ref())?;
+        let g = skew_part(solve_symmetric_sylvester(s.as_ref(), c.as_ref())?.as_ref());
         let rotated = mm(v.subcols(p, k), expm(g.as_ref()).as_ref());
         v.subcols_mut(p, k).copy_from(&rotated);
     }
@@ -527,6 +596,25 @@ mod tests {
         let (w, _) = qr(y.as_ref());
         let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
         assert!(max_diff(exp_stiefel(u.as_ref(), delta.as_ref()).as_ref(), w.as_ref()) < 1e-9);
+    }
+
+    #[test]
+    fn the_gram_route_truncates_like_the_svd() {
+        for (m, n, seed) in [(7, 19, 11), (19, 7, 12), (9, 9, 13)] {
+            let a = from_rows(&normals(m * n, seed), m, n);
+            let d = svd(a.as_ref()).unwrap();
+            let basis = LeadingBasis::new(a.as_ref(), 4).unwrap();
+            for r in [1, 3, 4] {
+                let (exact, gram) = (d.product(r), basis.truncate(a.as_ref(), r));
+                assert!(max_diff(exact.as_ref(), gram.as_ref()) < 1e-10, "{m}×{n} rank {r}");
+            }
+        }
+        // an exactly rank-2 matrix: the noise directions of the Gram route add nothing
+        let l = from_rows(&normals(24, 14), 12, 2);
+        let a = mm(l.as_ref(), from_rows(&normals(20, 15), 2, 10).as_ref());
+        let basis = LeadingBasis::new(a.as_ref(), 5).unwrap();
+        assert!(max_diff(basis.truncate(a.as_ref(), 5).as_ref(), a.as_ref()) < 1e-10);
+        assert!(max_diff(basis.truncate(a.as_ref(), 2).as_ref(), a.as_ref()) < 1e-10);
     }
 
     #[test]
