@@ -1,5 +1,6 @@
 // Merges `.mecha` recipes one after the other in this process, sharing one MergeCache, and
-// prints the seconds of each. The output of the last one stays at <out>.
+// prints the seconds of each. The output of the first one stays at <out> (the one compared with
+// sd-mecha's); the later ones are written next to it and removed.
 // usage: merge-recipe.mjs <out.safetensors> [--memory 2G] <recipe.mecha>...
 import { readFileSync, rmSync } from 'node:fs'
 
@@ -11,15 +12,17 @@ const memory = args[0] === '--memory' ? (args.shift(), args.shift()) : undefined
 const cache = new MergeCache()
 const merges = []
 let report
-for (const path of args) {
-  rmSync(output, { force: true })
+for (const [i, path] of args.entries()) {
+  const target = i === 0 ? output : `${output}.again.safetensors`
+  rmSync(target, { force: true })
   const started = performance.now()
   report = await merge(deserialize(readFileSync(path, 'utf8')), {
-    output,
+    output: target,
     cache,
     ...(memory ? { memoryBudget: memory } : {}),
   })
   merges.push((performance.now() - started) / 1000)
+  if (i > 0) rmSync(target)
 }
 console.log(
   JSON.stringify({

@@ -9,11 +9,13 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use faer::Mat;
+use candle_core::DType;
+use faer::traits::RealField;
+use faer::{Mat, MatRef};
 
 use super::decl::*;
 use super::seam::{Arg, ComputeSpec, Decision, Method, Output, PlanCall, RunCall};
-use super::wholemath::lerp;
+use super::wholemath::{lerp, with_data, Elem};
 use super::wholemath::svd::{self as math, is_close, LeadingBasis, MathResult, OrthogonalEig, Svd, Transform};
 use super::{DefaultValue, MethodSpec, SpaceSpec, ValueType};
 use crate::error::Result;
@@ -21,7 +23,7 @@ use crate::recipe::Scalar;
 
 /// A tensor's values in f64, row-major.
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+    Ok(super::wholemath::to_f64_vec(t)?)
 }
 
 /// `data` as a tensor of `like`'s shape, dtype and device.
@@ -29,14 +31,25 @@ fn tensor_like(data: Vec<f64>, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, like.dims(), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// Identifies the data a cached decomposition was computed from.
-fn fingerprint(parts: &[&[f64]]) -> u64 {
+/// Identifies the data a cached decomposition was computed from (the values widened to f64, so
+/// an f32 tensor and its f64 copy agree). Four interleaved streams, so the multiplications do
+/// not wait on each other (a cached merge of SD 1.5 hashes 860 M values).
+fn fingerprint<T: Elem>(parts: &[&[T]]) -> u64 {
+    const PRIME: u64 = 0x100_0000_01b3;
+    let mix = |h: u64, v: T| (h ^ v.widen().to_bits()).wrapping_mul(PRIME).rotate_left(5);
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for part in parts {
-        h = (h ^ part.len() as u64).wrapping_mul(0x100_0000_01b3);
-        for v in *part {
-            h = (h ^ v.to_bits()).wrapping_mul(0x100_0000_01b3).rotate_left(5);
+        let mut lanes = [h ^ part.len() as u64, h.rotate_left(16), h.rotate_left(32), h.rotate_left(48)];
+        let mut quads = part.chunks_exact(4);
+        for q in &mut quads {
+            for (lane, &v) in lanes.iter_mut().zip(q) {
+                *lane = mix(*lane, v);
+            }
         }
+        for (lane, &v) in lanes.iter_mut().zip(quads.remainder()) {
+            *lane = mix(*lane, v);
+        }
+        h = lanes.iter().fold(h, |acc, &lane| (acc ^ lane).wrapping_mul(PRIME).rotate_left(5));
     }
     h
 }
@@ -358,11 +371,11 @@ impl Truncation {
         }
     }
 
-    /// The rank-`r` approximation of `m`, the matrix this was computed from.
-    fn truncate(&self, m: &Mat<f64>, r: usize) -> Mat<f64> {
+    /// The rank-`r` approximation of `m`, the matrix this was computed from, row-major.
+    fn truncate_rows<T: Elem + RealField>(&self, m: MatRef<T>, r: usize) -> Vec<T> {
         match self {
-            Truncation::Exact(b) => b.truncate(m.as_ref(), r),
-            Truncation::Approximate(d) => d.product(r),
+            Truncation::Exact(b) => b.truncate_rows(m, r),
+            Truncation::Approximate(d) => d.product_rows(r),
         }
     }
 }
@@ -375,9 +388,18 @@ enum SvdKind {
     Approximate { rank: usize, iters: usize, seed: i64 },
 }
 
-/// The decomposition of `m` for rank `rank` as the method's parameters 2–4 ask (exact, or
-/// randomised from the key's seeded stream), from the cache when computed before.
-fn decompose(call: &RunCall, name: &str, m: &Mat<f64>, data: u64, dims: KronDims, rank: usize) -> Result<Arc<Truncation>> {
+/// The decomposition of the `rows × cols` matrix `m()` for rank `rank` as the method's
+/// parameters 2–4 ask (exact, or randomised from the key's seeded stream), from the cache when
+/// computed before (then `m` is not called).
+fn decompose(
+    call: &RunCall,
+    name: &str,
+    (rows, cols): (usize, usize),
+    m: impl FnOnce() -> Mat<f64>,
+    data: u64,
+    dims: KronDims,
+    rank: usize,
+) -> Result<Arc<Truncation>> {
     let approximate = call.int(2)? != 0;
     // seed_rng first: it explains a seed that was never chosen
     let mut rng = if approximate { Some(call.seed_rng(4)?) } else { None };
@@ -389,13 +411,13 @@ fn decompose(call: &RunCall, name: &str, m: &Mat<f64>, data: u64, dims: KronDims
         SvdKind::Full
     };
     let serves = |k: &(u64, KronDims, SvdKind), v: &Truncation| {
-        *k == (data, dims, kind) && !matches!(v, Truncation::Exact(b) if b.rank() < rank.min(m.nrows().min(m.ncols())))
+        *k == (data, dims, kind) && !matches!(v, Truncation::Exact(b) if b.rank() < rank.min(rows.min(cols)))
     };
     cached_if(call, name, (data, dims, kind), serves, Truncation::bytes, || match kind {
-        SvdKind::Full => Ok(Truncation::Exact(LeadingBasis::new(m.as_ref(), rank)?)),
+        SvdKind::Full => Ok(Truncation::Exact(LeadingBasis::new(m().as_ref(), rank)?)),
         SvdKind::Approximate { rank, iters, .. } => {
             let rng = rng.as_mut().expect("drawn for the approximate basis");
-            Ok(Truncation::Approximate(math::svd_lowrank(m.as_ref(), rank, iters, || rng.next_normal())?))
+            Ok(Truncation::Approximate(math::svd_lowrank(m().as_ref(), rank, iters, || rng.next_normal())?))
         }
     })
     .map_err(|e| call.fail(e))
@@ -419,7 +441,8 @@ impl Method for TruncateRank {
                 _ => {}
             }
         }
-        let bytes = 8 * (3 * m * n + 3 * (m + n) * m.min(n)) as u64;
+        // f64 copies of the input and the result, the Gram matrix and its eigenvectors
+        let bytes = 8 * (3 * m * n + 3 * m.min(n).pow(2)) as u64;
         Ok(Decision::Compute(ComputeSpec { shape: Some(shape), dtype: None, kernel: None, extra_bytes: bytes }))
     }
 
@@ -434,11 +457,24 @@ impl Method for TruncateRank {
         if target == 0 {
             return Ok(vec![Arg::Tensor(a.zeros_like()?)]);
         }
-        let data = values(&a)?;
-        let mat = math::from_rows(&data, m, n);
-        let d = decompose(&call, "truncate_rank.svd", &mat, fingerprint(&[&data]), (0, 0, 0, 0), target)?;
-        Ok(vec![Arg::Tensor(tensor_like(math::to_rows(d.truncate(&mat, target).as_ref()), &a)?)])
+        let out = match a.dtype() {
+            DType::F64 => truncate_rank::<f64>(&call, &a, target)?,
+            _ => truncate_rank::<f32>(&call, &a, target)?,
+        };
+        Ok(vec![Arg::Tensor(out.to_dtype(a.dtype())?)])
     }
+}
+
+/// `truncate_rank` of `a` in the element type `T` (f32 unless the merge computes in f64).
+fn truncate_rank<T: Elem + RealField>(call: &RunCall, a: &Tensor, target: usize) -> Result<Tensor> {
+    let (m, n) = flat_2d(a.dims());
+    let out = with_data::<T, _>(a, |data| {
+        let mat = MatRef::from_row_major_slice(data, m, n);
+        let f64_copy = || Mat::from_fn(m, n, |i, j| data[i * n + j].widen());
+        let d = decompose(call, "truncate_rank.svd", (m, n), f64_copy, fingerprint(&[data]), (0, 0, 0, 0), target);
+        Ok(d.map(|d| d.truncate_rows(mat, target)))
+    })??;
+    Ok(Tensor::from_vec(out, a.dims(), &candle_core::Device::Cpu)?.to_device(a.device())?)
 }
 
 struct TruncateKronecker;
@@ -488,16 +524,17 @@ impl Method for TruncateKronecker {
             let (i2, rest) = (c / (n2 * p2), c % (n2 * p2));
             at(i1, i2, j1, rest / p2, rest % p2)
         });
-        let d = decompose(&call, "truncate_kronecker.svd", &mat, fingerprint(&[&data]), (m1, m2, n1, n2), 1)?;
+        let shape_2d = (mat.nrows(), mat.ncols());
+        let d = decompose(&call, "truncate_kronecker.svd", shape_2d, || mat.clone(), fingerprint(&[&data]), (m1, m2, n1, n2), 1)?;
         // the nearest w1 ⊗ w2 is the rank-1 truncation of the rearrangement, put back in place
-        let nearest = d.truncate(&mat, 1);
+        let nearest = d.truncate_rows(mat.as_ref(), 1);
         let mut out = vec![0.0; data.len()];
         for r in 0..m1 * n1 {
             let (i1, j1) = (r / n1, r % n1);
             for c in 0..cols {
                 let (i2, rest) = (c / (n2 * p2), c % (n2 * p2));
                 let (j2, q) = (rest / p2, rest % p2);
-                out[((i1 * m2 + i2) * (n1 * n2) + j1 * n2 + j2) * p2 + q] = nearest[(r, c)];
+                out[((i1 * m2 + i2) * (n1 * n2) + j1 * n2 + j2) * p2 + q] = nearest[r * cols + c];
             }
         }
         Ok(vec![Arg::Tensor(tensor_like(out, &a)?)])

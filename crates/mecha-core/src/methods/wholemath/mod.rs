@@ -227,6 +227,20 @@ fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Resu
     f(&data[start..start + t.elem_count()])
 }
 
+/// The values of `t` in f64, in row-major order (one allocation, filled as it is converted).
+pub(crate) fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    match t.dtype() {
+        DType::F64 => with_slice::<f64, _>(&prepare(t, DType::F64)?, |x| Ok(x.to_vec())),
+        _ => with_slice::<f32, _>(&prepare(t, DType::F32)?, |x| Ok(x.iter().map(|&v| f64::from(v)).collect())),
+    }
+}
+
+/// `f` of the values of `t` as `T` (converted only when `t` is not already a contiguous CPU
+/// tensor of that dtype).
+pub(crate) fn with_data<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    with_slice::<T, R>(&prepare(t, T::DTYPE)?, f)
+}
+
 /// What a method computes from the data of `a` and `b` (same shape, dtype of `a`).
 pub(crate) trait Kernel2 {
     fn run<T: Elem>(&self, a: &[T], b: &[T], dims: &[usize]) -> Result<Vec<T>>;

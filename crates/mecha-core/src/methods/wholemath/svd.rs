@@ -10,7 +10,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
-use faer::{Mat, MatRef, Side};
+use faer::linalg::matmul::{matmul, triangular};
+use faer::traits::RealField;
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+
+use super::Elem;
 
 /// An error of the math, without the method/key context (the caller adds it).
 pub type MathResult<T> = std::result::Result<T, String>;
@@ -44,12 +48,27 @@ pub fn to_rows(m: MatRef<f64>) -> Vec<f64> {
     out
 }
 
-fn mm(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
+fn mm<T: RealField>(a: MatRef<T>, b: MatRef<T>) -> Mat<T> {
     a * b
 }
 
 fn all_finite(m: MatRef<f64>) -> bool {
+    // walk along the contiguous direction
+    let m = if m.row_stride().unsigned_abs() > m.col_stride().unsigned_abs() { m.transpose() } else { m };
     (0..m.ncols()).all(|j| (0..m.nrows()).all(|i| m[(i, j)].is_finite()))
+}
+
+/// `left·right` in row-major order (the layout of tensors), written in place.
+pub(crate) fn product_rows<T: Elem + RealField>(left: MatRef<T>, right: MatRef<T>) -> Vec<T> {
+    let (m, n) = (left.nrows(), right.ncols());
+    let mut out = vec![T::ZERO; m * n];
+    matmul(MatMut::from_row_major_slice_mut(&mut out, m, n), Accum::Replace, left, right, T::ONE, Par::Seq);
+    out
+}
+
+/// `m` in the element type `T`.
+fn cast<T: Elem>(m: MatRef<f64>) -> Mat<T> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| T::narrow(m[(i, j)]))
 }
 
 /// A thin SVD `a = u·diag(s)·vᵀ`, singular values non-increasing.
@@ -65,10 +84,11 @@ impl Svd {
         8 * (self.u.nrows() * self.u.ncols() + self.s.len() + self.v.nrows() * self.v.ncols()) as u64
     }
 
-    /// `u[:, :r]·diag(s[:r])·v[:, :r]ᵀ`.
-    pub fn product(&self, r: usize) -> Mat<f64> {
+    /// `u[:, :r]·diag(s[:r])·v[:, :r]ᵀ`, row-major, in `T`.
+    pub(crate) fn product_rows<T: Elem + RealField>(&self, r: usize) -> Vec<T> {
         let us = Mat::from_fn(self.u.nrows(), r, |i, j| self.u[(i, j)] * self.s[j]);
-        us.as_ref() * self.v.subcols(0, r).transpose()
+        let product = product_rows(us.as_ref(), self.v.subcols(0, r).transpose());
+        product.into_iter().map(T::narrow).collect()
     }
 }
 
@@ -105,7 +125,20 @@ impl LeadingBasis {
         }
         counted();
         let left = a.nrows() <= a.ncols();
-        let gram = if left { mm(a, a.transpose()) } else { mm(a.transpose(), a) };
+        let x = if left { a } else { a.transpose() };
+        // only the lower half: the eigensolver reads no more, and it halves the flops
+        let mut gram = Mat::<f64>::zeros(x.nrows(), x.nrows());
+        triangular::matmul(
+            gram.as_mut(),
+            triangular::BlockStructure::TriangularLower,
+            Accum::Replace,
+            x,
+            triangular::BlockStructure::Rectangular,
+            x.transpose(),
+            triangular::BlockStructure::Rectangular,
+            1.0,
+            Par::Seq,
+        );
         let e = gram
             .self_adjoint_eigen(Side::Lower)
             .map_err(|e| format!("the eigendecomposition of the Gram matrix did not converge ({e:?})"))?;
@@ -124,15 +157,68 @@ impl LeadingBasis {
         8 * (self.vectors.nrows() * self.vectors.ncols()) as u64
     }
 
-    /// The best rank-`r` approximation of `a` (the matrix the basis was computed from).
-    pub fn truncate(&self, a: MatRef<f64>, r: usize) -> Mat<f64> {
-        let basis = self.vectors.subcols(0, r.min(self.rank()));
+    /// The best rank-`r` approximation of `a` (the matrix the basis was computed from),
+    /// row-major, computed in `a`'s element type: the basis is exact, and projecting an f32
+    /// tensor in f32 needs no f64 copy of it (a cached merge is then mostly I/O).
+    pub(crate) fn truncate_rows<T: Elem + RealField>(&self, a: MatRef<T>, r: usize) -> Vec<T> {
+        let basis = cast::<T>(self.vectors.subcols(0, r.min(self.rank())));
+        let basis = basis.as_ref();
         if self.left {
-            mm(basis, mm(basis.transpose(), a).as_ref())
+            product_rows(basis, mm(basis.transpose(), a).as_ref())
         } else {
-            mm(mm(a, basis).as_ref(), basis.transpose())
+            product_rows(mm(a, basis).as_ref(), basis.transpose())
         }
     }
+}
+
+/// The singular vectors `(u, v)` of a square or tall `x` (`x = u·diag(s)·vᵀ`, `s` non-increasing).
+///
+/// Procrustes needs only these, and for well-conditioned `x` they come faster from the
+/// eigendecomposition of `xᵀ·x = v·diag(s²)·vᵀ`, with `u = x·v·diag(1/s)`, than from an SVD
+/// (1280 × 1280: ~0.5 s against ~1 s). Dividing by `s` loses `s_max/s_min` digits, so where
+/// that ratio passes 10⁴ the SVD decides instead.
+fn singular_vectors(x: MatRef<f64>) -> MathResult<(Mat<f64>, Mat<f64>)> {
+    if !all_finite(x) {
+        return Err("the matrix to decompose holds NaN or infinity".into());
+    }
+    let k = x.ncols();
+    if k == 0 {
+        return Ok((Mat::zeros(x.nrows(), 0), Mat::zeros(0, 0)));
+    }
+    let mut gram = Mat::<f64>::zeros(k, k);
+    triangular::matmul(
+        gram.as_mut(),
+        triangular::BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        triangular::BlockStructure::Rectangular,
+        x,
+        triangular::BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    counted();
+    if let Ok(e) = gram.self_adjoint_eigen(Side::Lower) {
+        let values = e.S().column_vector();
+        let (smallest, largest) = (values[0], values[k - 1]);
+        if smallest > 1e-8 * largest && largest.is_finite() {
+            // eigenvalues increase: reverse to the SVD's order
+            let v = Mat::from_fn(k, k, |i, j| e.U()[(i, k - 1 - j)]);
+            let xv = mm(x, v.as_ref());
+            let u = Mat::from_fn(x.nrows(), k, |i, j| xv[(i, j)] / values[k - 1 - j].sqrt());
+            // one Newton–Schulz step, u·(3I − uᵀu)/2: the Gram route leaves u orthonormal only
+            // to about ε·(s_max/s_min)², which this squares away
+            let mut correction = mm(u.transpose(), u.as_ref());
+            for i in 0..k {
+                for j in 0..k {
+                    correction[(i, j)] = if i == j { 1.5 - 0.5 * correction[(i, j)] } else { -0.5 * correction[(i, j)] };
+                }
+            }
+            return Ok((mm(u.as_ref(), correction.as_ref()), v));
+        }
+    }
+    let d = svd(x)?;
+    Ok((d.u, d.v))
 }
 
 /// Thin QR (Householder, LAPACK's sign convention): `q` is `m × min(m, n)`, `r` is `min(m, n) × n`.
@@ -384,17 +470,17 @@ impl Transform {
         let (n, p) = (a.nrows(), a.ncols());
         if n < p {
             let (bq, br) = qr(b.transpose());
-            let d = svd(mm(a.transpose(), br.transpose()).as_ref())?;
-            Ok(Transform::LowRank { v: mm(bq.as_ref(), d.v.as_ref()), u: d.u })
+            let (u, v) = singular_vectors(mm(a.transpose(), br.transpose()).as_ref())?;
+            Ok(Transform::LowRank { v: mm(bq.as_ref(), v.as_ref()), u })
         } else {
-            let mut d = svd(mm(a.transpose(), b).as_ref())?;
-            if cancel_reflection && mm(d.u.as_ref(), d.v.transpose()).determinant() < 0.0 {
-                let last = d.u.ncols() - 1;
-                for i in 0..d.u.nrows() {
-                    d.u[(i, last)] = -d.u[(i, last)];
+            let (mut u, v) = singular_vectors(mm(a.transpose(), b).as_ref())?;
+            if cancel_reflection && mm(u.as_ref(), v.transpose()).determinant() < 0.0 {
+                let last = u.ncols() - 1;
+                for i in 0..u.nrows() {
+                    u[(i, last)] = -u[(i, last)];
                 }
             }
-            Ok(Transform::Full(mm(d.u.as_ref(), d.v.transpose())))
+            Ok(Transform::Full(mm(u.as_ref(), v.transpose())))
         }
     }
 
@@ -568,6 +654,11 @@ mod tests {
         super::super::tests::normals(n, seed).into_iter().map(f64::from).collect()
     }
 
+    fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    }
+
     fn max_diff(a: MatRef<f64>, b: MatRef<f64>) -> f64 {
         let d = a - b;
         (0..d.ncols()).flat_map(|j| (0..d.nrows()).map(move |i| (i, j))).fold(0.0, |m, (i, j)| m.max(d[(i, j)].abs()))
@@ -605,16 +696,35 @@ mod tests {
             let d = svd(a.as_ref()).unwrap();
             let basis = LeadingBasis::new(a.as_ref(), 4).unwrap();
             for r in [1, 3, 4] {
-                let (exact, gram) = (d.product(r), basis.truncate(a.as_ref(), r));
-                assert!(max_diff(exact.as_ref(), gram.as_ref()) < 1e-10, "{m}×{n} rank {r}");
+                let (exact, gram) = (d.product_rows::<f64>(r), basis.truncate_rows(a.as_ref(), r));
+                assert!(max_abs_diff(&exact, &gram) < 1e-10, "{m}×{n} rank {r}");
             }
         }
         // an exactly rank-2 matrix: the noise directions of the Gram route add nothing
         let l = from_rows(&normals(24, 14), 12, 2);
         let a = mm(l.as_ref(), from_rows(&normals(20, 15), 2, 10).as_ref());
         let basis = LeadingBasis::new(a.as_ref(), 5).unwrap();
-        assert!(max_diff(basis.truncate(a.as_ref(), 5).as_ref(), a.as_ref()) < 1e-10);
-        assert!(max_diff(basis.truncate(a.as_ref(), 2).as_ref(), a.as_ref()) < 1e-10);
+        assert!(max_abs_diff(&basis.truncate_rows(a.as_ref(), 5), &to_rows(a.as_ref())) < 1e-10);
+        assert!(max_abs_diff(&basis.truncate_rows(a.as_ref(), 2), &to_rows(a.as_ref())) < 1e-10);
+        // a row-major view gives the same numbers as the copied matrix
+        let data = to_rows(a.as_ref());
+        let view = MatRef::from_row_major_slice(&data, 12, 10);
+        assert_eq!(LeadingBasis::new(view, 2).unwrap().truncate_rows(view, 2), basis.truncate_rows(a.as_ref(), 2));
+    }
+
+    #[test]
+    fn singular_vectors_from_the_gram_matrix_match_the_svd() {
+        // well conditioned (Gram route) and rank-deficient (SVD fallback)
+        let x = from_rows(&normals(48, 16), 8, 6);
+        let l = from_rows(&normals(16, 17), 8, 2);
+        let deficient = mm(l.as_ref(), from_rows(&normals(12, 18), 2, 6).as_ref());
+        for x in [x, deficient] {
+            let (u, v) = singular_vectors(x.as_ref()).unwrap();
+            let d = svd(x.as_ref()).unwrap();
+            let us = Mat::from_fn(8, 6, |i, j| u[(i, j)] * d.s[j]);
+            assert!(max_diff(mm(us.as_ref(), v.transpose()).as_ref(), x.as_ref()) < 1e-10);
+            assert!(max_diff(mm(v.transpose(), v.as_ref()).as_ref(), Mat::<f64>::identity(6, 6).as_ref()) < 1e-10);
+        }
     }
 
     #[test]
@@ -633,9 +743,9 @@ mod tests {
         let a = mm(l.as_ref(), r.as_ref());
         let mut z = normals(100, 7).into_iter();
         let d = svd_lowrank(a.as_ref(), 2, 2, || z.next().unwrap()).unwrap();
-        assert!(max_diff(d.product(2).as_ref(), a.as_ref()) < 1e-10);
+        assert!(max_abs_diff(&d.product_rows::<f64>(2), &to_rows(a.as_ref())) < 1e-10);
         let mut z = normals(100, 8).into_iter();
         let d = svd_lowrank(a.transpose(), 2, 0, || z.next().unwrap()).unwrap();
-        assert!(max_diff(d.product(2).as_ref(), a.transpose()) < 1e-10);
+        assert!(max_abs_diff(&d.product_rows::<f64>(2), &to_rows(a.transpose())) < 1e-10);
     }
 }
