@@ -384,9 +384,16 @@ trait Pool<T> {
 macro_rules! pool_impl {
     ($t:ty, $field:ident) => {
         impl Pool<$t> for Scratch {
+            /// A buffer of `len` elements with arbitrary contents: every caller overwrites all
+            /// of them (decoding, copies, kernels, which must write each element), so only a
+            /// grown part is filled; zeroing it all each time cost ~10 % of a cached SVD merge.
             fn take(&mut self, len: usize) -> Vec<$t> {
                 let mut v = self.$field.pop().unwrap_or_default();
-                v.resize(len, 0.0);
+                if v.len() >= len {
+                    v.truncate(len);
+                } else {
+                    v.resize(len, 0.0);
+                }
                 v
             }
             fn give(&mut self, buf: Vec<$t>) {

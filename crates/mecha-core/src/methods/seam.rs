@@ -242,7 +242,8 @@ pub struct NodeRef {
 }
 
 /// Elementwise math over one chunk (or a whole tensor): every slice operand has `out.len()`
-/// elements, scalars are broadcast. Declare builtins with [`chunk_kernel!`].
+/// elements, scalars are broadcast. `out` arrives with arbitrary contents (a reused buffer):
+/// write every element. Declare builtins with [`chunk_kernel!`].
 pub trait ChunkKernel: Send + Sync {
     fn apply_f32(&self, chunk: &Chunk, x: &[Operand<f32>], out: &mut [f32]) -> Result<()>;
     fn apply_f64(&self, chunk: &Chunk, x: &[Operand<f64>], out: &mut [f64]) -> Result<()>;

@@ -47,6 +47,8 @@ pub(crate) trait Elem: WithDType + realfft::FftNum {
 
     fn widen(self) -> f64;
     fn narrow(v: f64) -> Self;
+    /// The value's bits (f32: in the low half).
+    fn raw_bits(self) -> u64;
     fn sin(self) -> Self;
     fn acos(self) -> Self;
     fn fma(self, a: Self, b: Self) -> Self;
@@ -77,6 +79,11 @@ macro_rules! impl_elem {
             #[inline(always)]
             fn widen(self) -> f64 {
                 self as f64
+            }
+
+            #[inline(always)]
+            fn raw_bits(self) -> u64 {
+                self.to_bits() as u64
             }
             #[inline(always)]
             fn narrow(v: f64) -> $t {
