@@ -8,7 +8,7 @@
 // how much of the first merge the cached decompositions save.
 //
 //   node bench/recipe-bench.mjs --case ties|rotate|truncate_rank [--rounds 1] [--dir bench/out]
-//                               [--memory 2G] [--skip-reference]
+//                               [--memory 2G] [--skip-reference] [--near]
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
@@ -36,6 +36,20 @@ for (const [i, path] of inputs.entries()) {
     console.error(`generating ${path}`)
     await mecha.writeRandomModel(path, 'sd1', i + 1)
   }
+}
+// --near: the second model is a "fine-tune" of the first, 0.95·a + 0.05·b, instead of an
+// unrelated one (independent random models put rotate's Stiefel logarithm far from where its
+// iteration converges)
+if (process.argv.includes('--near')) {
+  const near = join(dir, 'sd1-b-near.safetensors')
+  if (!existsSync(near)) {
+    console.error(`generating ${near}`)
+    await mecha.merge(mecha.weightedSum(mecha.model(inputs[0]), mecha.model(inputs[1]), { alpha: 0.05 }), {
+      output: near,
+      outputDtype: 'float16',
+    })
+  }
+  inputs[1] = near
 }
 
 const m = inputs.map((p) => mecha.model(p))

@@ -28,6 +28,11 @@ pub fn decompositions() -> u64 {
 
 fn counted() {
     DECOMPOSITIONS.fetch_add(1, Ordering::Relaxed);
+    sequential();
+}
+
+/// faer runs sequentially: keys already run in parallel.
+fn sequential() {
     static INIT: Once = Once::new();
     INIT.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
 }
@@ -322,29 +327,45 @@ fn skew_part(a: MatRef<f64>) -> Mat<f64> {
     Mat::from_fn(a.nrows(), a.ncols(), |i, j| 0.5 * (a[(i, j)] - a[(j, i)]))
 }
 
-/// `exp(a)` by scaling and squaring with a Taylor series (used on skew-symmetric matrices of
-/// moderate norm, where it is accurate to rounding).
-fn expm(a: MatRef<f64>) -> Mat<f64> {
-    let n = a.nrows();
-    let norm = (0..n).map(|j| (0..n).map(|i| a[(i, j)].abs()).sum::<f64>()).fold(0.0, f64::max);
-    let squarings = if norm > 0.5 { (norm / 0.5).log2().ceil() as i32 } else { 0 };
-    let scale = 0.5f64.powi(squarings);
-    let x = Mat::from_fn(n, n, |i, j| a[(i, j)] * scale);
-    let mut result = Mat::<f64>::identity(n, n);
-    let mut term = Mat::<f64>::identity(n, n);
-    for k in 1..=30 {
-        let next = mm(term.as_ref(), x.as_ref());
-        term = Mat::from_fn(n, n, |i, j| next[(i, j)] / k as f64);
-        result += &term;
-        let size = (0..n).map(|j| (0..n).map(|i| term[(i, j)].abs()).sum::<f64>()).fold(0.0, f64::max);
-        if size < 1e-18 {
-            break;
-        }
-    }
-    for _ in 0..squarings {
-        result = mm(result.as_ref(), result.as_ref());
-    }
-    result
+/// `exp(g)` for a skew-symmetric `g` (every exponential here is of one: tangents of the
+/// orthogonal group and the Stiefel manifold), made exactly skew first.
+///
+/// On each invariant plane `g = θ·J`, so `exp(g) = cos θ·I + (sin θ/θ)·g` there; with the
+/// symmetric `−g² = gᵀ·g = W·diag(θ²)·Wᵀ` that is `W·(diag(cos θ)·Wᵀ + diag(sin θ/θ)·Wᵀ·g)`:
+/// one eigendecomposition and three products whatever the norm of `g`, where scaling and
+/// squaring with a Taylor series took twenty or more products for the large tangents of
+/// `rotate`'s wide keys.
+fn expm(g: MatRef<f64>) -> MathResult<Mat<f64>> {
+    let g = skew_part(g);
+    let n = g.nrows();
+    let mut square = Mat::<f64>::zeros(n, n);
+    triangular::matmul(
+        square.as_mut(),
+        triangular::BlockStructure::TriangularLower,
+        Accum::Replace,
+        g.transpose(),
+        triangular::BlockStructure::Rectangular,
+        g.as_ref(),
+        triangular::BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    sequential();
+    let e = square
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| format!("the eigendecomposition in a matrix exponential did not converge ({e:?})"))?;
+    let (w, squares) = (e.U(), e.S().column_vector());
+    let parts: Vec<(f64, f64)> = (0..n)
+        .map(|j| {
+            let theta = squares[j].max(0.0).sqrt();
+            // sin θ/θ → 1 − θ²/6 near 0
+            let sinc = if theta < 1e-4 { 1.0 - squares[j].max(0.0) / 6.0 } else { theta.sin() / theta };
+            (theta.cos(), sinc)
+        })
+        .collect();
+    let wt_g = mm(w.transpose(), g.as_ref());
+    let inner = Mat::from_fn(n, n, |i, j| parts[i].0 * w[(j, i)] + parts[i].1 * wt_g[(i, j)]);
+    Ok(mm(w, inner.as_ref()))
 }
 
 /// Solves `s·g + g·s = c` for a symmetric `s` (eigenbasis of `s`).
@@ -383,7 +404,7 @@ fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
 }
 
 /// The geodesic exponential on the Stiefel manifold (canonical metric) at the tall `u`.
-fn exp_stiefel(u: MatRef<f64>, delta: MatRef<f64>) -> Mat<f64> {
+fn exp_stiefel(u: MatRef<f64>, delta: MatRef<f64>) -> MathResult<Mat<f64>> {
     let (n, p) = (u.nrows(), u.ncols());
     let k = (n - p).min(p);
     let a = mm(u.transpose(), delta);
@@ -394,8 +415,8 @@ fn exp_stiefel(u: MatRef<f64>, delta: MatRef<f64>) -> Mat<f64> {
         (false, true) => r[(i - p, j)],
         (false, false) => 0.0,
     });
-    let m = expm(w.as_ref());
-    mm(u, m.submatrix(0, 0, p, p)) + mm(q.subcols(0, k), m.submatrix(p, 0, k, p))
+    let m = expm(w.as_ref())?;
+    Ok(mm(u, m.submatrix(0, 0, p, p)) + mm(q.subcols(0, k), m.submatrix(p, 0, k, p)))
 }
 
 /// The Stiefel logarithm of tall `b` at tall `a` (Zimmermann's algorithm, as in sd-mecha):
@@ -447,7 +468,7 @@ pub fn log_stiefel(a: MatRef<f64>, b: MatRef<f64>, eps: f64, max_iters: usize) -
             s[(i, i)] -= 0.5;
         }
         let g = skew_part(solve_symmetric_sylvester(s.as_ref(), c.as_ref())?.as_ref());
-        let rotated = mm(v.subcols(p, k), expm(g.as_ref()).as_ref());
+        let rotated = mm(v.subcols(p, k), expm(g.as_ref())?.as_ref());
         v.subcols_mut(p, k).copy_from(&rotated);
     }
     Ok(mm(a, l.submatrix(0, 0, p, p)) + mm(q.as_ref(), l.submatrix(p, 0, k, p)))
@@ -535,8 +556,8 @@ impl Transform {
                 } else {
                     let delta = log()?;
                     let scaled = |f: f64| Mat::from_fn(delta.nrows(), delta.ncols(), |i, j| delta[(i, j)] * f);
-                    let l = exp_stiefel(v.as_ref(), scaled((t + 1.0) / 2.0).as_ref());
-                    let r = exp_stiefel(v.as_ref(), scaled((1.0 - t) / 2.0).as_ref());
+                    let l = exp_stiefel(v.as_ref(), scaled((t + 1.0) / 2.0).as_ref())?;
+                    let r = exp_stiefel(v.as_ref(), scaled((1.0 - t) / 2.0).as_ref())?;
                     (l, r)
                 };
                 let (xr, xl) = (mm(x, r.as_ref()), mm(x, l.as_ref()));
@@ -676,7 +697,22 @@ mod tests {
         assert!(max_diff(mm(half.as_ref(), half.as_ref()).as_ref(), q.as_ref()) < 1e-12);
         assert!(max_diff(integer_power(q.as_ref(), -2).as_ref(), e.power(-2.0).as_ref()) < 1e-12);
         // exp(log q) = q
-        assert!(max_diff(expm(e.log().as_ref()).as_ref(), q.as_ref()) < 1e-12);
+        assert!(max_diff(expm(e.log().as_ref()).unwrap().as_ref(), q.as_ref()) < 1e-12);
+    }
+
+    #[test]
+    fn skew_exponentials_are_rotations() {
+        let theta = 2.5f64;
+        let g = from_rows(&[0.0, -theta, theta, 0.0], 2, 2);
+        let rotation = from_rows(&[theta.cos(), -theta.sin(), theta.sin(), theta.cos()], 2, 2);
+        assert!(max_diff(expm(g.as_ref()).unwrap().as_ref(), rotation.as_ref()) < 1e-15);
+        // a large random skew matrix: exp(g)·exp(−g) = I, and exp(g/2)² = exp(g)
+        let x = from_rows(&normals(49, 21), 7, 7);
+        let g = Mat::from_fn(7, 7, |i, j| 3.0 * (x[(i, j)] - x[(j, i)]));
+        let (e, back) = (expm(g.as_ref()).unwrap(), expm((-&g).as_ref()).unwrap());
+        assert!(max_diff(mm(e.as_ref(), back.as_ref()).as_ref(), Mat::<f64>::identity(7, 7).as_ref()) < 1e-12);
+        let half = expm(Mat::from_fn(7, 7, |i, j| 0.5 * g[(i, j)]).as_ref()).unwrap();
+        assert!(max_diff(mm(half.as_ref(), half.as_ref()).as_ref(), e.as_ref()) < 1e-12);
     }
 
     #[test]
@@ -686,7 +722,7 @@ mod tests {
         let (u, _) = qr(x.as_ref());
         let (w, _) = qr(y.as_ref());
         let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
-        assert!(max_diff(exp_stiefel(u.as_ref(), delta.as_ref()).as_ref(), w.as_ref()) < 1e-9);
+        assert!(max_diff(exp_stiefel(u.as_ref(), delta.as_ref()).unwrap().as_ref(), w.as_ref()) < 1e-9);
     }
 
     #[test]
