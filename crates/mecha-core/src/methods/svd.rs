@@ -8,15 +8,15 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use candle_core::DType;
+use candle_core::Tensor;
 use faer::traits::RealField;
 use faer::{Mat, MatRef};
 
 use super::decl::*;
 use super::seam::{Arg, ComputeSpec, Decision, Method, Output, PlanCall, RunCall};
-use super::wholemath::{lerp, with_data, Elem};
 use super::wholemath::svd::{self as math, is_close, LeadingBasis, MathResult, OrthogonalEig, Svd, Transform};
+use super::wholemath::{lerp, with_data, Elem};
 use super::{DefaultValue, MethodSpec, SpaceSpec, ValueType};
 use crate::error::Result;
 use crate::recipe::Scalar;
@@ -526,7 +526,15 @@ impl Method for TruncateKronecker {
             at(i1, i2, j1, rest / p2, rest % p2)
         });
         let shape_2d = (mat.nrows(), mat.ncols());
-        let d = decompose(&call, "truncate_kronecker.svd", shape_2d, || mat.clone(), fingerprint(&[&data]), (m1, m2, n1, n2), 1)?;
+        let d = decompose(
+            &call,
+            "truncate_kronecker.svd",
+            shape_2d,
+            || mat.clone(),
+            fingerprint(&[&data]),
+            (m1, m2, n1, n2),
+            1,
+        )?;
         // the nearest w1 ⊗ w2 is the rank-1 truncation of the rearrangement, put back in place
         let nearest = d.truncate_rows(mat.as_ref(), 1);
         let mut out = vec![0.0; data.len()];

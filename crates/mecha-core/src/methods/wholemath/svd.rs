@@ -216,7 +216,8 @@ fn singular_vectors(x: MatRef<f64>) -> MathResult<(Mat<f64>, Mat<f64>)> {
             let mut correction = mm(u.transpose(), u.as_ref());
             for i in 0..k {
                 for j in 0..k {
-                    correction[(i, j)] = if i == j { 1.5 - 0.5 * correction[(i, j)] } else { -0.5 * correction[(i, j)] };
+                    correction[(i, j)] =
+                        if i == j { 1.5 - 0.5 * correction[(i, j)] } else { -0.5 * correction[(i, j)] };
                 }
             }
             return Ok((mm(u.as_ref(), correction.as_ref()), v));
@@ -308,7 +309,13 @@ impl OrthogonalEig {
     pub fn power(&self, t: f64) -> Mat<f64> {
         self.apply(|theta, sine| {
             // sin(tθ)/sin θ → t at θ = 0; at θ = π (a real eigenvalue −1) only the real part counts
-            let g = if sine > 0.0 { (t * theta).sin() / sine } else if theta < 1.0 { t } else { 0.0 };
+            let g = if sine > 0.0 {
+                (t * theta).sin() / sine
+            } else if theta < 1.0 {
+                t
+            } else {
+                0.0
+            };
             ((t * theta).cos(), g)
         })
     }
@@ -317,7 +324,18 @@ impl OrthogonalEig {
     /// orthogonal matrix is: iterations that exponentiate it (the Stiefel logarithm) would
     /// otherwise amplify the rounding away from orthogonality, about threefold per step.
     pub fn log(&self) -> Mat<f64> {
-        let l = self.apply(|theta, sine| (0.0, if sine > 0.0 { theta / sine } else if theta < 1.0 { 1.0 } else { 0.0 }));
+        let l = self.apply(|theta, sine| {
+            (
+                0.0,
+                if sine > 0.0 {
+                    theta / sine
+                } else if theta < 1.0 {
+                    1.0
+                } else {
+                    0.0
+                },
+            )
+        });
         skew_part(l.as_ref())
     }
 }
