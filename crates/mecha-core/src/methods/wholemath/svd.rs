@@ -413,10 +413,11 @@ fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
     if m <= n {
         return a.to_owned();
     }
-    let proj = Mat::from_fn(m, m - n, |i, j| {
-        let e = if i == n + j { 1.0 } else { 0.0 };
-        e - (0..n).map(|k| a[(i, k)] * a[(n + j, k)]).sum::<f64>()
-    });
+    // one product, not an element-by-element sum (that was most of a wide key's time)
+    let mut proj = -mm(a, a.subrows(n, m - n).transpose());
+    for j in 0..m - n {
+        proj[(n + j, j)] += 1.0;
+    }
     let (ext, _) = qr(proj.as_ref());
     Mat::from_fn(m, m, |i, j| if j < n { a[(i, j)] } else { ext[(i, j - n)] })
 }
