@@ -71,6 +71,24 @@ pub(crate) fn product_rows<T: Elem + RealField>(left: MatRef<T>, right: MatRef<T
     out
 }
 
+/// The lower half of `xᵀ·x` (the upper half is zero): the symmetric eigensolvers read no more,
+/// and computing half of it halves the flops.
+fn gram_lower(x: MatRef<f64>) -> Mat<f64> {
+    let mut gram = Mat::<f64>::zeros(x.ncols(), x.ncols());
+    triangular::matmul(
+        gram.as_mut(),
+        triangular::BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        triangular::BlockStructure::Rectangular,
+        x,
+        triangular::BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    gram
+}
+
 /// `m` in the element type `T`.
 fn cast<T: Elem>(m: MatRef<f64>) -> Mat<T> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| T::narrow(m[(i, j)]))
@@ -131,19 +149,7 @@ impl LeadingBasis {
         counted();
         let left = a.nrows() <= a.ncols();
         let x = if left { a } else { a.transpose() };
-        // only the lower half: the eigensolver reads no more, and it halves the flops
-        let mut gram = Mat::<f64>::zeros(x.nrows(), x.nrows());
-        triangular::matmul(
-            gram.as_mut(),
-            triangular::BlockStructure::TriangularLower,
-            Accum::Replace,
-            x,
-            triangular::BlockStructure::Rectangular,
-            x.transpose(),
-            triangular::BlockStructure::Rectangular,
-            1.0,
-            Par::Seq,
-        );
+        let gram = gram_lower(x.transpose());
         let e = gram
             .self_adjoint_eigen(Side::Lower)
             .map_err(|e| format!("the eigendecomposition of the Gram matrix did not converge ({e:?})"))?;
@@ -190,18 +196,7 @@ fn singular_vectors(x: MatRef<f64>) -> MathResult<(Mat<f64>, Mat<f64>)> {
     if k == 0 {
         return Ok((Mat::zeros(x.nrows(), 0), Mat::zeros(0, 0)));
     }
-    let mut gram = Mat::<f64>::zeros(k, k);
-    triangular::matmul(
-        gram.as_mut(),
-        triangular::BlockStructure::TriangularLower,
-        Accum::Replace,
-        x.transpose(),
-        triangular::BlockStructure::Rectangular,
-        x,
-        triangular::BlockStructure::Rectangular,
-        1.0,
-        Par::Seq,
-    );
+    let gram = gram_lower(x);
     counted();
     if let Ok(e) = gram.self_adjoint_eigen(Side::Lower) {
         let values = e.S().column_vector();
@@ -356,18 +351,7 @@ fn skew_part(a: MatRef<f64>) -> Mat<f64> {
 fn expm(g: MatRef<f64>) -> MathResult<Mat<f64>> {
     let g = skew_part(g);
     let n = g.nrows();
-    let mut square = Mat::<f64>::zeros(n, n);
-    triangular::matmul(
-        square.as_mut(),
-        triangular::BlockStructure::TriangularLower,
-        Accum::Replace,
-        g.transpose(),
-        triangular::BlockStructure::Rectangular,
-        g.as_ref(),
-        triangular::BlockStructure::Rectangular,
-        1.0,
-        Par::Seq,
-    );
+    let square = gram_lower(g.as_ref());
     sequential();
     let e = square
         .self_adjoint_eigen(Side::Lower)
