@@ -15,7 +15,9 @@ use faer::{Mat, MatRef};
 
 use super::decl::*;
 use super::seam::{Arg, ComputeSpec, Decision, Method, Output, PlanCall, RunCall};
-use super::wholemath::svd::{self as math, is_close, LeadingBasis, MathResult, OrthogonalEig, Svd, Transform};
+use super::wholemath::svd::{
+    self as math, is_close, LeadingBasis, MathResult, OrthogonalEig, StiefelGeodesic, Svd, Transform,
+};
 use super::wholemath::{lerp, with_data, Elem};
 use super::{DefaultValue, MethodSpec, SpaceSpec, ValueType};
 use crate::error::Result;
@@ -316,21 +318,18 @@ fn rotate(
         })
     };
     let (eps, max_iters) = (call.number(5).map_err(|e| e.message)?, call.int(6).map_err(|e| e.message)?);
-    let mut log = || {
+    let mut geodesic = || {
         if max_iters < 1 {
             return Err(format!("stiefel_max_iters must be at least 1, got {max_iters}"));
         }
         let log_key = (data, centralization.to_bits(), eps.to_bits(), max_iters);
-        cached(
-            call,
-            "rotate.log_stiefel",
-            log_key,
-            |m: &Mat<f64>| 8 * (m.nrows() * m.ncols()) as u64,
-            || match &*transform {
-                Transform::LowRank { u, v } => math::log_stiefel(v.as_ref(), u.as_ref(), eps, max_iters as usize),
-                Transform::Full(_) => unreachable!("only low-rank transforms take the Stiefel path"),
-            },
-        )
+        cached(call, "rotate.geodesic", log_key, StiefelGeodesic::bytes, || match &*transform {
+            Transform::LowRank { u, v } => {
+                let log = math::log_stiefel(v.as_ref(), u.as_ref(), eps, max_iters as usize)?;
+                StiefelGeodesic::new(v.as_ref(), log.as_ref())
+            }
+            Transform::Full(_) => unreachable!("only low-rank transforms take the Stiefel path"),
+        })
     };
 
     let nonzero_alpha = match alpha {
@@ -338,10 +337,10 @@ fn rotate(
         Alpha::PerElement(_) => true,
     };
     if nonzero_alpha {
-        let toward = transform.apply(b2.as_ref(), -1.0, &mut eig, &mut log)?;
+        let toward = transform.apply(b2.as_ref(), -1.0, &mut eig, &mut geodesic)?;
         a2 = Mat::from_fn(n, p, |i, j| lerp(a2[(i, j)], toward[(i, j)], alpha.at(i * p + j)));
     }
-    let rotated = transform.apply(a2.as_ref(), alignment, &mut eig, &mut log)?;
+    let rotated = transform.apply(a2.as_ref(), alignment, &mut eig, &mut geodesic)?;
     let mut out = math::to_rows(rotated.as_ref());
     for (i, v) in out.iter_mut().enumerate() {
         let j = i % p;

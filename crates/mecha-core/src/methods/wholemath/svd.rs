@@ -340,34 +340,63 @@ fn skew_part(a: MatRef<f64>) -> Mat<f64> {
     Mat::from_fn(a.nrows(), a.ncols(), |i, j| 0.5 * (a[(i, j)] - a[(j, i)]))
 }
 
-/// `exp(g)` for a skew-symmetric `g` (every exponential here is of one: tangents of the
-/// orthogonal group and the Stiefel manifold), made exactly skew first.
+/// The exponentials `exp(f·g)` of a skew-symmetric `g` (every exponential here is of one:
+/// tangents of the orthogonal group and the Stiefel manifold) for any factor `f`, from one
+/// decomposition of `g` (made exactly skew first).
 ///
-/// On each invariant plane `g = θ·J`, so `exp(g) = cos θ·I + (sin θ/θ)·g` there; with the
-/// symmetric `−g² = gᵀ·g = W·diag(θ²)·Wᵀ` that is `W·(diag(cos θ)·Wᵀ + diag(sin θ/θ)·Wᵀ·g)`:
-/// one eigendecomposition and three products whatever the norm of `g`, where scaling and
+/// On each invariant plane `g = θ·J`, so `exp(f·g) = cos fθ·I + (sin fθ/θ)·g` there; with the
+/// symmetric `−g² = gᵀ·g = W·diag(θ²)·Wᵀ` that is `W·(diag(cos fθ)·Wᵀ + diag(sin fθ/θ)·Wᵀ·g)`:
+/// one eigendecomposition and a few products whatever the norm of `g`, where scaling and
 /// squaring with a Taylor series took twenty or more products for the large tangents of
-/// `rotate`'s wide keys.
+/// `rotate`'s wide keys, and every point of a geodesic reuses the decomposition.
+struct SkewExp {
+    /// Eigenvectors `W` of `gᵀ·g` (columns), the angles `θ`, and `Wᵀ·g`.
+    vectors: Mat<f64>,
+    angles: Vec<f64>,
+    vectors_t_g: Mat<f64>,
+}
+
+impl SkewExp {
+    fn new(g: MatRef<f64>) -> MathResult<SkewExp> {
+        let g = skew_part(g);
+        let square = gram_lower(g.as_ref());
+        sequential();
+        let e = square
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| format!("the eigendecomposition in a matrix exponential did not converge ({e:?})"))?;
+        let vectors = e.U().to_owned();
+        let angles = e.S().column_vector().iter().map(|&squared| squared.max(0.0).sqrt()).collect();
+        let vectors_t_g = mm(vectors.transpose(), g.as_ref());
+        Ok(SkewExp { vectors, angles, vectors_t_g })
+    }
+
+    fn bytes(&self) -> u64 {
+        8 * (self.angles.len()
+            + self.vectors.nrows() * self.vectors.ncols()
+            + self.vectors_t_g.nrows() * self.vectors_t_g.ncols()) as u64
+    }
+
+    /// The first `cols` columns of `exp(f·g)`.
+    fn columns(&self, f: f64, cols: usize) -> Mat<f64> {
+        let parts: Vec<(f64, f64)> = self
+            .angles
+            .iter()
+            .map(|&theta| {
+                let ft = f * theta;
+                // sin fθ/θ → f·(1 − (fθ)²/6) near 0
+                (ft.cos(), if ft.abs() < 1e-4 { f * (1.0 - ft * ft / 6.0) } else { ft.sin() / theta })
+            })
+            .collect();
+        let w = &self.vectors;
+        let inner =
+            Mat::from_fn(w.nrows(), cols, |i, j| parts[i].0 * w[(j, i)] + parts[i].1 * self.vectors_t_g[(i, j)]);
+        mm(w.as_ref(), inner.as_ref())
+    }
+}
+
+/// `exp(g)` for a skew-symmetric `g`.
 fn expm(g: MatRef<f64>) -> MathResult<Mat<f64>> {
-    let g = skew_part(g);
-    let n = g.nrows();
-    let square = gram_lower(g.as_ref());
-    sequential();
-    let e = square
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| format!("the eigendecomposition in a matrix exponential did not converge ({e:?})"))?;
-    let (w, squares) = (e.U(), e.S().column_vector());
-    let parts: Vec<(f64, f64)> = (0..n)
-        .map(|j| {
-            let theta = squares[j].max(0.0).sqrt();
-            // sin θ/θ → 1 − θ²/6 near 0
-            let sinc = if theta < 1e-4 { 1.0 - squares[j].max(0.0) / 6.0 } else { theta.sin() / theta };
-            (theta.cos(), sinc)
-        })
-        .collect();
-    let wt_g = mm(w.transpose(), g.as_ref());
-    let inner = Mat::from_fn(n, n, |i, j| parts[i].0 * w[(j, i)] + parts[i].1 * wt_g[(i, j)]);
-    Ok(mm(w, inner.as_ref()))
+    Ok(SkewExp::new(g)?.columns(1.0, g.ncols()))
 }
 
 /// Solves `s·g + g·s = c` for a symmetric `s` (eigenbasis of `s`).
@@ -406,20 +435,42 @@ fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
     Mat::from_fn(m, m, |i, j| if j < n { a[(i, j)] } else { ext[(i, j - n)] })
 }
 
-/// The geodesic exponential on the Stiefel manifold (canonical metric) at the tall `u`.
-fn exp_stiefel(u: MatRef<f64>, delta: MatRef<f64>) -> MathResult<Mat<f64>> {
-    let (n, p) = (u.nrows(), u.ncols());
-    let k = (n - p).min(p);
-    let a = mm(u.transpose(), delta);
-    let (q, r) = qr_pos((delta - u * a.as_ref()).as_ref());
-    let w = Mat::from_fn(p + k, p + k, |i, j| match (i < p, j < p) {
-        (true, true) => a[(i, j)],
-        (true, false) => -r[(j - p, i)],
-        (false, true) => r[(i - p, j)],
-        (false, false) => 0.0,
-    });
-    let m = expm(w.as_ref())?;
-    Ok(mm(u, m.submatrix(0, 0, p, p)) + mm(q.subcols(0, k), m.submatrix(p, 0, k, p)))
+/// The geodesic on the Stiefel manifold (canonical metric) from the tall `u` along the tangent
+/// `Δ`: its points `exp_stiefel(u, f·Δ)` for any `f`, all from one skew exponential (rotate
+/// takes two points of it per merge, and a cached geodesic serves every later alignment).
+pub struct StiefelGeodesic {
+    u: Mat<f64>,
+    /// The orthonormal complement directions `q` (n × k) of `Δ − u·uᵀ·Δ`.
+    q: Mat<f64>,
+    /// Of the skew `[[uᵀΔ, −rᵀ], [r, 0]]` with `q·r = Δ − u·uᵀ·Δ`.
+    exp: SkewExp,
+}
+
+impl StiefelGeodesic {
+    pub fn new(u: MatRef<f64>, delta: MatRef<f64>) -> MathResult<StiefelGeodesic> {
+        let (n, p) = (u.nrows(), u.ncols());
+        let k = (n - p).min(p);
+        let a = mm(u.transpose(), delta);
+        let (q, r) = qr_pos((delta - u * a.as_ref()).as_ref());
+        let w = Mat::from_fn(p + k, p + k, |i, j| match (i < p, j < p) {
+            (true, true) => a[(i, j)],
+            (true, false) => -r[(j - p, i)],
+            (false, true) => r[(i - p, j)],
+            (false, false) => 0.0,
+        });
+        Ok(StiefelGeodesic { u: u.to_owned(), q: q.subcols(0, k).to_owned(), exp: SkewExp::new(w.as_ref())? })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        8 * (self.u.nrows() * self.u.ncols() + self.q.nrows() * self.q.ncols()) as u64 + self.exp.bytes()
+    }
+
+    /// `exp_stiefel(u, f·Δ)`.
+    pub fn point(&self, f: f64) -> Mat<f64> {
+        let p = self.u.ncols();
+        let m = self.exp.columns(f, p);
+        mm(self.u.as_ref(), m.subrows(0, p)) + mm(self.q.as_ref(), m.subrows(p, self.q.ncols()))
+    }
 }
 
 /// The Stiefel logarithm of tall `b` at tall `a` (Zimmermann's algorithm, as in sd-mecha):
@@ -531,7 +582,7 @@ impl Transform {
         x: MatRef<f64>,
         t: f64,
         eig: &mut dyn FnMut() -> MathResult<std::sync::Arc<OrthogonalEig>>,
-        log: &mut dyn FnMut() -> MathResult<std::sync::Arc<Mat<f64>>>,
+        geodesic: &mut dyn FnMut() -> MathResult<std::sync::Arc<StiefelGeodesic>>,
     ) -> MathResult<Mat<f64>> {
         if t == 0.0 {
             return Ok(x.to_owned());
@@ -557,11 +608,8 @@ impl Transform {
                 } else if is_close(t, -1.0) {
                     (v.clone(), u.clone())
                 } else {
-                    let delta = log()?;
-                    let scaled = |f: f64| Mat::from_fn(delta.nrows(), delta.ncols(), |i, j| delta[(i, j)] * f);
-                    let l = exp_stiefel(v.as_ref(), scaled((t + 1.0) / 2.0).as_ref())?;
-                    let r = exp_stiefel(v.as_ref(), scaled((1.0 - t) / 2.0).as_ref())?;
-                    (l, r)
+                    let geodesic = geodesic()?;
+                    (geodesic.point((t + 1.0) / 2.0), geodesic.point((1.0 - t) / 2.0))
                 };
                 let (xr, xl) = (mm(x, r.as_ref()), mm(x, l.as_ref()));
                 Ok(x - mm(xr.as_ref(), r.transpose()) + mm(xl.as_ref(), r.transpose()))
@@ -725,7 +773,15 @@ mod tests {
         let (u, _) = qr(x.as_ref());
         let (w, _) = qr(y.as_ref());
         let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
-        assert!(max_diff(exp_stiefel(u.as_ref(), delta.as_ref()).unwrap().as_ref(), w.as_ref()) < 1e-9);
+        let geodesic = StiefelGeodesic::new(u.as_ref(), delta.as_ref()).unwrap();
+        assert!(max_diff(geodesic.point(1.0).as_ref(), w.as_ref()) < 1e-9);
+        assert!(max_diff(geodesic.point(0.0).as_ref(), u.as_ref()) < 1e-14);
+        // an inner point is on the manifold, and on the same geodesic: its logarithm is f·Δ
+        let middle = geodesic.point(0.3);
+        let identity = Mat::<f64>::identity(3, 3);
+        assert!(max_diff((middle.transpose() * &middle).as_ref(), identity.as_ref()) < 1e-13);
+        let partial = log_stiefel(u.as_ref(), middle.as_ref(), 1e-12, 100).unwrap();
+        assert!(max_diff(partial.as_ref(), (&delta * faer::Scale(0.3)).as_ref()) < 1e-9);
     }
 
     #[test]
