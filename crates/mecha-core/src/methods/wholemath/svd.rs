@@ -611,8 +611,9 @@ impl Transform {
                     let geodesic = geodesic()?;
                     (geodesic.point((t + 1.0) / 2.0), geodesic.point((1.0 - t) / 2.0))
                 };
-                let (xr, xl) = (mm(x, r.as_ref()), mm(x, l.as_ref()));
-                Ok(x - mm(xr.as_ref(), r.transpose()) + mm(xl.as_ref(), r.transpose()))
+                // x − (x·r)·rᵀ + (x·l)·rᵀ = x + (x·(l − r))·rᵀ: two products instead of four
+                let moved = mm(x, (l - &r).as_ref());
+                Ok(x + mm(moved.as_ref(), r.transpose()))
             }
         }
     }
