@@ -8,9 +8,12 @@
 // how much of the first merge the cached decompositions save.
 //
 //   node bench/recipe-bench.mjs --case ties|rotate|truncate_rank [--rounds 1] [--dir bench/out]
-//                               [--memory 2G] [--skip-reference] [--near]
+//                               [--memory 2G] [--skip-reference] [--near] [--reference-timeout S]
+// --reference-timeout stops sd-mecha after S seconds, or after S times this library's first merge
+// when written `2.5x` (rotate of a whole model takes it hours), and reports how many keys it had
+// finished: the ratio printed is then a lower bound.
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -26,6 +29,7 @@ const arg = (name, fallback) => {
 const which = String(arg('case', 'ties'))
 const rounds = Number(arg('rounds', 1))
 const memory = arg('memory', undefined)
+const referenceTimeout = arg('reference-timeout', undefined)
 const dir = resolve(String(arg('dir', join(here, 'out'))))
 mkdirSync(dir, { recursive: true })
 
@@ -72,12 +76,17 @@ const recipes = cases[which]().map((recipe, i) => {
   return path
 })
 
-/** Runs a command under /usr/bin/time; returns wall seconds, peak RSS bytes and stdout. */
-function timed(cmd, args) {
-  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', cmd, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 })
-  if (r.status !== 0) throw new Error(`${cmd} failed:\n${r.stdout}\n${r.stderr}`)
+/**
+ * Runs a command under /usr/bin/time (and `timeout -s KILL` when given a limit); returns wall
+ * seconds, peak RSS bytes, stdout and whether the limit stopped it.
+ */
+function timed(cmd, args, limitSeconds) {
+  const limited = limitSeconds ? ['timeout', '-s', 'KILL', String(limitSeconds), cmd] : [cmd]
+  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', ...limited, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 })
+  const stopped = Boolean(limitSeconds) && r.status === 137
+  if (r.status !== 0 && !stopped) throw new Error(`${cmd} failed:\n${r.stdout}\n${r.stderr}`)
   const [wall, kb] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number)
-  return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout }
+  return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout, stopped }
 }
 const warm = () => spawnSync('cat', inputs, { stdio: ['ignore', 'ignore', 'inherit'] })
 
@@ -100,13 +109,29 @@ for (let round = 0; round < rounds; round++) {
   if (withReference) {
     rmSync(refOut, { force: true })
     warm()
-    reference = timed(python, [join(here, 'reference_recipe.py'), recipes[0], refOut])
-    reference.inner = JSON.parse(reference.stdout.trim().split('\n').at(-1))
+    const progress = `${refOut}.progress`
+    rmSync(progress, { force: true })
+    const script = [join(here, 'reference_recipe.py'), recipes[0], refOut, '--progress', progress]
+    const limit = String(referenceTimeout ?? '').endsWith('x')
+      ? Math.ceil(parseFloat(referenceTimeout) * report.merges[0])
+      : referenceTimeout
+    reference = timed(python, script, limit)
+    reference.limit = limit
+    if (reference.stopped) {
+      // a lower bound: the merge had run this long when the limit stopped it
+      const [done, total, , startedUnix] = readFileSync(progress, 'utf8').trim().split(' ').map(Number)
+      reference.inner = { seconds: Date.now() / 1000 - startedUnix, done, total }
+      rmSync(refOut, { force: true })
+    } else {
+      reference.inner = JSON.parse(reference.stdout.trim().split('\n').at(-1))
+    }
+    rmSync(progress, { force: true })
   }
   runs.push({ ours, report, reference })
   console.error(
     `round ${round + 1}/${rounds}: ours ${report.merges.map((s) => s.toFixed(2)).join(' s, then ')} s` +
-      (reference ? `; sd-mecha ${reference.inner.seconds.toFixed(2)} s` : ''),
+      (reference ? `; sd-mecha ${reference.inner.seconds.toFixed(2)} s` : '') +
+      (reference?.stopped ? ` (stopped, ${reference.inner.done} of ${reference.inner.total} keys done)` : ''),
   )
 }
 
@@ -130,11 +155,21 @@ if (runs[0].report.merges.length > 1) {
 if (withReference) {
   const ref = median(runs.map((r) => r.reference.inner.seconds))
   const refRss = Math.max(...runs.map((r) => r.reference.peakRss))
-  console.log(`| sd-mecha 1.1.8 (torch CPU) | ${ref.toFixed(2)} | ${(refRss / 2 ** 20).toFixed(0)} |`)
+  const stopped = runs.some((r) => r.reference.stopped)
   console.log(
-    `\nsd-mecha / this library: ${(ref / first).toFixed(2)}× merge time, ${(refRss / ourRss).toFixed(1)}× peak RSS`,
+    `| sd-mecha 1.1.8 (torch CPU) | ${stopped ? '> ' : ''}${ref.toFixed(2)} | ${(refRss / 2 ** 20).toFixed(0)} |`,
   )
-  compareOutputs(ourOut, refOut)
+  console.log(
+    `\nsd-mecha / this library: ${stopped ? 'more than ' : ''}${(ref / first).toFixed(2)}× merge time, ` +
+      `${(refRss / ourRss).toFixed(1)}× peak RSS`,
+  )
+  if (stopped) {
+    const { done, total } = runs[0].reference.inner
+    const { limit } = runs[0].reference
+    console.log(`sd-mecha was stopped at its ${limit} s limit (${referenceTimeout}) with ${done} of ${total} keys done`)
+  } else {
+    compareOutputs(ourOut, refOut)
+  }
 }
 console.log(
   `memory budget ${(runs[0].report.memoryBudget / 2 ** 20).toFixed(0)} MiB, ${runs[0].report.overBudget} key(s) over it`,

@@ -438,8 +438,9 @@ fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
 /// The geodesic on the Stiefel manifold (canonical metric) from the tall `u` along the tangent
 /// `Δ`: its points `exp_stiefel(u, f·Δ)` for any `f`, all from one skew exponential (rotate
 /// takes two points of it per merge, and a cached geodesic serves every later alignment).
+/// It does not keep `u`: the caller has it already (rotate's cached transform), and a copy
+/// would double the cache for the widest keys.
 pub struct StiefelGeodesic {
-    u: Mat<f64>,
     /// The orthonormal complement directions `q` (n × k) of `Δ − u·uᵀ·Δ`.
     q: Mat<f64>,
     /// Of the skew `[[uᵀΔ, −rᵀ], [r, 0]]` with `q·r = Δ − u·uᵀ·Δ`.
@@ -458,18 +459,18 @@ impl StiefelGeodesic {
             (false, true) => r[(i - p, j)],
             (false, false) => 0.0,
         });
-        Ok(StiefelGeodesic { u: u.to_owned(), q: q.subcols(0, k).to_owned(), exp: SkewExp::new(w.as_ref())? })
+        Ok(StiefelGeodesic { q: q.subcols(0, k).to_owned(), exp: SkewExp::new(w.as_ref())? })
     }
 
     pub fn bytes(&self) -> u64 {
-        8 * (self.u.nrows() * self.u.ncols() + self.q.nrows() * self.q.ncols()) as u64 + self.exp.bytes()
+        8 * (self.q.nrows() * self.q.ncols()) as u64 + self.exp.bytes()
     }
 
-    /// `exp_stiefel(u, f·Δ)`.
-    pub fn point(&self, f: f64) -> Mat<f64> {
-        let p = self.u.ncols();
+    /// `exp_stiefel(u, f·Δ)`, for the `u` the geodesic was made from.
+    pub fn point(&self, u: MatRef<f64>, f: f64) -> Mat<f64> {
+        let p = u.ncols();
         let m = self.exp.columns(f, p);
-        mm(self.u.as_ref(), m.subrows(0, p)) + mm(self.q.as_ref(), m.subrows(p, self.q.ncols()))
+        mm(u, m.subrows(0, p)) + mm(self.q.as_ref(), m.subrows(p, self.q.ncols()))
     }
 }
 
@@ -575,7 +576,7 @@ impl Transform {
     }
 
     /// `x` transformed by the transform's power `t`. `eig` gives the eigendecomposition of the
-    /// full matrix, `log` the Stiefel logarithm of `u` at `v`; both are asked for only when `t`
+    /// full matrix, `geodesic` the Stiefel geodesic from `v` to `u`; both are asked for only when `t`
     /// needs them (so their cached values can be used).
     pub fn apply(
         &self,
@@ -609,7 +610,7 @@ impl Transform {
                     (v.clone(), u.clone())
                 } else {
                     let geodesic = geodesic()?;
-                    (geodesic.point((t + 1.0) / 2.0), geodesic.point((1.0 - t) / 2.0))
+                    (geodesic.point(v.as_ref(), (t + 1.0) / 2.0), geodesic.point(v.as_ref(), (1.0 - t) / 2.0))
                 };
                 // x − (x·r)·rᵀ + (x·l)·rᵀ = x + (x·(l − r))·rᵀ: two products instead of four
                 let moved = mm(x, (l - &r).as_ref());
@@ -775,10 +776,10 @@ mod tests {
         let (w, _) = qr(y.as_ref());
         let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
         let geodesic = StiefelGeodesic::new(u.as_ref(), delta.as_ref()).unwrap();
-        assert!(max_diff(geodesic.point(1.0).as_ref(), w.as_ref()) < 1e-9);
-        assert!(max_diff(geodesic.point(0.0).as_ref(), u.as_ref()) < 1e-14);
+        assert!(max_diff(geodesic.point(u.as_ref(), 1.0).as_ref(), w.as_ref()) < 1e-9);
+        assert!(max_diff(geodesic.point(u.as_ref(), 0.0).as_ref(), u.as_ref()) < 1e-14);
         // an inner point is on the manifold, and on the same geodesic: its logarithm is f·Δ
-        let middle = geodesic.point(0.3);
+        let middle = geodesic.point(u.as_ref(), 0.3);
         let identity = Mat::<f64>::identity(3, 3);
         assert!(max_diff((middle.transpose() * &middle).as_ref(), identity.as_ref()) < 1e-13);
         let partial = log_stiefel(u.as_ref(), middle.as_ref(), 1e-12, 100).unwrap();
