@@ -119,8 +119,10 @@ for (let round = 0; round < rounds; round++) {
     reference.limit = limit
     if (reference.stopped) {
       // a lower bound: the merge had run this long when the limit stopped it
-      const [done, total, , startedUnix] = readFileSync(progress, 'utf8').trim().split(' ').map(Number)
+      // (and the peak RSS its last key saw: /usr/bin/time cannot see through a killed `timeout`)
+      const [done, total, , startedUnix, peakKib] = readFileSync(progress, 'utf8').trim().split(' ').map(Number)
       reference.inner = { seconds: Date.now() / 1000 - startedUnix, done, total }
+      reference.peakRss = peakKib * 1024
       rmSync(refOut, { force: true })
     } else {
       reference.inner = JSON.parse(reference.stdout.trim().split('\n').at(-1))

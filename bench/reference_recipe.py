@@ -4,10 +4,11 @@ the merge's seconds (its defaults: fp32 compute, fp16 output, its own thread cou
 usage: reference_recipe.py <recipe.mecha> <out.safetensors> [--progress <file>]
 
 With --progress, the file always holds "<keys done> <keys in all> <seconds at the last key>
-<unix time the merge started>", so a run stopped by a time limit still says how far it got.
+<unix time the merge started> <peak RSS KiB>", so a run stopped by a time limit still says how far it got.
 """
 import json
 import os
+import resource
 import sys
 import time
 
@@ -30,6 +31,10 @@ def main():
     print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
+def _peak_rss_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 class _ProgressFile(_NoProgress):
     """Rewrites one line of progress per finished key (sd-mecha calls update() once per key)."""
 
@@ -45,7 +50,7 @@ class _ProgressFile(_NoProgress):
     def _write(self):
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="utf-8") as f:
-            f.write(f"{self.done} {self.total} {time.perf_counter() - self.started:.2f} {self.started_unix:.3f}\n")
+            f.write(f"{self.done} {self.total} {time.perf_counter() - self.started:.2f} {self.started_unix:.3f} {_peak_rss_kib()}\n")
         os.replace(temporary, self.path)
 
 
