@@ -170,6 +170,9 @@ export interface JsParamSpec {
   defaultIsInt?: boolean
 }
 
+/** How many in-memory models are held. */
+export declare function memoryModelCount(): number
+
 /**
  * Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
  * it, so the TypeScript layer can raise its typed error classes).
@@ -249,6 +252,12 @@ export interface NativeMergeOptions {
   memoryBudget?: number
   /** Write a file with no tensors when no key can be produced (default false: an error). */
   allowEmpty?: boolean
+  /** List input keys outside the output's config among the skipped keys (default true). */
+  checkExtraKeys?: boolean
+  /** Refuse the merge when a mandatory key of the output's config cannot be built (default false). */
+  strictMandatoryKeys?: boolean
+  /** What the output's `mecha_recipe` records: `relative` (paths as given; default), `absolute`, `none`. */
+  embedRecipe?: string
 }
 
 export interface OutputTensorInfo {
@@ -283,6 +292,8 @@ export interface PlanInfo {
   keys: number
   outputBytes: number
   keysSkipped: Array<SkippedKeyInfo>
+  /** Keys of the result's config, not optional, that cannot be built (strictMandatoryKeys refuses these). */
+  unbuiltMandatory: Array<SkippedKeyInfo>
   threads: number
   /** Working memory of the merge threads (buffers), excluding the process itself. */
   estimatedWorkingBytes: number
@@ -313,10 +324,19 @@ export interface ProgressInfo {
 }
 
 /**
+ * Keeps a safetensors file given as bytes (validated like a file) for recipes to use as a
+ * model; returns its id. The bytes are copied once, here.
+ */
+export declare function registerMemoryModel(bytes: Buffer): number
+
+/**
  * Registers a merge method implemented by a JavaScript function; it then works in recipes,
  * `.mecha` text and `methods()` like a builtin.
  */
 export declare function registerMethod(spec: JsMethodSpec, callback: (call: JsMethodCall) => Float32Array | number | string): void
+
+/** Frees an in-memory model (called when its recipe node is garbage collected). */
+export declare function releaseMemoryModel(id: number): void
 
 /**
  * Serializes a JSON recipe to `.mecha` text, finalized like sd-mecha: absolute paths, solved

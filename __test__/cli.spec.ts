@@ -1,10 +1,10 @@
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { existsSync, writeFileSync } from 'node:fs'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { inspect, merge, model, toFloat32, weightedSum } from '../dist/index.js'
+import { configs, inspect, merge, model, toFloat32, weightedSum } from '../dist/index.js'
 import { tempDir, writeSafetensors } from './helpers.ts'
 
 const cli = fileURLToPath(new URL('../dist/cli.js', import.meta.url))
@@ -60,6 +60,22 @@ test('mecha merge and plan take a memory budget (--memory 2M)', (t) => {
   t.regex(bad.stderr, /--memory: "lots" is not a size/)
 })
 
+test('mecha merge --fallback-model takes the keys the recipe cannot produce from that model', (t) => {
+  const { dir, recipe } = setup()
+  const extra = join(dir, 'extra.safetensors')
+  writeSafetensors(extra, {
+    w: { dtype: 'F16', shape: [2, 2], values: [9, 9, 9, 9] },
+    bias: { dtype: 'F16', shape: [2], values: [1, 2] },
+  })
+  const out = join(dir, 'out.safetensors')
+  const r = mecha('merge', recipe, '-o', out, '--fallback-model', extra, '--json')
+  t.is(r.status, 0, r.stderr)
+  t.is(JSON.parse(r.stdout).keysWritten, 2)
+  const info = inspect(out)
+  t.deepEqual(info.tensors.map((x) => x.name).sort(), ['bias', 'w'])
+  t.regex(info.metadata['mecha_recipe'], /merge "fallback"/)
+})
+
 test('mecha info prints the header summary and metadata', (t) => {
   const { a } = setup()
   const r = mecha('info', a)
@@ -69,6 +85,78 @@ test('mecha info prints the header summary and metadata', (t) => {
   t.regex(r.stdout, /note: hello/)
   const json = JSON.parse(mecha('info', a, '--json').stdout)
   t.is(json.tensors, 1)
+})
+
+test('mecha info shows the inferred config and how much of each component the file holds', (t) => {
+  const dir = tempDir()
+  const path = join(dir, 'text-encoder-only.safetensors')
+  // sd1-ldm's whole CLIP-L text encoder (tiny shapes: inference reads names only), one VAE key
+  // and a key no config lists
+  const tensors: Parameters<typeof writeSafetensors>[1] = {}
+  const keys = configs.keys('sd1-ldm')
+  for (const k of keys.filter((k) => k.component === 'clip_l'))
+    tensors[k.key] = { dtype: 'F16', shape: [1], values: [0] }
+  tensors[keys.find((k) => k.component === 'vae')!.key] = { dtype: 'F16', shape: [1], values: [0] }
+  tensors['not.a.config.key'] = { dtype: 'F16', shape: [1], values: [0] }
+  writeSafetensors(path, tensors)
+  const r = mecha('info', path)
+  t.is(r.status, 0, r.stderr)
+  t.regex(r.stdout, /config: sd1-ldm\n/)
+  t.regex(r.stdout, /clip_l +197\/197 keys\n/)
+  t.regex(r.stdout, /vae +1\/248 keys \(247 missing\)\n/)
+  t.regex(r.stdout, /ema +0\/688 keys \(688 missing, 688 of them optional\)\n/)
+  t.regex(r.stdout, /1 keys are not in the config\n/)
+  t.true(r.stdout.endsWith('\n'))
+  const json = JSON.parse(mecha('info', path, '--json').stdout)
+  t.is(json.config, 'sd1-ldm')
+  t.deepEqual(
+    json.components.find((c: { name: string }) => c.name === 'diffuser'),
+    { name: 'diffuser', present: 0, total: 686, optionalMissing: 0 },
+  )
+  t.is(json.keysOutsideConfig, 1)
+
+  const { a } = setup()
+  t.regex(mecha('info', a).stdout, /config: none of the known configs matches these keys/)
+})
+
+test("mecha help <command> and <command> --help print that command's options", (t) => {
+  for (const command of ['merge', 'plan', 'serialize', 'info']) {
+    const help = mecha('help', command)
+    t.is(help.status, 0, help.stderr)
+    t.regex(help.stdout, new RegExp(`^Usage: mecha ${command} `))
+    t.true(help.stdout.endsWith('\n'))
+    t.is(mecha(command, '--help').stdout, help.stdout)
+    t.is(mecha(command, '-h').stdout, help.stdout)
+  }
+  t.regex(mecha('help', 'merge').stdout, /--output-dtype <dtype>/)
+  t.regex(mecha('help', 'info').stdout, /--keys/)
+  t.regex(mecha('help').stdout, /mecha help <command>/)
+  const wrong = mecha('help', 'merg')
+  t.is(wrong.status, 2)
+  t.regex(wrong.stderr, /unknown command "merg"; did you mean "merge"\?/)
+})
+
+test('mecha serialize takes the JSON recipes merge takes, and its file ends with a newline', (t) => {
+  const { dir, a, recipe } = setup()
+  const printed = mecha('serialize', recipe)
+  t.is(printed.status, 0, printed.stderr)
+  t.regex(printed.stdout, /^version 0\.1\.0\n/)
+  t.regex(printed.stdout, /merge_space="weight"/)
+  const out = join(dir, 'out.mecha')
+  t.is(mecha('serialize', recipe, '-o', out).status, 0)
+  t.is(readFileSync(out, 'utf8'), printed.stdout)
+  // a recipe whose result is a delta serializes too; --strict-merge-space still narrows
+  const delta = join(dir, 'delta.json')
+  writeFileSync(
+    delta,
+    JSON.stringify({ nodes: [{ model: a }, { model: a }, { merge: 'subtract', args: [{ node: 0 }, { node: 1 }] }] }),
+  )
+  const d = mecha('serialize', delta)
+  t.is(d.status, 0, d.stderr)
+  t.regex(d.stdout, /merge "subtract"/)
+  const refused = mecha('serialize', delta, '--strict-merge-space', 'weight')
+  t.is(refused.status, 1)
+  t.regex(refused.stderr, /MergeSpaceError/)
 })
 
 test('mecha reports errors with their type and a non-zero exit', (t) => {

@@ -10,9 +10,18 @@ const dist = join(root, 'dist')
 
 // ESM entry: explicit named re-exports of the CommonJS build, so `import { merge } from 'sd-mecha'`
 // works without relying on Node's CommonJS export detection.
-const names = Object.keys(createRequire(import.meta.url)(join(dist, 'index.js'))).filter((n) => n !== '__esModule')
-writeFileSync(join(dist, 'index.mjs'), `import cjs from './index.js'\nexport const { ${names.join(', ')} } = cjs\n`)
-writeFileSync(join(dist, 'index.d.mts'), `export * from './index.js'\n`)
+// `default` (the whole API as one object) cannot be destructured into a const, so it is exported apart.
+// The CommonJS build is loaded with require(), not `import cjs from './index.js'`: a default import
+// of a module marked `__esModule` is `module.exports` in Node and Deno but `module.exports.default`
+// in Bun, whose `import mecha from 'sd-mecha'` was then undefined.
+const names = Object.keys(createRequire(import.meta.url)(join(dist, 'index.js'))).filter(
+  (n) => n !== '__esModule' && n !== 'default',
+)
+writeFileSync(
+  join(dist, 'index.mjs'),
+  `import { createRequire } from 'node:module'\nconst cjs = createRequire(import.meta.url)('./index.js')\nexport const { ${names.join(', ')} } = cjs\nexport default cjs.default\n`,
+)
+writeFileSync(join(dist, 'index.d.mts'), `export * from './index.js'\nexport { default } from './index.js'\n`)
 chmodSync(join(dist, 'cli.js'), 0o755)
 
 for (const file of readdirSync(root).filter((f) => /^sd-mecha\..+\.node$/.test(f))) {

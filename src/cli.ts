@@ -5,11 +5,11 @@ import { basename, extname } from 'node:path'
 import native = require('./native')
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
-import { mergeWire, parseBytes, type MergeReport, type Progress } from './merge'
+import { mergeWire, parseBytes, type EmbedRecipe, type MergeReport, type Progress } from './merge'
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
-import type { MergeSpace } from './recipe'
+import type { MergeSpace, WireRecipe } from './recipe'
 
 const HELP = `mecha: merge and convert safetensors models with sd-mecha recipes
 
@@ -18,31 +18,88 @@ Usage:
   mecha plan <recipe> [--json]              dry run: configs, spaces, keys kept/skipped, memory
   mecha serialize <recipe> [-o out.mecha]   finalized .mecha text (configs inferred, paths absolute)
   mecha info <file.safetensors> [--json] [--keys]
+  mecha help <command>                      the options of one command
   mecha --help | --version
-
-merge options:
-  -o, --output <path>          output safetensors file (required)
-  -t, --threads <n>            worker threads (default: one per CPU)
-      --merge-dtype <dtype>    f32 (default), f64, f16, bf16
-      --output-dtype <dtype>   f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2
-      --strict-merge-space <s> weight (default), delta, param, or any
-      --memory <size>          memory budget for keys computed at once, e.g. 2G (default: 1/4 of RAM, ≤ 4G)
-      --json                   print the report as JSON
-  -q, --quiet                  no progress bar
 
 Recipes are .mecha files (sd-mecha's format) or JSON, which lists nodes; arguments refer to
 earlier nodes by index:
   {"nodes": [{"model": "a.safetensors"}, {"model": "b.safetensors"},
              {"merge": "weighted_sum", "args": [{"node": 0}, {"node": 1}], "kwargs": {"alpha": 0.3}}]}
 Relative model paths are resolved against the current directory.
-
 `
+
+const SPACE_OPTION = `      --strict-merge-space <s> the space the result must be in: weight (default), delta, param, or any`
+const DTYPE_OPTIONS = `  -t, --threads <n>            worker threads (default: one per CPU; the output is the same for any count)
+      --merge-dtype <dtype>    f32 (default), f64, f16, bf16
+      --output-dtype <dtype>   f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2
+${SPACE_OPTION}
+      --memory <size>          memory budget for keys computed at once, e.g. 2G (default: 1/4 of RAM, ≤ 4G)`
+
+/** What `mecha help <command>` and `mecha <command> --help` print. */
+const COMMAND_HELP: Record<string, string> = {
+  merge: `Usage: mecha merge <recipe.mecha|recipe.json> -o <out.safetensors> [options]
+
+Merges the recipe key by key into a safetensors file. The file appears only when the merge
+completes (Ctrl-C cancels and leaves nothing behind); the recipe is stored in its metadata.
+
+Options:
+  -o, --output <path>          output safetensors file (required; never one of the inputs)
+${DTYPE_OPTIONS}
+      --fallback-model <path>  take the keys the recipe cannot produce from this model
+      --strict-mandatory-keys  fail (writing nothing) when a key the model config does not mark
+                               optional cannot be merged, instead of skipping it
+      --embed-recipe <how>     the recipe stored in the output: relative (model paths as given;
+                               default, as sd-mecha), absolute, or none
+      --json                   print the report as JSON
+  -q, --quiet                  no progress bar
+`,
+  plan: `Usage: mecha plan <recipe.mecha|recipe.json> [options]
+
+Resolves the recipe without merging: the inferred model configs and merge spaces, the keys that
+will be written or skipped (and why), and the working memory it will need.
+
+Options:
+${DTYPE_OPTIONS}
+      --json                   print the plan as JSON
+`,
+  serialize: `Usage: mecha serialize <recipe.mecha|recipe.json> [-o out.mecha]
+
+Prints the recipe as finalized .mecha text, as sd-mecha writes it: model configs inferred from
+the files' headers, merge spaces solved, defaults written out, model paths absolute.
+
+Options:
+  -o, --output <path>          write the text to this file instead of printing it
+      --strict-merge-space <s> the space the result must be in: weight, delta, param, or any
+                               (default: any, preferring weight as merge does)
+`,
+  info: `Usage: mecha info <file.safetensors> [--json] [--keys]
+
+Reads a safetensors header (no tensor data): tensor count, dtypes, metadata, the recipe that made
+the file, and the model config sd-mecha would infer with how much of each component is present.
+
+Options:
+      --json                   print everything as JSON
+      --keys                   also list every tensor with its dtype and shape
+`,
+}
 
 type Flags = Record<string, string | true>
 
 /** The flags each command takes (`help` and `version` go anywhere). */
 const commandFlags: Record<string, readonly string[]> = {
-  merge: ['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json', 'quiet'],
+  merge: [
+    'output',
+    'threads',
+    'merge-dtype',
+    'output-dtype',
+    'strict-merge-space',
+    'memory',
+    'fallback-model',
+    'strict-mandatory-keys',
+    'embed-recipe',
+    'json',
+    'quiet',
+  ],
   plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
   serialize: ['output', 'strict-merge-space'],
   info: ['json', 'keys'],
@@ -72,7 +129,16 @@ function checkUsage(command: string, args: string[], flags: Flags): void {
 
 function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
   const aliases: Record<string, string> = { o: 'output', t: 'threads', q: 'quiet', h: 'help', v: 'version' }
-  const valued = new Set(['output', 'threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory'])
+  const valued = new Set([
+    'output',
+    'threads',
+    'merge-dtype',
+    'output-dtype',
+    'strict-merge-space',
+    'memory',
+    'fallback-model',
+    'embed-recipe',
+  ])
   const positional: string[] = []
   const flags: Flags = {}
   for (let i = 0; i < argv.length; i++) {
@@ -152,6 +218,21 @@ function readRecipe(path: string): string {
   throw new UsageError(`cannot read recipe ${basename(path)}: use a .mecha or .json file`)
 }
 
+/** The wire recipe `fallback(recipe, model(path))`, as `merge()`'s `fallbackModel` builds it. */
+function withFallback(wireText: string, path: string): string {
+  let wire: WireRecipe
+  try {
+    wire = JSON.parse(wireText) as WireRecipe
+  } catch {
+    return wireText // the merge reports what is wrong with it
+  }
+  if (!Array.isArray(wire?.nodes)) return wireText
+  const recipeRoot = wire.root ?? wire.nodes.length - 1 // the wire format's default root
+  const modelId = wire.nodes.push({ model: path }) - 1
+  const root = wire.nodes.push({ merge: 'fallback', args: [{ node: recipeRoot }, { node: modelId }], kwargs: {} }) - 1
+  return JSON.stringify({ nodes: wire.nodes, root })
+}
+
 function strictSpace(flags: Flags): MergeSpace | null | undefined {
   const strict = flags['strict-merge-space'] as string | undefined
   return strict === 'any' ? null : (strict as MergeSpace | undefined)
@@ -184,13 +265,17 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   }
   process.on('SIGINT', onSigint)
   try {
-    const report = (await mergeWire(readRecipe(recipePath), {
+    const recipe = readRecipe(recipePath)
+    const fallbackModel = flags['fallback-model'] as string | undefined
+    const report = (await mergeWire(fallbackModel ? withFallback(recipe, fallbackModel) : recipe, {
       output,
       threads,
       mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
       outputDtype: flags['output-dtype'] as DtypeName | undefined,
       strictMergeSpace: strictSpace(flags),
       memoryBudget: memoryFlag(flags),
+      strictMandatoryKeys: flags['strict-mandatory-keys'] === true,
+      embedRecipe: flags['embed-recipe'] as EmbedRecipe | undefined,
       onProgress: showProgress ? progressBar() : undefined,
       signal: controller.signal,
     })) as MergeReport
@@ -236,9 +321,11 @@ function cmdPlan(positional: string[], flags: Flags): number {
 function cmdSerialize(positional: string[], flags: Flags): number {
   const [recipePath] = positional
   if (!recipePath) throw new UsageError('serialize needs a recipe file')
+  // `any` by default: every recipe merge and plan accept serializes the same way (an ambiguous
+  // model takes weight, as there), and so do fragments whose result is a delta.
   const strict = strictSpace(flags)
-  const text = callNative(() => native.serialize(readRecipe(recipePath), strict === null ? 'any' : (strict ?? 'free')))
-  if (typeof flags.output === 'string') writeFileSync(flags.output, text)
+  const text = callNative(() => native.serialize(readRecipe(recipePath), strict ?? 'any'))
+  if (typeof flags.output === 'string') writeFileSync(flags.output, text.endsWith('\n') ? text : `${text}\n`)
   else console.log(text)
   return 0
 }
@@ -259,6 +346,20 @@ function cmdInfo(positional: string[], flags: Flags): number {
       .map(([d, n]) => `${d}×${n}`)
       .join(', ')}`,
   )
+  if (info.config === null) {
+    console.log('  config: none of the known configs matches these keys (merge it with an explicit config)')
+  } else {
+    console.log(`  config: ${info.config}`)
+    console.log('  components:')
+    for (const c of info.components) {
+      const missing = c.total - c.present
+      const note = missing
+        ? ` (${missing} missing${c.optionalMissing ? `, ${c.optionalMissing} of them optional` : ''})`
+        : ''
+      console.log(`    ${c.name.padEnd(12)} ${c.present}/${c.total} keys${note}`)
+    }
+    if (info.keysOutsideConfig) console.log(`  ${info.keysOutsideConfig} keys are not in the config`)
+  }
   const meta = Object.entries(rest.metadata).filter(([k]) => k !== 'mecha_recipe')
   if (meta.length) {
     console.log('  metadata:')
@@ -269,6 +370,12 @@ function cmdInfo(positional: string[], flags: Flags): number {
   return 0
 }
 
+function commandHelp(command: string): string {
+  const help = COMMAND_HELP[command]
+  if (!help) throw new UsageError(`unknown command "${command}"; ${suggestion(command, Object.keys(commandFlags))}`)
+  return help
+}
+
 async function main(argv: string[]): Promise<number> {
   const { positional, flags } = parseArgs(argv)
   const [command, ...rest] = positional
@@ -276,8 +383,14 @@ async function main(argv: string[]): Promise<number> {
     console.log(JSON.parse(readFileSync(`${__dirname}/../package.json`, 'utf8')).version)
     return 0
   }
+  if (command === 'help') {
+    const [topic, ...extra] = rest
+    if (extra.length) throw new UsageError(`help takes one command name, but was also given: ${extra.join(' ')}`)
+    process.stdout.write(topic === undefined ? HELP : commandHelp(topic))
+    return 0
+  }
   if (flags.help || !command) {
-    console.log(HELP)
+    process.stdout.write(command ? commandHelp(command) : HELP)
     return command || flags.help ? 0 : 1
   }
   checkUsage(command, rest, flags)

@@ -32,7 +32,7 @@ export interface MethodInput {
   stateDict?: boolean
 }
 
-export interface MethodContext {
+export interface MethodContext<Cache = unknown> {
   /** The key being computed. */
   key: string
   /** Shape of the whole output tensor. */
@@ -41,7 +41,7 @@ export interface MethodContext {
   offset: number
   length: number
   /** This node's cache (from `cacheFactory`), kept across merges of the same node object. */
-  cache: unknown
+  cache: Cache
   /**
    * Each input's shape (an array of shapes for varargs). Inputs keep their own shapes: a
    * conversion's inputs need not have the output's shape.
@@ -51,29 +51,115 @@ export interface MethodContext {
 
 export type MethodValue = Float32Array | number | boolean | string | null | MethodValue[]
 
-export interface MergeMethodDefinition {
+/** What a parameter of type `T` arrives as in `fn`. */
+type ValueOf<T extends ParamType | undefined> = T extends 'int' | 'float'
+  ? number
+  : T extends 'bool'
+    ? boolean
+    : T extends 'str'
+      ? string
+      : T extends 'T'
+        ? MethodValue
+        : Float32Array
+
+/**
+ * What one declared input arrives as in `fn`: varargs as an array; a `stateDict` input as one
+ * tensor or, when `mapKeys` gives several source keys, an array of them; `null` when that is the
+ * default.
+ */
+export type MethodArg<I extends MethodInput> = I extends { varargs: true }
+  ? ValueOf<I['type']>[]
+  : I extends { stateDict: true }
+    ? ValueOf<I['type']> | ValueOf<I['type']>[]
+    : ValueOf<I['type']> | (I extends { default: null } ? null : never)
+
+/** The `args` object `fn` receives, one entry per declared input. */
+export type MethodArgs<Inputs extends readonly MethodInput[]> = {
+  [I in Inputs[number] as I['name']]: MethodArg<I>
+}
+
+/** What `fn` returns for a method whose result has type `T`. */
+export type MethodResult<T extends ParamType | undefined> = T extends 'int' | 'float'
+  ? number
+  : T extends 'str'
+    ? string
+    : T extends 'bool'
+      ? number
+      : T extends 'T'
+        ? Float32Array | number | string
+        : Float32Array | number
+
+/** The return declaration of a method. */
+export interface MethodReturns<T extends ParamType = ParamType> {
+  type?: T
+  mergeSpace?: MergeSpace
+  config?: string
+}
+
+export interface MergeMethodDefinition<
+  Inputs extends readonly MethodInput[] = readonly MethodInput[],
+  Returns extends ParamType = ParamType,
+  Cache = unknown,
+> {
   /** sd-mecha-style id, e.g. `noise_sum`. */
   id: string
   description?: string
-  inputs: MethodInput[]
-  returns?: { type?: ParamType; mergeSpace?: MergeSpace; config?: string }
+  inputs: Inputs
+  returns?: MethodReturns<Returns>
   /** The function only combines elements at the same position: it is called per chunk. */
   elementwise?: boolean
   /** A conversion from the first input's config to `returns.config` (used by `convert`). */
   isConversion?: boolean
   /** For each key of `returns.config`, the keys of the first input it is computed from. */
   mapKeys?: (outputKey: string) => string | string[] | null | undefined
-  cacheFactory?: () => unknown
+  cacheFactory?: () => Cache
   /**
-   * Computes one key (or chunk). Tensors arrive as `Float32Array`s (a broadcast value as a
-   * number); return `length` values, or a number to fill them. A method whose `returns.type` is
-   * `'int'`, `'float'` or `'str'` returns that value (a number or a string).
+   * Computes one key (or chunk). Tensor inputs arrive as `Float32Array`s (a number given for a
+   * tensor input arrives filled to the chunk's or key's size); return `length` values, or a
+   * number to fill them. A method whose `returns.type` is `'int'`, `'float'` or `'str'` returns
+   * that value (a number or a string).
    */
-  fn: (args: Record<string, MethodValue>, context: MethodContext) => Float32Array | number | string
+  fn: (args: MethodArgs<Inputs>, context: MethodContext<Cache>) => MethodResult<Returns>
 }
 
-/** Builds a node of the method: required inputs positionally (varargs as an array), then options. */
-export type MethodBuilder = (...args: unknown[]) => MergeNode
+/** The required positional inputs (no default, not keyword-only), then the varargs array. */
+type PositionalArgs<Inputs extends readonly MethodInput[]> = Inputs extends readonly [
+  infer First extends MethodInput,
+  ...infer Rest extends readonly MethodInput[],
+]
+  ? First extends { varargs: true }
+    ? [RecipeInput[]]
+    : First extends { keywordOnly: true } | { default: unknown }
+      ? PositionalArgs<Rest>
+      : [RecipeInput, ...PositionalArgs<Rest>]
+  : []
+
+/** The names of the inputs given in the options object: those with a default or after varargs. */
+type OptionNames<Inputs extends readonly MethodInput[], AfterVarargs = false> = Inputs extends readonly [
+  infer First extends MethodInput,
+  ...infer Rest extends readonly MethodInput[],
+]
+  ? First extends { varargs: true }
+    ? OptionNames<Rest, true>
+    : | (AfterVarargs extends true
+          ? First['name']
+          : First extends { default: unknown }
+            ? First['name']
+            : First extends { keywordOnly: true }
+              ? First['name']
+              : never)
+      | OptionNames<Rest, AfterVarargs>
+  : never
+
+/**
+ * Builds a node of the method: required inputs positionally (varargs as an array), then an
+ * options object with the other inputs.
+ */
+export type MethodBuilder<Inputs extends readonly MethodInput[] = readonly MethodInput[]> = [
+  OptionNames<Inputs>,
+] extends [never]
+  ? (...args: PositionalArgs<Inputs>) => MergeNode
+  : (...args: [...PositionalArgs<Inputs>, options?: { [Name in OptionNames<Inputs>]?: RecipeInput }]) => MergeNode
 
 const caches = new WeakMap<RecipeNode, unknown>()
 
@@ -81,7 +167,15 @@ function isOptions(v: unknown): v is Record<string, RecipeInput | undefined> {
   return typeof v === 'object' && v !== null && !(v instanceof RecipeNode) && !(v instanceof Int) && !Array.isArray(v)
 }
 
-export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
+/**
+ * Registers a merge method written in JavaScript and returns its builder. Declare `inputs` inline
+ * (or `as const`): the builder's parameters and the types `fn` receives follow from them.
+ */
+export function defineMergeMethod<
+  const Inputs extends readonly MethodInput[],
+  Returns extends ParamType = 'Tensor',
+  Cache = unknown,
+>(def: MergeMethodDefinition<Inputs, Returns, Cache>): MethodBuilder<Inputs> {
   let afterVarargs = false
   const params = def.inputs.map((p) => {
     const type = p.type ?? 'Tensor'
@@ -112,17 +206,22 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
       if (from !== null && from !== undefined) routes[key] = ([] as string[]).concat(from)
     }
   }
-  const convert = (value: native.JsMethodArg, type: string): MethodValue => {
-    if (value.items) return value.items.map((item) => convert(item, type))
+  // `size`: how many values a number given for a tensor input is filled to (the chunk or key).
+  const convert = (value: native.JsMethodArg, type: string, size: number): MethodValue => {
+    if (value.items) return value.items.map((item) => convert(item, type, size))
     if (value.tensor) return value.tensor
     if (value.isNull) return null
     if (value.text !== undefined && value.text !== null) return value.text
     if (value.boolean !== undefined && value.boolean !== null) return value.boolean
     const n = value.number as number
+    if (type === 'Tensor') return new Float32Array(size).fill(n)
     return type === 'bool' ? n !== 0 : type === 'int' ? Math.trunc(n) : n
   }
-  const shapeOf = (value: native.JsMethodArg): number[] | number[][] | undefined =>
-    value.items ? value.items.map((item) => item.shape ?? []) : (value.shape ?? undefined)
+  const shapeOf = (value: native.JsMethodArg, filled: number[]): number[] | number[][] | undefined => {
+    if (value.items) return value.items.map((item) => shapeOf(item, filled) as number[])
+    if (value.shape) return value.shape
+    return typeof value.number === 'number' ? filled : undefined
+  }
   callNative(() =>
     native.registerMethod(
       {
@@ -139,9 +238,12 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
       (call) => {
         const args: Record<string, MethodValue> = {}
         const shapes: Record<string, number[] | number[][] | undefined> = {}
+        const elementwise = def.elementwise ?? false
+        const size = elementwise ? call.length : call.shape.reduce((a, b) => a * b, 1)
+        const filled = elementwise ? [call.length] : call.shape
         params.forEach((p, i) => {
-          args[p.name] = convert(call.args[i], p.type)
-          shapes[p.name] = shapeOf(call.args[i])
+          args[p.name] = p.type === 'Tensor' ? convert(call.args[i], p.type, size) : convert(call.args[i], p.type, 0)
+          shapes[p.name] = p.type === 'Tensor' ? shapeOf(call.args[i], filled) : shapeOf(call.args[i], [])
         })
         const node = call.node === undefined || call.node === null ? undefined : runningNode(call.context, call.node)
         let cache: unknown
@@ -149,13 +251,15 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
           if (!caches.has(node)) caches.set(node, def.cacheFactory())
           cache = caches.get(node)
         }
+        // The declared inputs' types describe what `convert` made of each argument.
+        const typedArgs = args as MethodArgs<Inputs>
         try {
-          return def.fn(args, {
+          return def.fn(typedArgs, {
             key: call.key,
             shape: call.shape,
             offset: call.offset,
             length: call.length,
-            cache,
+            cache: cache as Cache,
             shapes,
           })
         } catch (error) {
@@ -169,7 +273,7 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
 
   const required = params.filter((p) => p.kind === 'positional' && !p.hasDefault)
   const varargs = params.find((p) => p.kind === 'varargs')
-  return (...args: unknown[]) => {
+  const build = (...args: unknown[]): MergeNode => {
     const positional = args.slice(0, required.length) as RecipeInput[]
     const rest = args.slice(required.length)
     const many = varargs ? ((rest.shift() ?? []) as RecipeInput[]) : []
@@ -177,4 +281,7 @@ export function defineMergeMethod(def: MergeMethodDefinition): MethodBuilder {
     if (rest.length) throw new TypeError(`${def.id}: too many arguments`)
     return callMethod(def.id, [...positional, ...many], options as Record<string, RecipeInput | undefined>)
   }
+  // The conditional type cannot be checked against the implementation; `build` takes exactly
+  // the arguments it describes.
+  return build as MethodBuilder<Inputs>
 }

@@ -58,11 +58,38 @@ export type TensorData =
   | BigInt64Array
   | BigUint64Array
 
-/** A tensor returned by an in-memory merge. f16 and bf16 come as raw `Uint16Array` bits; use `toFloat32`. */
-export interface Tensor {
-  dtype: SafetensorsDtype
+/** The typed array each dtype's values come in (f16 and bf16 as raw bits; fp8 and smaller as bytes). */
+export interface TensorArrays {
+  F32: Float32Array
+  F64: Float64Array
+  F16: Uint16Array
+  BF16: Uint16Array
+  U16: Uint16Array
+  I8: Int8Array
+  I16: Int16Array
+  I32: Int32Array
+  U32: Uint32Array
+  I64: BigInt64Array
+  U64: BigUint64Array
+}
+
+/** A tensor of one dtype: `data` is the typed array for that dtype. */
+export interface TensorOf<D extends SafetensorsDtype> {
+  dtype: D
   shape: number[]
-  data: TensorData
+  data: D extends keyof TensorArrays ? TensorArrays[D] : Uint8Array
+}
+
+/**
+ * A tensor, discriminated by `dtype`: checking `t.dtype === 'F32'` makes `t.data` a
+ * `Float32Array`. f16 and bf16 come as raw `Uint16Array` bits; `toFloat32` decodes any of them.
+ */
+export type Tensor = { [D in SafetensorsDtype]: TensorOf<D> }[SafetensorsDtype]
+
+/** A tensor from a dtype and its little-endian bytes (viewed, not copied, when aligned). */
+export function tensorFromBytes(dtype: SafetensorsDtype, shape: number[], bytes: Uint8Array): Tensor {
+  // typedArray picks the array type TensorArrays names for `dtype`.
+  return { dtype, shape, data: typedArray(dtype, bytes) } as Tensor
 }
 
 type ArrayCtor = {

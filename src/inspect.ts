@@ -1,6 +1,7 @@
 /** Reading safetensors headers without loading tensors. */
 import native = require('./native')
 import { native as callNative } from './errors'
+import { configs } from './configs'
 import type { SafetensorsDtype } from './dtypes'
 
 export interface TensorInfo {
@@ -27,6 +28,24 @@ export interface FileInfo {
   config: string | null
   /** Every config the keys could be, best first (sd-mecha's ranking). */
   configCandidates: string[]
+  /**
+   * The inferred config's components (clip_l, vae, diffuser, …) in config order, each with how
+   * many of its keys the file holds (a key found under one of its aliases counts) and how many it
+   * has; empty when no config was inferred.
+   */
+  components: ComponentCoverage[]
+  /** Tensors in the file that the inferred config does not list (all of them when there is none). */
+  keysOutsideConfig: number
+}
+
+export interface ComponentCoverage {
+  name: string
+  /** Keys of the component present in the file. */
+  present: number
+  /** Keys the component has in the config. */
+  total: number
+  /** Of the keys missing from the file, how many the config marks optional. */
+  optionalMissing: number
 }
 
 /** Reads and validates a safetensors header. Throws `SafetensorsError` for invalid files. */
@@ -37,5 +56,39 @@ export function inspect(path: string): FileInfo {
   for (const t of tensors) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1
   const config = callNative(() => native.inferConfig(path)) ?? null
   const configCandidates = callNative(() => native.configCandidates(path))
-  return { ...info, tensors, dtypes, recipe: info.metadata['mecha_recipe'], config, configCandidates }
+  const { components, keysOutsideConfig } = coverage(config, tensors)
+  return {
+    ...info,
+    tensors,
+    dtypes,
+    recipe: info.metadata['mecha_recipe'],
+    config,
+    configCandidates,
+    components,
+    keysOutsideConfig,
+  }
+}
+
+/** How much of each component of `config` the tensors cover. */
+function coverage(
+  config: string | null,
+  tensors: readonly TensorInfo[],
+): { components: ComponentCoverage[]; keysOutsideConfig: number } {
+  if (config === null) return { components: [], keysOutsideConfig: tensors.length }
+  const names = new Set(tensors.map((t) => t.name))
+  const counted = new Set<string>()
+  const components = new Map<string, ComponentCoverage>()
+  for (const key of configs.keys(config)) {
+    const c = components.get(key.component) ?? { name: key.component, present: 0, total: 0, optionalMissing: 0 }
+    components.set(key.component, c)
+    c.total++
+    const found = [key.key, ...key.aliases].find((name) => names.has(name))
+    if (found !== undefined) {
+      c.present++
+      counted.add(found)
+    } else if (key.optional) {
+      c.optionalMissing++
+    }
+  }
+  return { components: [...components.values()], keysOutsideConfig: names.size - counted.size }
 }

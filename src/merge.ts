@@ -13,8 +13,12 @@ import {
   isThreads,
   maxThreads,
 } from './options'
-import { typedArray, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
-import { toWireWithNodes, type MergeSpace, type RecipeInput, type RecipeNode } from './recipe'
+import { tensorFromBytes, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
+import { fallback } from './methods.generated'
+import { model, RecipeNode, toWireWithNodes, type MergeSpace, type RecipeInput } from './recipe'
+
+/** How the output records its recipe: model paths as given, absolute, or no recipe. */
+export type EmbedRecipe = 'relative' | 'absolute' | 'none'
 
 export interface Progress {
   keysDone: number
@@ -58,6 +62,30 @@ export interface MergeOptions {
    * A number of bytes, or a size such as `'2G'` or `'512M'`.
    */
   memoryBudget?: number | string
+  /**
+   * A model (a path or any recipe node) that provides every key the recipe cannot: the recipe
+   * becomes `fallback(recipe, fallbackModel)`, as sd-mecha's `fallback_model` does. The stored
+   * recipe includes the fallback, so merging it again gives the same file.
+   */
+  fallbackModel?: string | RecipeNode
+  /**
+   * List input keys the output's model config does not have in `report.keysSkipped` (default
+   * `true`, as sd-mecha warns about them); `false` leaves them out of the report.
+   */
+  checkExtraKeys?: boolean
+  /**
+   * Refuse the merge (a `RecipeError` naming the keys and why) when a key of the output's config
+   * that is not optional cannot be built, e.g. because an input lacks it (default `false`: such
+   * keys are skipped and reported, as in sd-mecha).
+   */
+  strictMandatoryKeys?: boolean
+  /**
+   * What the output's `mecha_recipe` metadata records (default `'relative'`): the finalized recipe
+   * with model paths as they were given, as sd-mecha's `merge` stores it, so a shared file does not
+   * reveal the folders of whoever merged it; `'absolute'` resolves them; `'none'` stores no recipe
+   * (nor chosen seeds). `report.recipe` is the stored text (the absolute one with `'none'`).
+   */
+  embedRecipe?: EmbedRecipe
   /**
    * Write a file with no tensors when no key can be produced (default `false`: the merge is
    * refused with a `RecipeError` saying why the keys were skipped, as sd-mecha refuses it).
@@ -152,8 +180,9 @@ export interface MergeReport {
   /** Keys whose computation needed more than the budget, so ran alone. */
   overBudget: string[]
   /**
-   * The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata, with the
-   * chosen seeds in place of `seed: null`, so merging it again reproduces the output exactly.
+   * The recipe as `.mecha` text, as stored in the output's `mecha_recipe` metadata (see
+   * `embedRecipe`), with the chosen seeds in place of `seed: null`, so merging it again (from the
+   * same folder, for relative paths) reproduces the output exactly.
    */
   recipe: string
   /** Seeds chosen for `seed: null` parameters (also stored in the `mecha_seeds` metadata). */
@@ -191,6 +220,10 @@ const mergeOptionNames = [
   'memoryBudget',
   'allowEmpty',
   'cache',
+  'fallbackModel',
+  'checkExtraKeys',
+  'strictMandatoryKeys',
+  'embedRecipe',
 ] as const
 
 /** The options `plan()` takes (a subset of `merge()`'s). */
@@ -201,6 +234,7 @@ export const planOptionNames = [
   'strictMergeSpace',
   'chunkElements',
   'memoryBudget',
+  'checkExtraKeys',
 ] as const
 
 /** Refuses unknown option names and values outside what each option allows. */
@@ -217,9 +251,29 @@ export function checkMergeOptions(options: unknown, what: string, names: readonl
   checkValue(what, 'progressIntervalMs', o.progressIntervalMs, isMillis, 'a number of milliseconds ≥ 0')
   checkValue(what, 'signal', o.signal, (v) => v instanceof AbortSignal, 'an AbortSignal')
   checkValue(what, 'chunkElements', o.chunkElements, isCount, 'a positive integer')
-  for (const name of ['omitNonFiniteInputs', 'checkFiniteOutput', 'allowEmpty'])
+  for (const name of [
+    'omitNonFiniteInputs',
+    'checkFiniteOutput',
+    'allowEmpty',
+    'checkExtraKeys',
+    'strictMandatoryKeys',
+  ])
     checkValue(what, name, o[name], isBool, 'true or false')
   checkValue(what, 'cache', o.cache, (v) => v instanceof MergeCache, 'a MergeCache')
+  checkValue(
+    what,
+    'embedRecipe',
+    o.embedRecipe,
+    (v) => v === 'relative' || v === 'absolute' || v === 'none',
+    "'relative' (model paths as given), 'absolute' or 'none'",
+  )
+  checkValue(
+    what,
+    'fallbackModel',
+    o.fallbackModel,
+    (v) => (typeof v === 'string' && v !== '') || v instanceof RecipeNode,
+    'a model path or a recipe node',
+  )
   if (o.memoryBudget !== undefined) parseBytes(o.memoryBudget as number | string, 'memoryBudget')
 }
 
@@ -234,9 +288,18 @@ function strictSpace(s: MergeSpace | null | undefined): string | undefined {
  */
 export function merge(recipe: RecipeInput, options: MergeOptions & { output: string }): Promise<MergeReport>
 export function merge(recipe: RecipeInput, options?: MergeOptions & { output?: undefined }): Promise<MergedModel>
-export function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<MergeReport | MergedModel> {
-  const { wire, objects } = toWireWithNodes(recipe)
-  return mergeWire(JSON.stringify(wire), options, objects)
+/** `output` not known statically: a report when it is a path, the merged tensors otherwise. */
+export function merge(recipe: RecipeInput, options?: MergeOptions): Promise<MergeReport | MergedModel>
+// async so that every mistake, an option or the recipe, arrives as a rejected promise
+export async function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<MergeReport | MergedModel> {
+  checkMergeOptions(options, 'merge')
+  const { fallbackModel, ...rest } = options
+  const fallen =
+    fallbackModel === undefined
+      ? recipe
+      : fallback(recipe, typeof fallbackModel === 'string' ? model(fallbackModel) : fallbackModel)
+  const { wire, objects } = toWireWithNodes(fallen)
+  return mergeWire(JSON.stringify(wire), rest, objects)
 }
 
 /** Caches attached to recipe nodes (sd-mecha's `rotate(…, cache=…)`), used by merges of them. */
@@ -318,6 +381,9 @@ export async function mergeWire(
           omitNonFiniteInputs: options.omitNonFiniteInputs,
           checkFiniteOutput: options.checkFiniteOutput,
           allowEmpty: options.allowEmpty,
+          checkExtraKeys: options.checkExtraKeys,
+          strictMandatoryKeys: options.strictMandatoryKeys,
+          embedRecipe: options.embedRecipe,
           memoryBudget:
             options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
         },
@@ -341,7 +407,7 @@ export async function mergeWire(
     const result = new MergedModel(report)
     for (const t of outcome.tensors ?? []) {
       const dtype = t.dtype as SafetensorsDtype
-      result.set(t.name, { dtype, shape: t.shape, data: typedArray(dtype, t.data) })
+      result.set(t.name, tensorFromBytes(dtype, t.shape, t.data))
     }
     return result
   } finally {

@@ -13,6 +13,8 @@ export interface PlanReport {
   keys: number
   outputBytes: number
   keysSkipped: SkippedKey[]
+  /** Keys of the result's config, not optional, that cannot be built (`strictMandatoryKeys` refuses these). */
+  unbuiltMandatory: SkippedKey[]
   threads: number
   /** Working memory of the merge threads, excluding the process itself. */
   estimatedWorkingBytes: number
@@ -31,7 +33,7 @@ export function plan(
   recipe: RecipeInput,
   options: Pick<
     MergeOptions,
-    'threads' | 'mergeDtype' | 'outputDtype' | 'strictMergeSpace' | 'chunkElements' | 'memoryBudget'
+    'threads' | 'mergeDtype' | 'outputDtype' | 'strictMergeSpace' | 'chunkElements' | 'memoryBudget' | 'checkExtraKeys'
   > = {},
 ): PlanReport {
   return planWire(JSON.stringify(toWire(recipe)), options)
@@ -46,6 +48,7 @@ export function planWire(wire: string, options: Parameters<typeof plan>[1] = {})
       outputDtype: options.outputDtype,
       strictMergeSpace: options.strictMergeSpace === null ? 'any' : options.strictMergeSpace,
       chunk: options.chunkElements,
+      checkExtraKeys: options.checkExtraKeys,
       memoryBudget: options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
     }),
   )

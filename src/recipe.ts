@@ -5,6 +5,8 @@
 
 import { RecipeError } from './errors'
 import { suggestion } from './options'
+import type { Tensor } from './dtypes'
+import { isStateDict, isTensor, registerStateDict, releaseWhenCollected, type StateDict } from './state-dict'
 
 export type MergeSpace = 'weight' | 'delta' | 'param'
 
@@ -67,6 +69,29 @@ export class ModelNode extends RecipeNode {
   }
 }
 
+/**
+ * Tensors held in memory (`model(stateDict)`, tensor literals), read by the merge like a file.
+ * A recipe holding one cannot be serialized, and a merge to a file stores no recipe for it.
+ */
+export class StateDictNode extends RecipeNode {
+  constructor(
+    /** The native core's id of the tensors. */
+    readonly id: number,
+    /** The keys it holds, in order. */
+    readonly keys: readonly string[],
+    readonly config: string | undefined,
+    readonly mergeSpace: MergeSpace | undefined,
+  ) {
+    super()
+    releaseWhenCollected(this, id)
+  }
+
+  /** The name it has in errors, reports and recipe text. */
+  get label(): string {
+    return `<in-memory model ${this.id}>`
+  }
+}
+
 export class LiteralNode extends RecipeNode {
   constructor(
     readonly value: Scalar | LiteralDict,
@@ -88,16 +113,55 @@ export class MergeNode extends RecipeNode {
   }
 }
 
-/** A safetensors model. `mergeSpace` defaults to `'weight'` (use `'delta'` for a difference file). */
-export function model(path: string, options: NodeOptions = {}): ModelNode {
-  if (typeof path !== 'string' || path === '') throw new TypeError('model(path): path must be a non-empty string')
-  return new ModelNode(path, options.config, options.mergeSpace ?? 'weight')
+function stateDictNode(what: string, dict: StateDict, options: NodeOptions, space: MergeSpace | undefined) {
+  const keys = dict instanceof Map ? [...dict.keys()] : Object.keys(dict)
+  return new StateDictNode(registerStateDict(what, dict), keys, options.config, space)
 }
 
-/** A literal value: a number/string/bool broadcast to every key, or a dict of per-key values. */
-export function literal(value: Scalar | LiteralDict, options: NodeOptions = {}): LiteralNode {
-  return new LiteralNode(value, options.config, options.mergeSpace)
+/**
+ * A model: a safetensors file, or tensors already in memory (a `Map` or object of tensors, such
+ * as a `MergedModel`), as sd-mecha's `model(path | state_dict)`. `mergeSpace` defaults to
+ * `'weight'` (use `'delta'` for a difference file).
+ */
+export function model(stateDict: StateDict, options?: NodeOptions): StateDictNode
+export function model(path: string, options?: NodeOptions): ModelNode
+export function model(source: string | StateDict, options: NodeOptions = {}): ModelNode | StateDictNode {
+  if (typeof source === 'string') {
+    if (source === '') throw new TypeError('model(path): path must be a non-empty string')
+    return new ModelNode(source, options.config, options.mergeSpace ?? 'weight')
+  }
+  if (isStateDict(source)) return stateDictNode('model', source, options, options.mergeSpace ?? 'weight')
+  throw new TypeError(
+    'model() takes a safetensors path or a state dict (a Map or object of { dtype, shape, data } tensors)',
+  )
 }
+
+/**
+ * A literal value: a number/string/bool broadcast to every key, a dict of per-key values, or
+ * tensors: a dict of tensors (an in-memory model whose merge space is inferred) or one tensor
+ * broadcast to every key (sd-mecha's `literal(tensor)`).
+ */
+export function literal(value: Tensor, options?: NodeOptions): RecipeNode
+export function literal(value: Readonly<Record<string, Tensor>>, options?: NodeOptions): StateDictNode
+export function literal(value: Scalar | LiteralDict, options?: NodeOptions): LiteralNode
+export function literal(
+  value: Scalar | LiteralDict | Tensor | Readonly<Record<string, Tensor>>,
+  options: NodeOptions = {},
+): RecipeNode {
+  if (isTensor(value)) {
+    // As sd-mecha does for any plain value: `{"key": value}` in the singleton config, broadcast
+    // to every key unless that config is asked for.
+    const single = stateDictNode('literal', { key: value }, { config: SINGLETON }, options.mergeSpace)
+    return options.config === SINGLETON ? single : callMethod('convert_singleton', [single], {})
+  }
+  if (isStateDict(value)) return stateDictNode('literal', value, options, options.mergeSpace)
+  const entries = typeof value === 'object' && value !== null && !(value instanceof Int) ? Object.values(value) : []
+  if (entries.some(isTensor))
+    throw new TypeError('literal(): a dict mixes tensors and other values; sd-mecha requires one kind per dict')
+  return new LiteralNode(value as Scalar | LiteralDict, options.config, options.mergeSpace)
+}
+
+const SINGLETON = 'singleton-mecha'
 
 /**
  * Refuses hyper-parameter names a builder does not take: in plain JavaScript a typo such as
@@ -126,7 +190,7 @@ export function callMethod(
 
 type WireValue = number | boolean | string | null | { int: number } | { float: string } | { node: number }
 type WireNode =
-  | { model: string; config?: string; mergeSpace?: string }
+  | { model: string; memory?: number; config?: string; mergeSpace?: string }
   | { literal: WireValue | { dict: Record<string, WireValue> }; config?: string; mergeSpace?: string }
   | { merge: string; args: WireValue[]; kwargs: Record<string, WireValue> }
 
@@ -202,6 +266,8 @@ export function toWireWithNodes(root: RecipeInput): WireWithNodes {
   const value = (v: RecipeInput): WireValue => (v instanceof RecipeNode || isDict(v) ? ref(v) : scalar(v))
   const wireOf = (item: Item): WireNode => {
     if (item instanceof ModelNode) return { model: item.path, config: item.config, mergeSpace: item.mergeSpace }
+    if (item instanceof StateDictNode)
+      return { model: item.label, memory: item.id, config: item.config, mergeSpace: item.mergeSpace }
     if (item instanceof LiteralNode)
       return {
         literal: isDict(item.value) ? { dict: dict(item.value) } : scalar(item.value),

@@ -128,3 +128,27 @@ pub fn write_random_model(
         .collect::<napi::Result<Vec<_>>>()?;
     Ok(AsyncTask::new(RandomModelTask { path: PathBuf::from(path), tensors: planned, seed: seed as u64 }))
 }
+
+// In-memory models
+
+/// Keeps a safetensors file given as bytes (validated like a file) for recipes to use as a
+/// model; returns its id. The bytes are copied once, here.
+#[napi]
+pub fn register_memory_model(env: Env, bytes: Buffer) -> napi::Result<u32> {
+    let owned = bytes.to_vec();
+    let id = guarded(&env, "model", || mecha_core::io::memory::register(owned))?;
+    // Ids count up from 1 per process; u32 is what JavaScript numbers carry exactly here.
+    Ok(id as u32)
+}
+
+/// Frees an in-memory model (called when its recipe node is garbage collected).
+#[napi]
+pub fn release_memory_model(id: u32) {
+    mecha_core::io::memory::release(id as u64);
+}
+
+/// How many in-memory models are held.
+#[napi]
+pub fn memory_model_count() -> u32 {
+    mecha_core::io::memory::count() as u32
+}

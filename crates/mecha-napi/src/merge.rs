@@ -32,7 +32,15 @@ fn root_space(strict: Option<String>) -> RootSpace {
 pub fn serialize(env: Env, recipe_json: String, strict_merge_space: Option<String>) -> napi::Result<String> {
     let run = || -> mecha_core::Result<String> {
         let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
-        Ok(mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?.to_mecha())
+        let finalized = mecha_core::exec::plan::finalize(recipe, &root_space(strict_merge_space))?;
+        if finalized.has_memory_inputs() {
+            return Err(mecha_core::MechaError::recipe(
+                "the recipe holds an in-memory model (model(stateDict) or a tensor literal), which .mecha \
+                 text cannot record (sd-mecha cannot serialize tensors either); save the tensors as a \
+                 safetensors file and use model(path)",
+            ));
+        }
+        Ok(finalized.to_mecha())
     };
     guarded(&env, "serialize", run)
 }
@@ -61,6 +69,8 @@ pub struct PlanInfo {
     pub keys: u32,
     pub output_bytes: f64,
     pub keys_skipped: Vec<SkippedKeyInfo>,
+    /// Keys of the result's config, not optional, that cannot be built (strictMandatoryKeys refuses these).
+    pub unbuilt_mandatory: Vec<SkippedKeyInfo>,
     pub threads: u32,
     /// Working memory of the merge threads (buffers), excluding the process itself.
     pub estimated_working_bytes: f64,
@@ -98,11 +108,8 @@ pub fn plan(env: Env, recipe_json: String, options: NativeMergeOptions) -> napi:
             inputs,
             keys: plan.keys.len() as u32,
             output_bytes: plan.output_bytes() as f64,
-            keys_skipped: plan
-                .skipped
-                .iter()
-                .map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() })
-                .collect(),
+            keys_skipped: skipped_infos(&plan.skipped),
+            unbuilt_mandatory: skipped_infos(&plan.unbuilt_mandatory),
             threads: threads as u32,
             estimated_working_bytes: working as f64,
             estimated_peak_bytes: (mecha_core::exec::memory::current_rss_bytes() + working) as f64,
@@ -218,6 +225,12 @@ pub struct NativeMergeOptions {
     pub memory_budget: Option<f64>,
     /// Write a file with no tensors when no key can be produced (default false: an error).
     pub allow_empty: Option<bool>,
+    /// List input keys outside the output's config among the skipped keys (default true).
+    pub check_extra_keys: Option<bool>,
+    /// Refuse the merge when a mandatory key of the output's config cannot be built (default false).
+    pub strict_mandatory_keys: Option<bool>,
+    /// What the output's `mecha_recipe` records: `relative` (paths as given; default), `absolute`, `none`.
+    pub embed_recipe: Option<String>,
 }
 
 #[napi(object)]
@@ -334,6 +347,10 @@ impl ProgressSink for JsProgress {
     }
 }
 
+fn skipped_infos(keys: &[mecha_core::exec::plan::SkippedKey]) -> Vec<SkippedKeyInfo> {
+    keys.iter().map(|s| SkippedKeyInfo { key: s.key.clone(), reason: s.reason.clone() }).collect()
+}
+
 fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_core::Result<MergeOptions> {
     let defaults = MergeOptions::default();
     Ok(MergeOptions {
@@ -347,6 +364,7 @@ fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_
                 None => DType::F16,
             },
             root_space: root_space(options.strict_merge_space),
+            check_extra_keys: options.check_extra_keys.unwrap_or(true),
         },
         output: match options.output {
             Some(p) => OutputTarget::File(PathBuf::from(p)),
@@ -367,6 +385,11 @@ fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_
             None => 0,
         },
         allow_empty: options.allow_empty.unwrap_or(false),
+        strict_mandatory_keys: options.strict_mandatory_keys.unwrap_or(false),
+        embed_recipe: match &options.embed_recipe {
+            Some(name) => mecha_core::exec::EmbedRecipe::parse(name)?,
+            None => defaults.embed_recipe,
+        },
         cache,
         progress_interval: options
             .progress_interval_ms

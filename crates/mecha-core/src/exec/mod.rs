@@ -17,7 +17,7 @@ use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, Safetens
 use crate::recipe::seeds::{choose_seeds, ChosenSeed};
 use crate::recipe::Recipe;
 use cache::MethodCache;
-use plan::{Exclusions, Plan, PlanOptions, SkippedKey};
+use plan::{Exclusions, Plan, PlanOptions, RecipePaths, SkippedKey};
 use run::{ProgressSink, RunOptions, RunStats, TensorSink};
 
 #[derive(Clone, Debug)]
@@ -46,9 +46,28 @@ pub struct MergeOptions {
     /// Write an output with no tensors when no key can be produced (refused by default, as
     /// sd-mecha refuses a merge that "produces no output keys").
     pub allow_empty: bool,
+    /// Refuse the merge when a key of the output's config that is not optional cannot be
+    /// built (sd-mecha's `strict_mandatory_keys`; off by default: such keys are skipped).
+    pub strict_mandatory_keys: bool,
+    /// What the output's `mecha_recipe` metadata records.
+    pub embed_recipe: EmbedRecipe,
     /// Values methods keep per node and key, for later merges of the same recipe that reuse
     /// it. The default keeps nothing (a merge computes each key once).
     pub cache: Arc<MethodCache>,
+}
+
+impl EmbedRecipe {
+    /// `relative` (paths as given; the default), `absolute` or `none`.
+    pub fn parse(name: &str) -> Result<EmbedRecipe> {
+        match name {
+            "relative" => Ok(EmbedRecipe::Paths(RecipePaths::AsGiven)),
+            "absolute" => Ok(EmbedRecipe::Paths(RecipePaths::Absolute)),
+            "none" => Ok(EmbedRecipe::None),
+            other => Err(MechaError::recipe(format!(
+                "embedRecipe must be 'relative' (model paths as given), 'absolute' or 'none', got \"{other}\""
+            ))),
+        }
+    }
 }
 
 impl Default for MergeOptions {
@@ -64,6 +83,8 @@ impl Default for MergeOptions {
             check_finite_output: true,
             memory_budget: 0,
             allow_empty: false,
+            strict_mandatory_keys: false,
+            embed_recipe: EmbedRecipe::Paths(RecipePaths::AsGiven),
             cache: Arc::new(MethodCache::new(0)),
         }
     }
@@ -129,6 +150,23 @@ pub fn planned_tensors(plan: &Plan) -> Vec<PlannedTensor> {
     plan.keys.iter().map(|k| PlannedTensor { name: k.name.clone(), dtype: k.dtype, shape: k.shape.clone() }).collect()
 }
 
+/// The recipe an output records in its `mecha_recipe` metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedRecipe {
+    /// The finalized recipe, with model paths as given (the default, as sd-mecha) or absolute.
+    Paths(RecipePaths),
+    /// No recipe (nor chosen seeds) in the metadata.
+    None,
+}
+
+/// The recipe text the output records, or for `EmbedRecipe::None` the absolute one (reported only).
+fn recipe_text(plan: &Plan, embed: EmbedRecipe) -> String {
+    match embed {
+        EmbedRecipe::Paths(RecipePaths::AsGiven) => plan.finalized.to_mecha_with(RecipePaths::AsGiven),
+        EmbedRecipe::Paths(RecipePaths::Absolute) | EmbedRecipe::None => plan.serialized.clone(),
+    }
+}
+
 /// Where one pass of a merge wrote: a file not yet renamed into place, or buffers.
 enum Written {
     File(SafetensorsWriter),
@@ -136,8 +174,12 @@ enum Written {
 }
 
 /// The output's `__metadata__`: the recipe, and the seeds the merge chose.
-fn output_metadata(plan: &Plan, seeds: &[ChosenSeed]) -> Vec<(String, String)> {
-    let mut metadata = vec![("mecha_recipe".to_string(), plan.serialized.clone())];
+fn output_metadata(plan: &Plan, seeds: &[ChosenSeed], embed: EmbedRecipe) -> Vec<(String, String)> {
+    // A recipe holding in-memory models cannot be replayed from text, so sd-mecha stores none.
+    if embed == EmbedRecipe::None || plan.finalized.has_memory_inputs() {
+        return vec![];
+    }
+    let mut metadata = vec![("mecha_recipe".to_string(), recipe_text(plan, embed))];
     if !seeds.is_empty() {
         let listed: Vec<serde_json::Value> = seeds
             .iter()
@@ -157,7 +199,7 @@ fn run_once(
     match &options.output {
         OutputTarget::File(path) => {
             ensure_not_an_input(path, &plan.input_paths())?;
-            let metadata = output_metadata(plan, seeds);
+            let metadata = output_metadata(plan, seeds, options.embed_recipe);
             let layout = FileLayout::new(&planned_tensors(plan), &metadata);
             let writer = SafetensorsWriter::create(path, layout)?;
             let stats = run::run(plan, &writer, run_options)?;
@@ -180,6 +222,25 @@ fn run_once(
             Ok((stats, Written::Memory(tensors)))
         }
     }
+}
+
+/// Why a merge with `strict_mandatory_keys` is refused: the first mandatory keys that cannot
+/// be built, with their reasons.
+fn unbuilt_mandatory(plan: &Plan) -> MechaError {
+    let missing = &plan.unbuilt_mandatory;
+    let listed: Vec<String> = missing.iter().take(5).map(|k| format!("{} ({})", k.key, k.reason)).collect();
+    let more = if missing.len() > listed.len() {
+        format!(" and {} more", missing.len() - listed.len())
+    } else {
+        String::new()
+    };
+    MechaError::recipe(format!(
+        "strictMandatoryKeys: {} mandatory key(s) of the model config \"{}\" cannot be merged: {}{more}; \
+         give the inputs those keys, or merge without strictMandatoryKeys to skip them",
+        missing.len(),
+        plan.finalized.root_config().id(),
+        listed.join(", "),
+    ))
 }
 
 /// Why a merge has nothing to write: the first reasons keys were skipped, grouped.
@@ -250,6 +311,9 @@ pub fn merge(
         if plan.keys.is_empty() && excluded.is_empty() && !options.allow_empty {
             return Err(empty_merge(&plan));
         }
+        if options.strict_mandatory_keys && !plan.unbuilt_mandatory.is_empty() {
+            return Err(unbuilt_mandatory(&plan));
+        }
         let (stats, written) = run_once(&plan, &seeds, options, &run_options)?;
         let before = excluded.len();
         if options.omit_non_finite_inputs {
@@ -283,7 +347,7 @@ pub fn merge(
         memory_budget: run_options.memory_budget,
         over_budget: stats.over_budget.iter().map(|&k| plan.keys[k].name.clone()).collect(),
         threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
-        recipe: plan.serialized.clone(),
+        recipe: recipe_text(&plan, options.embed_recipe),
         seeds,
     };
     Ok(MergeResult { report, tensors })

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::{ErrorKind, MechaError, Result};
+use crate::io::memory;
 use crate::io::reader::{SafetensorsFile, TensorEntry};
 use crate::methods::logistics::SINGLETON_CONFIG;
 use crate::methods::seam::{ArgInfo, ChunkKernel, Decision, KeyMapCall, Meta, NodeRef, PlanCall};
@@ -239,11 +240,19 @@ pub struct PlanOptions {
     pub merge_dtype: MergeDtype,
     pub output_dtype: DType,
     pub root_space: RootSpace,
+    /// List input keys that the root config does not have among the skipped keys (sd-mecha's
+    /// `check_extra_keys`, which warns about them; on by default).
+    pub check_extra_keys: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { merge_dtype: MergeDtype::F32, output_dtype: DType::F16, root_space: RootSpace::default() }
+        PlanOptions {
+            merge_dtype: MergeDtype::F32,
+            output_dtype: DType::F16,
+            root_space: RootSpace::default(),
+            check_extra_keys: true,
+        }
     }
 }
 
@@ -251,6 +260,9 @@ pub struct Plan {
     pub finalized: Finalized,
     pub keys: Vec<KeyPlan>,
     pub skipped: Vec<SkippedKey>,
+    /// Keys of the root config not marked optional that cannot be built, and why, in config
+    /// order (what sd-mecha's `strict_mandatory_keys` refuses).
+    pub unbuilt_mandatory: Vec<SkippedKey>,
     /// The recipe as `.mecha` text, with absolute paths, solved configs and spaces.
     pub serialized: String,
     /// How many planned keys read each multi-output group, by (node, first output key).
@@ -309,8 +321,20 @@ impl Finalized {
         self.configs.configs[self.recipe.root].as_ref().expect("the root is solved")
     }
 
-    /// The recipe as `.mecha` text, as sd-mecha serializes a finalized recipe.
+    /// Whether a model of the recipe is held in memory (`model(stateDict)`): such a recipe has no
+    /// `.mecha` text that reproduces it.
+    pub fn has_memory_inputs(&self) -> bool {
+        self.inputs.iter().any(|f| f.in_memory())
+    }
+
+    /// The recipe as `.mecha` text, as sd-mecha serializes a finalized recipe, with absolute
+    /// model paths.
     pub fn to_mecha(&self) -> String {
+        self.to_mecha_with(RecipePaths::Absolute)
+    }
+
+    /// The recipe as `.mecha` text, with model paths written as `paths` says.
+    pub fn to_mecha_with(&self, paths_as: RecipePaths) -> String {
         let n = self.recipe.nodes.len();
         let mut configs = vec![None; n];
         let mut paths = vec![None; n];
@@ -318,12 +342,21 @@ impl Finalized {
             if matches!(node.kind, NodeKind::Model { .. } | NodeKind::Literal { .. }) {
                 configs[i] = self.configs.configs[i].as_ref().map(|c| c.id().to_string());
             }
-            if let Some(input) = self.model_input[i] {
+            if let (RecipePaths::Absolute, Some(input)) = (paths_as, self.model_input[i]) {
                 paths[i] = Some(self.inputs[input].path().to_string_lossy().into_owned());
             }
         }
         mecha::serialize(&self.recipe, &Annotations { configs: &configs, spaces: &self.spaces, paths: &paths })
     }
+}
+
+/// How a serialized recipe writes model paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecipePaths {
+    /// As the recipe gave them (what sd-mecha's `merge` stores: no user folders revealed).
+    AsGiven,
+    /// Resolved to absolute paths (what sd-mecha's `serialize` of a finalized recipe writes).
+    Absolute,
 }
 
 /// The distinct input files of a recipe, opened once (headers only).
@@ -334,22 +367,36 @@ pub struct Inputs {
     pub model_keys: ModelKeys,
 }
 
+/// What a model node reads: a file (by resolved path) or an in-memory model.
+#[derive(Hash, PartialEq, Eq)]
+enum InputSource {
+    File(PathBuf),
+    Memory(u64),
+}
+
 pub fn open_inputs(recipe: &Recipe) -> Result<Inputs> {
     let mut files: Vec<Arc<SafetensorsFile>> = vec![];
-    let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
+    let mut by_source: HashMap<InputSource, usize> = HashMap::new();
     let mut model_input: Vec<Option<usize>> = vec![None; recipe.nodes.len()];
     let mut model_keys: ModelKeys = HashMap::new();
     let mut key_sets: Vec<Arc<IndexSet<String>>> = vec![];
     for n in recipe.models() {
-        let NodeKind::Model { path } = &recipe.node(n).kind else { unreachable!() };
-        let resolved = model_dirs::resolve(path);
-        let index = match by_path.get(&resolved) {
+        let NodeKind::Model { path, memory } = &recipe.node(n).kind else { unreachable!() };
+        let source = match memory {
+            Some(id) => InputSource::Memory(*id),
+            None => InputSource::File(model_dirs::resolve(path)),
+        };
+        let index = match by_source.get(&source) {
             Some(&i) => i,
             None => {
-                let file = SafetensorsFile::open(&resolved).map_err(|e| e.within_node(&recipe.trace(n)))?;
+                let file = match &source {
+                    InputSource::Memory(id) => memory::get(*id),
+                    InputSource::File(resolved) => SafetensorsFile::open(resolved).map(Arc::new),
+                }
+                .map_err(|e| e.within_node(&recipe.trace(n)))?;
                 key_sets.push(Arc::new(file.tensors().keys().cloned().collect()));
-                files.push(Arc::new(file));
-                by_path.insert(resolved, files.len() - 1);
+                files.push(file);
+                by_source.insert(source, files.len() - 1);
                 files.len() - 1
             }
         };
@@ -403,10 +450,15 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
     let mut keys = vec![];
     let mut failures: HashMap<String, String> = HashMap::new();
     // sd-mecha writes the root config's keys that can be built, in config order.
+    let mut unbuilt_mandatory = vec![];
     for key in root_config.keys() {
         match ctx.plan_key(key)? {
             Ok(k) => keys.push(k),
             Err(reason) => {
+                let optional = root_config.as_named().and_then(|c| c.get(key)).is_some_and(|m| m.optional);
+                if !optional {
+                    unbuilt_mandatory.push(SkippedKey { key: key.to_string(), reason: reason.clone() });
+                }
                 failures.insert(key.to_string(), reason);
             }
         }
@@ -424,10 +476,11 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
             if written.contains(canonical) || !reported.insert(canonical.to_string()) {
                 continue;
             }
-            let reason = failures
-                .get(canonical)
-                .cloned()
-                .unwrap_or_else(|| format!("not a key of the model config \"{}\"", root_config.id()));
+            let reason = match failures.get(canonical) {
+                Some(reason) => reason.clone(),
+                None if !options.check_extra_keys => continue,
+                None => format!("not a key of the model config \"{}\"", root_config.id()),
+            };
             skipped.push(SkippedKey { key: canonical.to_string(), reason });
         }
     }
@@ -450,7 +503,7 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
         }
     }
     let serialized = finalized.to_mecha();
-    Ok(Plan { finalized, keys, skipped, serialized, group_uses })
+    Ok(Plan { finalized, keys, skipped, unbuilt_mandatory, serialized, group_uses })
 }
 
 struct Context<'a> {

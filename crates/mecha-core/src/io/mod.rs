@@ -1,4 +1,5 @@
 //! safetensors input and output.
 
+pub mod memory;
 pub mod reader;
 pub mod writer;

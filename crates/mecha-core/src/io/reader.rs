@@ -35,10 +35,18 @@ impl TensorEntry {
     }
 }
 
+/// Where a safetensors file's bytes are.
+enum Backing {
+    File(File),
+    /// A whole file held in memory (a state dict given by the host application).
+    Memory(Vec<u8>),
+}
+
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
+    /// The file's path, or the label of an in-memory file.
     path: PathBuf,
-    file: File,
+    backing: Backing,
     file_len: usize,
     header_len: usize,
     /// Tensors in data-offset order, which is also the order that reads the file sequentially.
@@ -83,44 +91,42 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only and only the header is read through it.
         let map = unsafe { Mmap::map(&file) }
             .map_err(|e| MechaError::safetensors(path, format!("cannot memory-map: {e}")))?;
-        // The JSON parser keeps the last of two equal names silently (and the layout check would
-        // then blame offsets): which tensor is meant? Checked first.
-        let declared = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
-        if let Some(name) = map.get(8..8usize.saturating_add(declared)).and_then(duplicate_name) {
-            return Err(MechaError::safetensors(
-                path,
-                format!("the header names tensor '{name}' twice; the file is corrupt (re-save it)"),
-            )
-            .with_key(&name));
-        }
-        let (header_len, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| MechaError::safetensors(path, explain_header_error(&map, &e)))?;
+        let parsed = parse_header(path, &map);
         drop(map);
+        let (header_len, tensors, metadata) = parsed?;
         advise_sequential(&file);
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            backing: Backing::File(file),
+            file_len,
+            header_len,
+            tensors,
+            metadata,
+        })
+    }
 
-        let infos = meta.tensors();
-        let mut tensors = IndexMap::with_capacity(infos.len());
-        for name in meta.offset_keys() {
-            let info = infos[&name];
-            let dtype = DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
-                MechaError::safetensors(
-                    path,
-                    format!("tensor '{name}' has dtype {} which this version cannot read", info.dtype),
-                )
-                .with_key(&name)
-            })?;
-            let (begin, end) = info.data_offsets;
-            tensors.insert(
-                name,
-                TensorEntry { dtype, shape: info.shape.clone(), start: 8 + header_len + begin, byte_len: end - begin },
-            );
+    /// A safetensors file held in memory, validated as a file on disk is; `label` names it in
+    /// errors and reports.
+    pub fn from_bytes(label: &str, bytes: Vec<u8>) -> Result<Self> {
+        let path = Path::new(label);
+        if bytes.len() < 8 {
+            return Err(MechaError::safetensors(path, format!("{} bytes is too short to be safetensors", bytes.len())));
         }
-        let metadata = meta
-            .metadata()
-            .as_ref()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        Ok(SafetensorsFile { path: path.to_path_buf(), file, file_len, header_len, tensors, metadata })
+        let (header_len, tensors, metadata) = parse_header(path, &bytes)?;
+        let file_len = bytes.len();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            backing: Backing::Memory(bytes),
+            file_len,
+            header_len,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// Whether the data is held in memory rather than read from a file.
+    pub fn in_memory(&self) -> bool {
+        matches!(self.backing, Backing::Memory(_))
     }
 
     pub fn path(&self) -> &Path {
@@ -150,7 +156,16 @@ impl SafetensorsFile {
     /// Reads `out.len()` bytes of a tensor's data, starting `offset` bytes into it.
     pub fn read(&self, entry: &TensorEntry, offset: usize, out: &mut [u8]) -> Result<()> {
         debug_assert!(offset + out.len() <= entry.byte_len);
-        read_exact_at(&self.file, out, (entry.start + offset) as u64).map_err(|e| {
+        let at = entry.start + offset;
+        let file = match &self.backing {
+            Backing::File(file) => file,
+            Backing::Memory(bytes) => {
+                // Entries were validated against the buffer's length when it was opened.
+                out.copy_from_slice(&bytes[at..at + out.len()]);
+                return Ok(());
+            }
+        };
+        read_exact_at(file, out, at as u64).map_err(|e| {
             MechaError::safetensors(
                 &self.path,
                 format!("reading tensor data failed ({e}); was the file changed or truncated during the merge?"),
@@ -164,6 +179,45 @@ impl SafetensorsFile {
         self.read(entry, 0, &mut out)?;
         Ok(out)
     }
+}
+
+type Header = (usize, IndexMap<String, TensorEntry>, BTreeMap<String, String>);
+
+/// Validates a safetensors header (`bytes` holds at least the header) and lists its tensors.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    // The JSON parser keeps the last of two equal names silently (and the layout check would
+    // then blame offsets): which tensor is meant? Checked first.
+    let declared = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    if let Some(name) = bytes.get(8..8usize.saturating_add(declared)).and_then(duplicate_name) {
+        return Err(MechaError::safetensors(
+            path,
+            format!("the header names tensor '{name}' twice; the file is corrupt (re-save it)"),
+        )
+        .with_key(&name));
+    }
+    let (header_len, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| MechaError::safetensors(path, explain_header_error(bytes, &e)))?;
+
+    let infos = meta.tensors();
+    let mut tensors = IndexMap::with_capacity(infos.len());
+    for name in meta.offset_keys() {
+        let info = infos[&name];
+        let dtype = DType::from_safetensors_name(&format!("{}", info.dtype)).ok_or_else(|| {
+            MechaError::safetensors(
+                path,
+                format!("tensor '{name}' has dtype {} which this version cannot read", info.dtype),
+            )
+            .with_key(&name)
+        })?;
+        let (begin, end) = info.data_offsets;
+        tensors.insert(
+            name,
+            TensorEntry { dtype, shape: info.shape.clone(), start: 8 + header_len + begin, byte_len: end - begin },
+        );
+    }
+    let metadata =
+        meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+    Ok((header_len, tensors, metadata))
 }
 
 /// Tells the kernel to read ahead more aggressively: tensors are consumed in file order.

@@ -66,7 +66,7 @@ impl Writer<'_> {
         let config = format_optional(&self.notes.configs[id].clone().or_else(|| node.config.clone()));
         let space = format_optional(&self.notes.spaces[id].clone().or_else(|| node.merge_space.clone()));
         match &node.kind {
-            NodeKind::Model { path } => {
+            NodeKind::Model { path, .. } => {
                 let path = self.notes.paths[id].as_deref().unwrap_or(path);
                 let line = format!("model {} model_config={config} merge_space={space}", quote(path));
                 self.emit(line)

@@ -70,7 +70,10 @@ pub enum Value {
 #[derive(Clone, Debug)]
 pub enum NodeKind {
     Model {
+        /// The file's path as given, or the label of an in-memory model.
         path: String,
+        /// The id of an in-memory model (`io::memory`), which `path` then only names.
+        memory: Option<u64>,
     },
     Literal {
         entries: IndexMap<String, Value>,
@@ -141,7 +144,16 @@ impl RecipeBuilder {
 
     pub fn model(&mut self, path: &str, config: Option<&str>, merge_space: Option<&str>) -> NodeId {
         self.push(Node {
-            kind: NodeKind::Model { path: path.to_string() },
+            kind: NodeKind::Model { path: path.to_string(), memory: None },
+            config: config.map(str::to_string),
+            merge_space: merge_space.map(str::to_string),
+        })
+    }
+
+    /// A model held in memory (`io::memory::register`), like sd-mecha's `model(state_dict)`.
+    pub fn memory_model(&mut self, id: u64, config: Option<&str>, merge_space: Option<&str>) -> NodeId {
+        self.push(Node {
+            kind: NodeKind::Model { path: crate::io::memory::label(id), memory: Some(id) },
             config: config.map(str::to_string),
             merge_space: merge_space.map(str::to_string),
         })
@@ -279,7 +291,7 @@ impl Node {
     /// A short description for error traces: `weighted_sum`, `model "a.safetensors"`, `literal`.
     pub fn label(&self) -> String {
         match &self.kind {
-            NodeKind::Model { path } => format!("model \"{path}\""),
+            NodeKind::Model { path, .. } => format!("model \"{path}\""),
             NodeKind::Literal { entries } => {
                 let shown: Vec<String> = entries
                     .iter()
@@ -371,7 +383,7 @@ impl Recipe {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (&node.config, &node.merge_space).hash(&mut h);
             match &node.kind {
-                NodeKind::Model { path } => ("model", path).hash(&mut h),
+                NodeKind::Model { path, .. } => ("model", path).hash(&mut h),
                 NodeKind::Literal { entries } => {
                     "literal".hash(&mut h);
                     for (k, v) in entries {

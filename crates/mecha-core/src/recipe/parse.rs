@@ -344,7 +344,7 @@ mod tests {
         let NodeKind::Merge { method, inputs } = &r.node(r.root).kind else { panic!() };
         assert_eq!(method.id, "weighted_sum");
         assert_eq!(inputs.len(), 3);
-        let NodeKind::Model { path } = &r.node(inputs[0][0]).kind else { panic!() };
+        let NodeKind::Model { path, .. } = &r.node(inputs[0][0]).kind else { panic!() };
         assert_eq!(path, "/tmp/exp/a.safetensors");
         assert_eq!(r.node(inputs[0][0]).config.as_deref(), Some("tiny-test"));
     }
@@ -373,7 +373,7 @@ mod tests {
     fn equals_signs_and_escapes_inside_strings() {
         let r = parse("version 0.1.0\nmodel \"a=b \\\"c\\\".safetensors\" model_config=null merge_space=\"weight\"")
             .unwrap();
-        let NodeKind::Model { path } = &r.node(r.root).kind else { panic!() };
+        let NodeKind::Model { path, .. } = &r.node(r.root).kind else { panic!() };
         assert_eq!(path, "a=b \"c\".safetensors");
     }
 

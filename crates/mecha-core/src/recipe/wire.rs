@@ -95,7 +95,10 @@ pub fn from_json_value(json: &Json) -> Result<Recipe> {
         let o = node.as_object().ok_or_else(|| parse_error(format!("{at} must be an object")))?;
         let config = opt_str(o, "config", &at)?;
         let space = opt_str(o, "mergeSpace", &at)?;
-        let id = if let Some(path) = o.get("model") {
+        let id = if let Some(memory) = o.get("memory") {
+            let id = memory.as_u64().ok_or_else(|| parse_error(format!("{at}: \"memory\" must be a model id")))?;
+            b.memory_model(id, config, space)
+        } else if let Some(path) = o.get("model") {
             let path = path.as_str().ok_or_else(|| parse_error(format!("{at}: \"model\" must be a path string")))?;
             b.model(path, config, space)
         } else if let Some(value) = o.get("literal") {
@@ -211,8 +214,12 @@ pub fn to_json(recipe: &Recipe) -> Json {
         .nodes
         .iter()
         .map(|n| match &n.kind {
-            NodeKind::Model { path } => {
-                with_hints(serde_json::Map::from_iter([("model".into(), path.clone().into())]), n)
+            NodeKind::Model { path, memory } => {
+                let mut o = serde_json::Map::from_iter([("model".into(), path.clone().into())]);
+                if let Some(id) = memory {
+                    o.insert("memory".into(), (*id).into());
+                }
+                with_hints(o, n)
             }
             NodeKind::Literal { entries } => {
                 let value: serde_json::Map<String, Json> = entries
