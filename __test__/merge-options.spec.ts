@@ -149,3 +149,45 @@ test('the stored recipe keeps model paths as given (embedRecipe: relative), or a
     modelDirs.clear()
   }
 })
+
+test("sdxl-sgm's missing-key handler fills position_ids and the pruned CLIP layers (what 1.1.8's handler is for)", async (t) => {
+  const position = 'conditioner.embedders.0.transformer.text_model.embeddings.position_ids'
+  const pruned = (key: string) =>
+    key.startsWith('conditioner.embedders.0.transformer.text_model.encoder.layers.11.') ||
+    key.startsWith('conditioner.embedders.1.model.transformer.resblocks.31.')
+  const keys = configs.keys('sdxl-sgm')
+  const tensors: Record<string, TestTensor> = {}
+  for (const k of keys.filter((k) => k.component === 'clip_l' || k.component === 'clip_g'))
+    if (k.key !== position && !pruned(k.key)) tensors[k.key] = f32(1)
+  const dir = tempDir()
+  const path = join(dir, 'pruned-sdxl.safetensors')
+  writeSafetensors(path, tensors)
+  const recipe = weightedSum(model(path), model(path))
+  const merged = await merge(recipe)
+
+  const ids = merged.get(position)!
+  t.is(ids.dtype, 'I64')
+  t.deepEqual(ids.shape, [1, 77])
+  t.deepEqual([...toFloat32(ids)], [...Array(77).keys()])
+  const filled = keys.filter((k) => pruned(k.key))
+  t.true(filled.length > 20)
+  for (const k of filled) {
+    const v = merged.get(k.key)
+    t.truthy(v, k.key)
+    t.is(v!.dtype, 'F16') // the output dtype
+    t.deepEqual(v!.shape, k.shape)
+    t.true(
+      toFloat32(v!).every((x) => x === 0),
+      k.key,
+    )
+  }
+  // only components the inputs have: no UNet or VAE key is made up
+  t.false([...merged.keys()].some((k) => k.startsWith('model.') || k.startsWith('first_stage_model.')))
+  t.is(merged.size, Object.keys(tensors).length + 1 + filled.length)
+  // sd1-ldm has no handler: a pruned position_ids stays missing
+  const sd1 = textEncoderOnly(dir, 'sd1.safetensors', [
+    'cond_stage_model.transformer.text_model.embeddings.position_ids',
+  ])
+  const sd1Merged = await merge(weightedSum(model(sd1), model(sd1)))
+  t.false(sd1Merged.has('cond_stage_model.transformer.text_model.embeddings.position_ids'))
+})

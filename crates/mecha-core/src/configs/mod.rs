@@ -4,6 +4,7 @@
 //! compact text embedded in the binary. More configs can be registered at run time.
 
 mod lycoris;
+pub mod missing_keys;
 mod registry;
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use indexmap::IndexSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::configs::missing_keys::{missing_key_fill, MissingKeyFill};
 use crate::dtype::DType;
 use crate::error::{ErrorKind, MechaError, Result};
 use crate::io::memory;
@@ -38,6 +39,8 @@ pub struct Group {
 pub enum Op {
     /// A tensor read from input file `input`.
     Source { input: usize, entry: TensorEntry },
+    /// `0, 1, 2, …` in element order (a missing-key handler's position ids).
+    Arange,
     /// A value; with a shape, a tensor filled with it.
     Constant(Scalar),
     /// Values rounded to `dtype` (the merge precision).
@@ -64,7 +67,7 @@ impl Op {
             Op::Kernel { args, .. } => args.clone(),
             Op::Method { args, .. } => args.iter().flatten().copied().collect(),
             Op::Round { arg, .. } => vec![*arg],
-            Op::Source { .. } | Op::Constant(_) => vec![],
+            Op::Source { .. } | Op::Constant(_) | Op::Arange => vec![],
         }
     }
 
@@ -73,6 +76,7 @@ impl Op {
         match self {
             Op::Source { input, entry } => format!("src {input} {}", entry.start),
             Op::Constant(v) => format!("const {v:?}"),
+            Op::Arange => "arange".to_string(),
             Op::Round { dtype, arg } => format!("round {dtype:?} {arg}"),
             Op::Kernel { args, at, .. } => format!("kernel {} {:?} {args:?}", at.0.index, at.1),
             Op::Method { args, at, index, .. } => format!("method {} {:?} {index} {args:?}", at.0.index, at.1),
@@ -455,6 +459,10 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
         match ctx.plan_key(key)? {
             Ok(k) => keys.push(k),
             Err(reason) => {
+                if let Some(filled) = ctx.filled_missing_key(key) {
+                    keys.push(filled);
+                    continue;
+                }
                 let optional = root_config.as_named().and_then(|c| c.get(key)).is_some_and(|m| m.optional);
                 if !optional {
                     unbuilt_mandatory.push(SkippedKey { key: key.to_string(), reason: reason.clone() });
@@ -531,6 +539,39 @@ struct KeyBuilder<'a> {
 }
 
 impl Context<'_> {
+    /// The root config's missing-key handler's value for a key the recipe cannot build: only
+    /// for components the result has (a text encoder's pruned layer, not a whole missing one).
+    fn filled_missing_key(&self, key: &str) -> Option<KeyPlan> {
+        let root = self.f.recipe.root;
+        let config = self.f.root_config().as_named()?;
+        let fill = missing_key_fill(&config.id, key)?;
+        let component = &config.components()[config.component_of(key)?];
+        let domain = self.f.configs.domains[root].as_ref()?;
+        if !component.keys.keys().any(|k| k != key && domain.contains(k)) {
+            return None;
+        }
+        let meta = config.get(key)?;
+        let shape = meta.shape.clone()?;
+        let (op, dtype, compute) = match fill {
+            MissingKeyFill::Arange => (Op::Arange, meta.dtype.unwrap_or(DType::I64), Compute::F64),
+            MissingKeyFill::Zeros => (Op::Constant(Scalar::Float(0.0)), self.options.output_dtype, Compute::F32),
+        };
+        let origin = format!("the missing-key handler of \"{}\"", config.id);
+        let expr = Expr { op, shape: Some(shape.clone()), dtype: Some(dtype), origin, numeric: true };
+        let mut plan = KeyPlan {
+            name: key.to_string(),
+            shape,
+            dtype,
+            compute,
+            exprs: vec![expr],
+            root: 0,
+            chunkable: true,
+            whole_bytes: 0,
+        };
+        plan.whole_bytes = plan.working_bytes(None);
+        Some(plan)
+    }
+
     fn plan_key(&self, key: &str) -> Result<std::result::Result<KeyPlan, String>> {
         let mut b = KeyBuilder { ctx: self, key, exprs: vec![], dedup: HashMap::new(), memo: HashMap::new() };
         let root = match b.build(self.f.recipe.root, key)? {

@@ -550,6 +550,14 @@ impl Worker<'_> {
                         Val::Buf(buf)
                     }
                 }
+                Op::Arange => {
+                    let start = if key.chunkable { range.start } else { 0 };
+                    let mut buf = scratch.take(len_of(e));
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = <T as Real>::from_f64((start + i) as f64);
+                    }
+                    Val::Buf(buf)
+                }
                 Op::Round { dtype, arg } => {
                     let mut buf = scratch.take(len_of(e));
                     match vals[*arg].as_ref().expect("children evaluate first") {
