@@ -118,7 +118,7 @@ export declare function inspect(path: string): FileInfo
  * come with their own shape (for elementwise methods, a chunk of it).
  */
 export interface JsMethodArg {
-  tensor?: Float32Array
+  tensor?: F32Values
   shape?: Array<number>
   /** Varargs (or several keys of a routed input): each entry is one argument. */
   items?: Array<JsMethodArg>
@@ -264,7 +264,7 @@ export interface OutputTensorInfo {
   name: string
   dtype: string
   shape: Array<number>
-  data: Buffer
+  data: OutputBytes
 }
 
 export interface ParamInfo {

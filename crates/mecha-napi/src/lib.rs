@@ -7,6 +7,7 @@
 #[global_allocator]
 static ALLOCATOR: mecha_core::block_cache::BlockCache = mecha_core::block_cache::BlockCache;
 
+pub mod buffers;
 pub mod configs;
 pub mod errors;
 pub mod files;

@@ -310,16 +310,16 @@ impl From<MergeReport> for MergeReportInfo {
     }
 }
 
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct OutputTensorInfo {
     pub name: String,
     pub dtype: String,
     pub shape: Vec<i64>,
-    pub data: Buffer,
+    pub data: crate::buffers::OutputBytes,
 }
 
 /// A finished merge: `report` (and `tensors` for in-memory output), or `error`.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct MergeOutcome {
     pub report: Option<MergeReportInfo>,
     pub tensors: Option<Vec<OutputTensorInfo>>,
@@ -436,7 +436,7 @@ pub fn merge<'env>(
                                     name: t.name,
                                     dtype: t.dtype.safetensors_name().to_string(),
                                     shape: t.shape.iter().map(|&d| d as i64).collect(),
-                                    data: t.data.into(),
+                                    data: crate::buffers::OutputBytes(t.data),
                                 })
                                 .collect()
                         }),

@@ -146,7 +146,7 @@ pub struct JsMethodSpec {
 }
 
 /// One call of a JavaScript method, as JavaScript receives it.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct JsMethodCall {
     pub context: u32,
     /// Index of the node in the JSON recipe (absent for nodes created while binding).
@@ -160,9 +160,9 @@ pub struct JsMethodCall {
 
 /// One parameter's value: exactly one field is set (`isNull` for a null text value). Tensors
 /// come with their own shape (for elementwise methods, a chunk of it).
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct JsMethodArg {
-    pub tensor: Option<Float32Array>,
+    pub tensor: Option<crate::buffers::F32Values>,
     pub shape: Option<Vec<i64>>,
     /// Varargs (or several keys of a routed input): each entry is one argument.
     pub items: Option<Vec<JsMethodArg>>,
@@ -185,7 +185,7 @@ fn js_arg(arg: ExternalArg) -> JsMethodArg {
         JsMethodArg { tensor: None, shape: None, items: None, number: None, boolean: None, text: None, is_null: false };
     match arg {
         ExternalArg::Tensor { data, shape } => JsMethodArg {
-            tensor: Some(Float32Array::new(data.into_owned())),
+            tensor: Some(crate::buffers::F32Values(data.into_owned())),
             shape: Some(shape.iter().map(|&d| d as i64).collect()),
             ..empty
         },
