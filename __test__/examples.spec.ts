@@ -3,7 +3,7 @@
 // examples/ without a check below fails the suite.
 import test, { type ExecutionContext } from 'ava'
 import { execFile } from 'node:child_process'
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs'
 import { join, relative } from 'node:path'
 import { promisify } from 'node:util'
 
@@ -167,6 +167,29 @@ const out = (name: string) => join(dir, name)
 type Check = (t: ExecutionContext) => Promise<void>
 
 const checks: Record<string, Check> = {
+  'readme.mts': async (t) => {
+    const folder = join(dir, 'readme')
+    mkdirSync(folder, { recursive: true })
+    const [base, style, detail] = ['base', 'style', 'detail'].map(
+      (name, i) => tinyModel(`readme/${name}.safetensors`, sd1Layout, 40 + i).values,
+    )
+    const { stdout } = await example('readme.mts', folder)
+    const result = JSON.parse(stdout.trim().split('\n').at(-1)!)
+    // addDifference(weightedSum(base, style, 0.4), detail, base, 0.5)
+    const expected = (key: string) =>
+      lerp(base.get(key)!, style.get(key)!, 0.4).map((x, i) => x + 0.5 * (detail.get(key)![i] - base.get(key)![i]))
+    const merged = readSafetensors(join(folder, 'merged.safetensors'))
+    for (const key of floatKeys(sd1Layout)) close(t, merged.tensors.get(key)!.values, expected(key), key)
+    t.is(result.written, sd1Layout.length)
+    t.is(result.inMemory, sd1Layout.length)
+    const key = 'model.diffusion_model.out.2.bias'
+    const clamp = (x: number) => Math.max(-1, Math.min(1, x))
+    close(t, result.clamped, lerp(base.get(key)!, style.get(key)!, 0.5).map(clamp), 'clampedMix', 1e-6)
+    t.deepEqual(result.fromMemory, merged.tensors.get(key)!.values, 'the in-memory result merged again')
+    t.is(result.methodListed, 'clamped_mix')
+    t.is(result.config, 'readme-pair')
+    t.true(existsSync(join(folder, 'mbw.safetensors')))
+  },
   'sd-mecha/basic_merge.mts': async (t) => {
     const r = await example('sd-mecha/basic_merge.mts', A.path, B.path, '--out', out('basic.safetensors'))
     t.regex(r.stdout, new RegExp(`^wrote ${sd1Layout.length} keys to `))
@@ -300,7 +323,18 @@ const checks: Record<string, Check> = {
   'sd-mecha/split_unet_text_encoder.mts': async (t) => {
     const [a, b, c] = sdxl
     const r = await example('sd-mecha/split_unet_text_encoder.mts', a.path, b.path, c.path, ...show(kx))
-    t.regex(r.stdout, new RegExp(`^${sdxlLayout.length} tensors in memory`))
+    // plus the CLIP layers pruned from these files (optional in sdxl-sgm), which its
+    // missing-key handler fills with zeros
+    const pruned = configs
+      .keys('sdxl-sgm')
+      .filter((k) =>
+        /^conditioner\.embedders\.(0\.transformer\.text_model\.encoder\.layers\.11|1\.model\.transformer\.resblocks\.31)\./.test(
+          k.key,
+        ),
+      )
+      .filter((k) => !sdxlLayout.some((l) => l.key === k.key))
+    t.is(pruned.length, 28)
+    t.regex(r.stdout, new RegExp(`^${sdxlLayout.length + pruned.length} tensors in memory`))
     const lines = byKey(r.lines)
     for (const key of [kx.unet2d, kx.unet1d])
       close(t, lines.get(key)!.first, lerp(a.values.get(key)!, b.values.get(key)!, 0.5), `${key} (UNet)`)
@@ -577,6 +611,14 @@ test('every check has its example', (t) => {
     [],
   )
   t.true(existsSync(join(root, 'docs/guide/README.md')))
+})
+
+test("the README's TypeScript samples are examples/readme.mts, which runs them", (t) => {
+  const readme = readFileSync(join(root, 'README.md'), 'utf8')
+  const example = readFileSync(join(examplesDir, 'readme.mts'), 'utf8')
+  const samples = [...readme.matchAll(/```ts\n([^]*?)```/g)].map((m) => m[1])
+  t.true(samples.length >= 2)
+  for (const [i, sample] of samples.entries()) t.true(example.includes(sample), `README sample ${i + 1}`)
 })
 
 test('every TypeScript sample in docs/guide is an excerpt of the example file named before it', (t) => {
