@@ -547,8 +547,8 @@ const checks: Record<string, Check> = {
       .trimEnd()
       .split('\n')
       .map((l): Record<string, unknown> => JSON.parse(l))
-    t.is(steps.length, 6)
-    const [progress, cancel, memory, shape, missing, option] = steps
+    t.is(steps.length, 7)
+    const [progress, cancel, memory, held, shape, missing, option] = steps
     t.is(progress.keysWritten, 64)
     t.true(Number(progress.updates) >= 1)
     t.is(progress.monotonic, true)
@@ -564,6 +564,17 @@ const checks: Record<string, Check> = {
       dtype: 'F32',
       shape: [512, 512],
     })
+    // model(held) with held = 2 · merged: 0.5 · 2 · merged + 0.5 · a
+    const a = readSafetensors(args[0]).tensors.get('layer.0.weight')!.values.slice(0, 4)
+    const merged = held.merged as number[]
+    t.is(held.size, 64)
+    close(
+      t,
+      held.remerged as number[],
+      merged.map((m, i) => m + 0.5 * a[i]),
+      'merged again from memory',
+      1e-6,
+    )
     t.like(shape, { name: 'ShapeError', kind: 'shape', key: 'layer.5.weight' })
     t.like(missing, { name: 'SafetensorsError', kind: 'safetensors', file: `${args[0]}.missing` })
     t.like(option, { name: 'OptionError', kind: 'option' })

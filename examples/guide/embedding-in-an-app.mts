@@ -11,8 +11,10 @@ import {
   ShapeError,
   merge,
   model,
+  toFloat32,
   weightedSum,
   type Progress,
+  type Tensor,
 } from 'sd-mecha'
 
 const { values, positionals } = parseArgs({
@@ -68,6 +70,22 @@ console.log(
     firstKey,
     dtype: firstTensor?.dtype,
     shape: firstTensor?.shape,
+  }),
+)
+
+// Weights the app already holds (a merge result, tensors it computed) are models too: model()
+// takes a Map or object of { dtype, shape, data } tensors, as sd-mecha's model(state_dict) does.
+const held = new Map<string, Tensor>()
+for (const [key, tensor] of inMemory)
+  held.set(key, { dtype: 'F32', shape: tensor.shape, data: toFloat32(tensor).map((x) => 2 * x) })
+const remerged = await merge(weightedSum(model(held), model(pathA), { alpha: 0.5 }), { outputDtype: 'f32' })
+const firstRemerged = remerged.get(firstKey)
+console.log(
+  JSON.stringify({
+    step: 'held',
+    size: remerged.size,
+    merged: firstTensor ? [...toFloat32(firstTensor).slice(0, 4)] : [],
+    remerged: firstRemerged ? [...toFloat32(firstRemerged).slice(0, 4)] : [],
   }),
 )
 
