@@ -135,7 +135,26 @@ test('convert turns block weights into per-key weights (MBW)', async (t) => {
     t.deepEqual(Array.from(v), Array.from(from.get(key)!), key)
   }
   t.throws(() => convert(model(paths.a), 'flux-flux'), { instanceOf: ConfigError, message: /no chain of conversions/ })
+
+  // each config tried is named once (a LoRA's was repeated per candidate target)
+  const lora = join(dir, 'lora-for-convert.safetensors')
+  const loraKeys = configs.keys('sd1-kohya_kohya_lora').slice(0, 6)
+  writeFileSync(lora, safetensorsBytes(loraKeys.map((k) => k.key)))
+  const error = t.throws(() => convert(model(lora), model(paths.a)), { instanceOf: ConfigError })
+  const sources = /from the recipe's config \((.*?)\) to/.exec(error!.message)![1].split(' or ')
+  t.true(sources.includes('sd1-kohya_kohya_lora'), error!.message)
+  t.deepEqual(sources, [...new Set(sources)], 'no config named twice')
 })
+
+/** A safetensors file of one-element f16 tensors with these names. */
+function safetensorsBytes(names: string[]): Buffer {
+  const header: Record<string, unknown> = {}
+  names.forEach((name, i) => (header[name] = { dtype: 'F16', shape: [1], data_offsets: [2 * i, 2 * i + 2] }))
+  const json = Buffer.from(JSON.stringify(header).padEnd(Math.ceil(JSON.stringify(header).length / 8) * 8, ' '))
+  const length = Buffer.alloc(8)
+  length.writeBigUInt64LE(BigInt(json.length))
+  return Buffer.concat([length, json, Buffer.alloc(2 * names.length)])
+}
 
 test('defineMergeMethod: elementwise JavaScript methods run per chunk and match the native math', async (t) => {
   const chunks: number[] = []

@@ -55,9 +55,14 @@ function builder(m) {
   let optionsType = ''
   if (options.length) {
     const typeName = `${name[0].toUpperCase()}${name.slice(1)}Options`
+    const omitted = options.every((p) => p.hasDefault) ? '; each one omitted takes its default' : ''
     optionsType = [
+      `/** Hyper-parameters of \`${name}\` (sd-mecha's \`${m.id}\`)${omitted}. */`,
       `export interface ${typeName} {`,
-      ...options.map((p) => `  ${camel(p.name)}${p.hasDefault ? '?' : ''}: ${tsType(p)}`),
+      ...options.flatMap((p) => [
+        `  /** \`${p.name}\`: ${p.type}, ${describeSpace(p.mergeSpace)}${describeDefault(p)}. */`,
+        `  ${camel(p.name)}${p.hasDefault ? '?' : ''}: ${tsType(p)}`,
+      ]),
       `}`,
       '',
     ].join('\n')

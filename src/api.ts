@@ -57,7 +57,10 @@ export type {
   MethodResult,
   MethodReturns,
   MethodValue,
+  OptionNames,
   ParamType,
+  PositionalArgs,
+  ValueOf,
 } from './define'
 export type { PlanReport } from './plan'
 export type { SerializeOptions } from './serialize'
@@ -83,11 +86,58 @@ export {
 } from './errors'
 export type { ErrorDetails } from './errors'
 
-export type MethodInfo = ReturnType<typeof native.methods>[number]
+/** The merge spaces a parameter or a result may be in, as `methods.list()` describes them. */
+export interface SpaceInfo {
+  /** True when the method's own merge-space variable is used (shared with the return value). */
+  symbol: boolean
+  /** Allowed spaces (`'weight'`, `'delta'`, `'param'`). */
+  spaces: Array<string>
+}
+
+/** One parameter of a merge method, as `methods.list()` describes it (sd-mecha's `Parameter(...)`). */
+export interface ParamInfo {
+  /** sd-mecha's name, in snake_case (the generated builders take it in camelCase). */
+  name: string
+  /** `Tensor`, `float`, `int`, `bool`, `str` or `T` (any). */
+  type: string
+  /** Whether the method reads other keys of this input (sd-mecha's `StateDict[...]`, in conversions). */
+  stateDict: boolean
+  /** The merge spaces the argument may be in. */
+  mergeSpace: SpaceInfo
+  /** The model config the argument must have, when the method fixes one (conversions). */
+  modelConfig?: string
+  /** `positional`, `varargs` or `keyword`. */
+  kind: string
+  /** Whether the parameter is optional. */
+  hasDefault: boolean
+  /** The default, when `hasDefault` (`null` for a random method's `seed`, which each merge then chooses). */
+  default?: number | boolean | string | null | undefined
+}
+
+/** A registered merge method's signature (sd-mecha's `MergeMethod`), builtin or from `defineMergeMethod`. */
+export interface MethodInfo {
+  /** sd-mecha's method id, e.g. `'weighted_sum'`, as in `.mecha` text. */
+  id: string
+  /** A one-line summary of what it computes. */
+  description: string
+  /** The parameters, in signature order. */
+  params: Array<ParamInfo>
+  /** The result's type: `Tensor`, `float`, `int`, `bool`, `str` or `T`. */
+  returnType: string
+  /** The merge spaces the result may be in. */
+  returnMergeSpace: SpaceInfo
+  /** The model config of the result, when the method fixes one (a conversion's target). */
+  returnModelConfig?: string
+  /** Whether it converts between model configs (found by `convert()`); the builders leave these out. */
+  isConversion: boolean
+  /** Whether it combines elements at the same position only, so keys are streamed in chunks. */
+  elementwise: boolean
+}
 
 /** Introspection of the merge-method registry (e.g. to generate a node-based UI). */
 export const methods = {
   /** Every method: id, inputs (type, merge space, config, varargs), hyper-parameters with defaults, return space. */
   list: (): MethodInfo[] => native.methods(),
+  /** The method with this sd-mecha id (e.g. `'weighted_sum'`), or `undefined` when there is none. */
   get: (id: string): MethodInfo | undefined => native.methods().find((m) => m.id === id),
 }

@@ -9,9 +9,15 @@ import { callMethod, Int, RecipeNode, type MergeNode, type MergeSpace, type Reci
 import { noteCallbackError, runningNode } from './merge'
 import { configs } from './configs'
 
+/**
+ * The type of a method's input or result, as sd-mecha annotates them (`Parameter(Tensor)`,
+ * `Parameter(float)`, …); `'T'` is a type variable that accepts whatever the argument produces.
+ */
 export type ParamType = 'Tensor' | 'float' | 'int' | 'bool' | 'str' | 'T'
 
+/** One declared input of a JavaScript merge method (sd-mecha's `Parameter(...)` annotation). */
 export interface MethodInput {
+  /** The parameter's name, as in `.mecha` text and the builder's options (e.g. `alpha`). */
   name: string
   /** Default `'Tensor'`. `'T'` accepts whatever the argument produces. */
   type?: ParamType
@@ -32,6 +38,7 @@ export interface MethodInput {
   stateDict?: boolean
 }
 
+/** What `fn` receives besides its arguments: the key, shapes, the chunk and the node's cache. */
 export interface MethodContext<Cache = unknown> {
   /** The key being computed. */
   key: string
@@ -39,6 +46,7 @@ export interface MethodContext<Cache = unknown> {
   shape: number[]
   /** For elementwise methods, the chunk computed: elements `offset … offset + length - 1`. */
   offset: number
+  /** Number of elements computed: the chunk's for elementwise methods, else the whole key's. */
   length: number
   /** This node's cache (from `cacheFactory`), kept across merges of the same node object. */
   cache: Cache
@@ -49,10 +57,14 @@ export interface MethodContext<Cache = unknown> {
   shapes: Record<string, number[] | number[][] | undefined>
 }
 
+/** Any value an argument of `fn` can be: a tensor, a number, a boolean, a string, `null`, or an array of them (varargs). */
 export type MethodValue = Float32Array | number | boolean | string | null | MethodValue[]
 
-/** What a parameter of type `T` arrives as in `fn`. */
-type ValueOf<T extends ParamType | undefined> = T extends 'int' | 'float'
+/**
+ * What a parameter of type `T` arrives as in `fn`: a number for `'int'` and `'float'`, a boolean,
+ * a string, any `MethodValue` for `'T'`, and a `Float32Array` for `'Tensor'` (the default).
+ */
+export type ValueOf<T extends ParamType | undefined> = T extends 'int' | 'float'
   ? number
   : T extends 'bool'
     ? boolean
@@ -91,11 +103,18 @@ export type MethodResult<T extends ParamType | undefined> = T extends 'int' | 'f
 
 /** The return declaration of a method. */
 export interface MethodReturns<T extends ParamType = ParamType> {
+  /** The result's type (default `'Tensor'`). */
   type?: T
+  /** The result's merge space; by default the space its inputs share (the method's merge-space variable). */
   mergeSpace?: MergeSpace
+  /** The result's model config (a conversion's target); by default inferred together with its inputs'. */
   config?: string
 }
 
+/**
+ * A merge method written in JavaScript, for `defineMergeMethod` (sd-mecha's `@merge_method`
+ * decorator): its id, declared inputs and result, and the function computing a key.
+ */
 export interface MergeMethodDefinition<
   Inputs extends readonly MethodInput[] = readonly MethodInput[],
   Returns extends ParamType = ParamType,
@@ -103,8 +122,11 @@ export interface MergeMethodDefinition<
 > {
   /** sd-mecha-style id, e.g. `noise_sum`. */
   id: string
+  /** A one-line summary, listed by `methods.list()`. */
   description?: string
+  /** The parameters, in sd-mecha's order: positional ones, varargs, then keyword-only ones. */
   inputs: Inputs
+  /** The result's type, merge space and config (default: a tensor in the inputs' shared space). */
   returns?: MethodReturns<Returns>
   /** The function only combines elements at the same position: it is called per chunk. */
   elementwise?: boolean
@@ -112,6 +134,7 @@ export interface MergeMethodDefinition<
   isConversion?: boolean
   /** For each key of `returns.config`, the keys of the first input it is computed from. */
   mapKeys?: (outputKey: string) => string | string[] | null | undefined
+  /** Makes the per-node cache `fn` finds in `context.cache`, once per node object (sd-mecha's `cache=` dict). */
   cacheFactory?: () => Cache
   /**
    * Computes one key (or chunk). Tensor inputs arrive as `Float32Array`s (a number given for a
@@ -122,8 +145,11 @@ export interface MergeMethodDefinition<
   fn: (args: MethodArgs<Inputs>, context: MethodContext<Cache>) => MethodResult<Returns>
 }
 
-/** The required positional inputs (no default, not keyword-only), then the varargs array. */
-type PositionalArgs<Inputs extends readonly MethodInput[]> = Inputs extends readonly [
+/**
+ * The builder's positional parameters for the declared inputs: the required ones (no default,
+ * not keyword-only) as recipe inputs, then the varargs array.
+ */
+export type PositionalArgs<Inputs extends readonly MethodInput[]> = Inputs extends readonly [
   infer First extends MethodInput,
   ...infer Rest extends readonly MethodInput[],
 ]
@@ -134,8 +160,11 @@ type PositionalArgs<Inputs extends readonly MethodInput[]> = Inputs extends read
       : [RecipeInput, ...PositionalArgs<Rest>]
   : []
 
-/** The names of the inputs given in the options object: those with a default or after varargs. */
-type OptionNames<Inputs extends readonly MethodInput[], AfterVarargs = false> = Inputs extends readonly [
+/**
+ * The names of the inputs the builder takes in its options object: those with a default, the
+ * keyword-only ones and those after varargs.
+ */
+export type OptionNames<Inputs extends readonly MethodInput[], AfterVarargs = false> = Inputs extends readonly [
   infer First extends MethodInput,
   ...infer Rest extends readonly MethodInput[],
 ]

@@ -46,6 +46,7 @@ export type SafetensorsDtype =
   | 'F6_E2M3'
   | 'F6_E3M2'
 
+/** The typed arrays a tensor's `data` can be (see `TensorArrays` for which dtype uses which). */
 export type TensorData =
   | Float32Array
   | Float64Array

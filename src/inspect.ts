@@ -4,21 +4,31 @@ import { native as callNative } from './errors'
 import { configs } from './configs'
 import type { SafetensorsDtype } from './dtypes'
 
+/** One tensor of a safetensors header, as `inspect()` lists it. */
 export interface TensorInfo {
+  /** The tensor's key. */
   name: string
+  /** Its dtype, as the header names it. */
   dtype: SafetensorsDtype
+  /** Its dimensions (`[]` for a scalar). */
   shape: number[]
   /** Byte offset of the data from the start of the file. */
   start: number
+  /** Size of its data, in bytes. */
   bytes: number
 }
 
+/** What `inspect()` reads from a safetensors file's header: tensors, metadata and the model config they fit. */
 export interface FileInfo {
+  /** The path as given. */
   path: string
+  /** Size of the file, in bytes. */
   fileBytes: number
+  /** Size of the JSON header, in bytes (not counting the 8-byte length before it). */
   headerBytes: number
   /** Tensors in file order. */
   tensors: TensorInfo[]
+  /** The header's `__metadata__` entries (e.g. `mecha_recipe`); empty when there are none. */
   metadata: Record<string, string>
   /** Count of tensors per dtype. */
   dtypes: Partial<Record<SafetensorsDtype, number>>
@@ -38,7 +48,9 @@ export interface FileInfo {
   keysOutsideConfig: number
 }
 
+/** How much of one component of the inferred config a file holds (see `FileInfo.components`). */
 export interface ComponentCoverage {
+  /** The component's name, e.g. `'diffuser'`. */
   name: string
   /** Keys of the component present in the file. */
   present: number

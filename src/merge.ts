@@ -20,16 +20,23 @@ import { model, RecipeNode, toWireWithNodes, type MergeSpace, type RecipeInput }
 /** How the output records its recipe: model paths as given, absolute, or no recipe. */
 export type EmbedRecipe = 'relative' | 'absolute' | 'none'
 
+/** What `onProgress` receives while a merge runs (where sd-mecha updates its `tqdm` bar). */
 export interface Progress {
+  /** Output keys finished so far. */
   keysDone: number
+  /** Output keys the merge writes. */
   keysTotal: number
+  /** Bytes of output tensor data produced so far. */
   bytesDone: number
+  /** Bytes of tensor data the output will hold. */
   bytesTotal: number
+  /** Seconds since the merge started. */
   elapsedSeconds: number
   /** The key that just finished. */
   key: string
 }
 
+/** Options of `merge()`, sd-mecha's `merge()` keywords in camelCase plus engine settings; every one is optional. */
 export interface MergeOptions {
   /** Output safetensors path. Omit to get the tensors back in memory. */
   output?: string
@@ -43,6 +50,7 @@ export interface MergeOptions {
   strictMergeSpace?: MergeSpace | null
   /** Called with progress, at most every `progressIntervalMs` (default 100), never blocking the merge. */
   onProgress?: (progress: Progress) => void
+  /** Least milliseconds between two `onProgress` calls (default 100). */
   progressIntervalMs?: number
   /** Cancels the merge; no output file is left behind. Checked between keys and chunks. */
   signal?: AbortSignal
@@ -126,10 +134,12 @@ export class MergeCache {
     return this.handle.entries
   }
 
+  /** The most bytes it holds (the `limit` it was made with). */
   get limitBytes(): number {
     return this.handle.limitBytes
   }
 
+  /** Drops every entry, so the next merge computes everything again. */
   clear(): void {
     this.handle.clear()
   }
@@ -153,27 +163,36 @@ export function parseBytes(size: number | string, what = 'size'): number {
   return parseBytes(Math.floor(Number(m[1]) * scale), what)
 }
 
+/** A key the merge (or plan) does not produce, and why. */
 export interface SkippedKey {
+  /** The key's name (in the output's config). */
   key: string
+  /** Why it cannot be built, e.g. which input lacks it. */
   reason: string
 }
 
+/** What a merge did: the keys written and skipped, bytes, time, memory, and the recipe it stored. */
 export interface MergeReport {
   /** The output file, or `undefined` for an in-memory merge. */
   output?: string
+  /** Keys in the output. */
   keysWritten: number
   /** Keys present in some input but not produced, and why (e.g. missing from one model). */
   keysSkipped: SkippedKey[]
   /** Keys written with NaN or infinity in them (sd-mecha warns about these). */
   nonFiniteOutputs: string[]
+  /** Bytes of tensor data read from the inputs. */
   bytesRead: number
+  /** Bytes of tensor data written (or returned, for an in-memory merge). */
   bytesWritten: number
+  /** Wall-clock duration of the merge, in seconds. */
   seconds: number
   /**
    * Peak resident memory of the whole process while this merge ran (exact when it ran alone;
    * sampled every few milliseconds while other merges ran in the same process).
    */
   peakRssBytes: number
+  /** Worker threads the merge used. */
   threads: number
   /** The memory budget the merge ran under, in bytes. */
   memoryBudget: number
@@ -193,8 +212,11 @@ export interface MergeReport {
 export interface ChosenSeed {
   /** The node's index in the recipe as given (its line in `.mecha` text), if it has one. */
   node?: number
+  /** The method's sd-mecha id, e.g. `dropout`. */
   method: string
+  /** The parameter given the seed, e.g. `seed` or `approximate_basis_seed`. */
   param: string
+  /** The seed chosen (below 2^53, so exact). */
   seed: number
 }
 

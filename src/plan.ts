@@ -4,17 +4,23 @@ import { native as callNative } from './errors'
 import { toWire, type RecipeInput } from './recipe'
 import { checkMergeOptions, parseBytes, planOptionNames, type MergeOptions, type SkippedKey } from './merge'
 
+/** What `plan()` found a merge would do, from headers only: configs, spaces, keys, output size and memory. */
 export interface PlanReport {
   /** Model config of the result (`'structural'` for an unknown architecture). */
   config: string
+  /** Merge space of the result (`'weight'`, `'delta'` or `'param'`). */
   mergeSpace: string
   /** Each model input with the config inferred for it. */
   inputs: { path: string; config: string }[]
+  /** Keys the output would hold. */
   keys: number
+  /** Bytes of tensor data the output would hold (its header not counted). */
   outputBytes: number
+  /** Keys present in some input but not produced, and why. */
   keysSkipped: SkippedKey[]
   /** Keys of the result's config, not optional, that cannot be built (`strictMandatoryKeys` refuses these). */
   unbuiltMandatory: SkippedKey[]
+  /** Worker threads the merge would use. */
   threads: number
   /** Working memory of the merge threads, excluding the process itself. */
   estimatedWorkingBytes: number

@@ -8,6 +8,10 @@ import { suggestion } from './options'
 import type { Tensor } from './dtypes'
 import { isStateDict, isTensor, registerStateDict, releaseWhenCollected, type StateDict } from './state-dict'
 
+/**
+ * sd-mecha's merge spaces: `'weight'` (model weights), `'delta'` (a difference of weights, e.g.
+ * `subtract(a, b)`) and `'param'` (hyper-parameter values such as `alpha`).
+ */
 export type MergeSpace = 'weight' | 'delta' | 'param'
 
 /** Marks a number to be written as an integer (`3`), not a float (`3.0`), in `.mecha` text. */
@@ -20,18 +24,28 @@ export class Int {
 /** An integer hyper-parameter value, e.g. `truncateRank(d, { rank: int(8) })`. */
 export const int = (value: number): Int => new Int(value)
 
+/**
+ * A plain recipe value (sd-mecha's literal values): a number (written as a float), a boolean, a
+ * string, `null`, or an `Int` for an integer.
+ */
 export type Scalar = number | boolean | string | null | Int
 /** Per-key values (e.g. one per block) or per-key sub-recipes. */
 export type LiteralDict = { [key: string]: Scalar | RecipeNode }
 /** Anything a merge method accepts: a node, a number/string/bool broadcast to every key, or a dict. */
 export type RecipeInput = RecipeNode | Scalar | LiteralDict
 
+/** The node's model config and merge space, for `model()` and `literal()` (sd-mecha's `config=` and `merge_space=`). */
 export interface NodeOptions {
   /** Model config id, e.g. `'sdxl-sgm'`; inferred from the file when omitted. */
   config?: string
+  /** The node's merge space: `model()` defaults to `'weight'`; `literal()` leaves it to inference. */
   mergeSpace?: MergeSpace
 }
 
+/**
+ * A node of a recipe graph (sd-mecha's `RecipeNode`): a model, a literal or a merge-method call.
+ * Its methods are sd-mecha's operators (`+`, `-`, `*`, `|`, `.to()`).
+ */
 export abstract class RecipeNode {
   /** `add_difference(this, delta, alpha)`: adds a delta (e.g. `b.sub(c)`) to this node. */
   add(delta: RecipeInput, options: { alpha?: RecipeInput } = {}): MergeNode {
@@ -59,10 +73,14 @@ export abstract class RecipeNode {
   }
 }
 
+/** A safetensors file, as `model(path)` makes it (sd-mecha's `ModelRecipeNode`); nothing is read until it is used. */
 export class ModelNode extends RecipeNode {
   constructor(
+    /** The path as given; a relative one is searched in `modelDirs`, then the current directory. */
     readonly path: string,
+    /** Model config id, or `undefined` to infer it from the file's keys. */
     readonly config: string | undefined,
+    /** Merge space of the file's tensors (`'weight'` unless told otherwise). */
     readonly mergeSpace: MergeSpace,
   ) {
     super()
@@ -79,7 +97,9 @@ export class StateDictNode extends RecipeNode {
     readonly id: number,
     /** The keys it holds, in order. */
     readonly keys: readonly string[],
+    /** Model config id, or `undefined` to infer it from the keys. */
     readonly config: string | undefined,
+    /** Merge space of the tensors, or `undefined` to infer it (tensor literals). */
     readonly mergeSpace: MergeSpace | undefined,
   ) {
     super()
@@ -92,21 +112,28 @@ export class StateDictNode extends RecipeNode {
   }
 }
 
+/** A literal value, as `literal()` makes it (sd-mecha's `LiteralRecipeNode`): one value, or a dict of per-key values. */
 export class LiteralNode extends RecipeNode {
   constructor(
+    /** The value broadcast to every key, or the dict of per-key values or sub-recipes. */
     readonly value: Scalar | LiteralDict,
+    /** Model config id (the dict's keys are this config's), or `undefined` to infer it. */
     readonly config: string | undefined,
+    /** Merge space of the value, or `undefined` to infer it. */
     readonly mergeSpace: MergeSpace | undefined,
   ) {
     super()
   }
 }
 
+/** A call of a merge method on its inputs (sd-mecha's `MergeRecipeNode`), as the builders such as `weightedSum` make it. */
 export class MergeNode extends RecipeNode {
   constructor(
     /** sd-mecha method id, e.g. `weighted_sum`. */
     readonly method: string,
+    /** Positional arguments, varargs spread in. */
     readonly args: readonly RecipeInput[],
+    /** Keyword arguments by sd-mecha parameter name (snake_case, e.g. `vote_sgn`); omitted ones take their defaults. */
     readonly kwargs: Readonly<Record<string, RecipeInput>>,
   ) {
     super()

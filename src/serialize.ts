@@ -3,6 +3,7 @@ import native = require('./native')
 import { native as callNative } from './errors'
 import { fromWire, toWire, type MergeSpace, type RecipeInput, type RecipeNode } from './recipe'
 
+/** Options of `serialize()`. */
 export interface SerializeOptions {
   /**
    * The merge space the recipe's result must be in. By default none is required (as in sd-mecha's

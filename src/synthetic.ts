@@ -2,10 +2,13 @@
 import native = require('./native')
 import { native as callNative } from './errors'
 
+/** A tensor to write with `writeRandomModel`, as `modelLayout` lists them. */
 export interface TensorSpec {
+  /** The tensor's key. */
   name: string
   /** safetensors or torch dtype name. */
   dtype: string
+  /** Its dimensions. */
   shape: number[]
 }
 

@@ -7,6 +7,7 @@
 import { attachCache, type MergeCache } from './merge'
 import { callMethod, Int, LiteralNode, ModelNode, RecipeNode, type MergeNode, type RecipeInput } from './recipe'
 
+/** Options of `addDifference` (sd-mecha's `add_difference` wrapper). */
 export interface AddDifferenceWrapperOptions {
   /** Weight of the difference (default 1). A number, per-block values or a tensor. */
   alpha?: RecipeInput
@@ -63,6 +64,7 @@ export function addPerpendicular(
   return callMethod('add_difference', [a, perpendicular], { alpha: options.alpha ?? 1.0 })
 }
 
+/** Options of `copyRegion` / `tensorSum` (sd-mecha's `copy_region` wrapper). */
 export interface CopyRegionOptions {
   /** Fraction of the tensor copied (default 1). */
   width?: number
@@ -139,6 +141,7 @@ export type Seed = number | Int | null
 /** A number given for an `int` parameter, written as an integer (as Python passes it). */
 const asInt = <T>(v: number | T): Int | T => (typeof v === 'number' ? new Int(v) : v)
 
+/** Options of `addDifferenceTies` (sd-mecha's `add_difference_ties`), given after the models. */
 export interface AddDifferenceTiesOptions {
   /** Weight of the merged difference (default 1). */
   alpha?: RecipeInput
@@ -157,6 +160,7 @@ export function addDifferenceTies(base: RecipeInput, ...models: (RecipeInput | A
   return addDifference(base, res, undefined, { alpha: o.alpha ?? 1.0 })
 }
 
+/** The options of sd-mecha's `ties_sum_extended`, shared by `addDifferenceTiesExtended` and `addTiesWithDare`. */
 export interface TiesExtendedOptions {
   /** Fraction of each delta kept, by magnitude. */
   k?: number
@@ -164,11 +168,15 @@ export interface TiesExtendedOptions {
   voteSgn?: boolean
   /** sd-mecha's inverted flag: false (the default) applies model stock's factor, true leaves it out. */
   applyStock?: boolean
+  /** Epsilon of model stock's cosine similarity (`cos_eps`, default 1e-6). */
   cosEps?: number
   /** Combine the elected deltas by their geometric median (default false). */
   applyMedian?: boolean
+  /** Geometric median: the smallest distance divided by in Weiszfeld's iteration (default 1e-6). */
   eps?: number
+  /** Geometric median: the most iterations (default 100). */
   maxiter?: number | Int
+  /** Geometric median: stop when the objective changes by at most this fraction (default 1e-20). */
   ftol?: number
 }
 
@@ -188,6 +196,7 @@ function tiesExtendedArgs(o: TiesExtendedOptions, k: number) {
   }
 }
 
+/** Options of `addDifferenceTiesExtended` (sd-mecha's `add_difference_ties_extended`), given after the models. */
 export interface AddDifferenceTiesExtendedOptions extends TiesExtendedOptions {
   /** Weight of the merged difference (default 1). */
   alpha?: RecipeInput
@@ -206,6 +215,7 @@ export function addDifferenceTiesExtended(
   return addDifference(base, res, undefined, { alpha: o.alpha ?? 1.0 })
 }
 
+/** Options of `addTiesWithDare` (sd-mecha's `add_ties_with_dare`; `k` defaults to 1), given after the models. */
 export interface AddTiesWithDareOptions extends TiesExtendedOptions {
   /** DELLA: how much more likely larger magnitudes are kept (default 0: DARE). */
   dellaEps?: number
@@ -215,6 +225,7 @@ export interface AddTiesWithDareOptions extends TiesExtendedOptions {
   rescale?: boolean
   /** Weight of the merged difference (default 1). */
   alpha?: RecipeInput
+  /** Seed of the random dropout (default `null`: one is chosen and reported in `report.seeds`). */
   seed?: Seed
 }
 
@@ -242,6 +253,7 @@ export function nModelStock(base: RecipeInput, ...models: (RecipeInput | { cosEp
   return callMethod('add_difference', [base, res], { alpha: 1.0 })
 }
 
+/** Options of `dropout` (sd-mecha's `dropout` wrapper), given after the models. */
 export interface DropoutWrapperOptions {
   /** Probability of dropping each element of each delta (default 0.9). */
   probability?: number
@@ -249,7 +261,9 @@ export interface DropoutWrapperOptions {
   alpha?: RecipeInput
   /** How the models' kept subsets overlap (default 1: independently). */
   overlap?: number
+  /** When `overlap` is not odd: how far the subsets' distribution blends toward binomial weights (`overlap_emphasis`, default 0). */
   overlapEmphasis?: number
+  /** Seed of the random subsets (default `null`: one is chosen and reported in `report.seeds`). */
   seed?: Seed
 }
 
@@ -269,6 +283,8 @@ export function dropout(a: RecipeInput, ...models: (RecipeInput | DropoutWrapper
   })
   return callMethod('add_difference', [a, res], { alpha: o.alpha ?? 0.5 })
 }
+
+/** Options of `rotate` (sd-mecha's `rotate` wrapper). */
 export interface RotateWrapperOptions {
   /** How far `a` is turned toward `b`: the power of the orthogonal transform (default 1). */
   alignment?: RecipeInput

@@ -70,7 +70,10 @@ pub fn conversion_path(recipe: &Recipe, target: &Target) -> Result<Vec<String>> 
             if let Some(path) = shortest(&edges, &source, target) {
                 return Ok(path);
             }
-            tried.push(source);
+            // The same source is tried once per target; name it once.
+            if !tried.contains(&source) {
+                tried.push(source);
+            }
         }
     }
     Err(MechaError::new(
