@@ -624,6 +624,17 @@ test('every check has its example', (t) => {
   t.true(existsSync(join(root, 'docs/guide/README.md')))
 })
 
+test('no example needs a type assertion (`as`) or `any`', (t) => {
+  for (const file of listExamples(examplesDir)) {
+    const code = readFileSync(join(examplesDir, file), 'utf8')
+      .replace(/\/\*[^]*?\*\//g, '')
+      .replace(/\/\/.*$/gm, '')
+      .replace(/(['"`])(?:\\.|(?!\1)[^\\])*\1/g, '""')
+    t.notRegex(code, /\bas\s+(?:const\b|unknown\b|any\b|[A-Z{[(])/, file)
+    t.notRegex(code, /:\s*any\b/, file)
+  }
+})
+
 test("the README's TypeScript samples are examples/readme.mts, which runs them", (t) => {
   const readme = readFileSync(join(root, 'README.md'), 'utf8')
   const example = readFileSync(join(examplesDir, 'readme.mts'), 'utf8')
