@@ -109,7 +109,9 @@ test('bad tensors are refused when the model is built, naming the key', (t) => {
     message: /"w" has dtype F4, which in-memory models do not take/,
   })
   t.throws(() => model(new Map()), { message: /the state dict has no tensors/ })
-  t.throws(() => model({ w: 3 } as never), { message: /model\(\) takes a safetensors path or a state dict/ })
+  t.throws(() => model({ w: 3 } as never), {
+    message: /model\(\) takes a safetensors path \(a non-empty string\) or a state dict/,
+  })
   t.throws(() => model({ w: f32([-1]) }), { message: /dimensions are non-negative integers/ })
 })
 

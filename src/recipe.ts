@@ -159,7 +159,7 @@ export function model(source: string | StateDict, options: NodeOptions = {}): Mo
   }
   if (isStateDict(source)) return stateDictNode('model', source, options, options.mergeSpace ?? 'weight')
   throw new TypeError(
-    'model() takes a safetensors path or a state dict (a Map or object of { dtype, shape, data } tensors)',
+    'model() takes a safetensors path (a non-empty string) or a state dict (a Map or object of { dtype, shape, data } tensors)',
   )
 }
 
