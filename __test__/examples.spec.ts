@@ -112,6 +112,75 @@ const kx = {
 const floatKeys = (keys: typeof sd1Layout) => keys.filter((k) => !k.integer).map((k) => k.key)
 
 // ---------------------------------------------------------------------------------------------
+// LoRAs: an SD1 base whose two LoRA'd layers have their real shapes (a LoRA's difference takes the
+// shape of the config's key), and kohya LoRA files (sd1-kohya_kohya_lora) for them.
+
+/** Two layers of sd1-ldm and the stems a kohya LoRA names them by (sd1-kohya's key, `.` → `_`). */
+const loraLayers = {
+  te: {
+    stem: 'lora_te_text_model_encoder_layers_0_self_attn_q_proj',
+    key: 'cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight',
+    shape: [768, 768],
+  },
+  unet: {
+    stem: 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q',
+    key: 'model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight',
+    shape: [320, 320],
+  },
+}
+const loraBaseLayout = sd1Layout.map((k) => {
+  const layer = Object.values(loraLayers).find((l) => l.key === k.key)
+  return layer ? { ...k, shape: layer.shape } : k
+})
+const loraBase = tinyModel('lora-base.safetensors', loraBaseLayout, 60)
+
+/**
+ * A kohya LoRA file with `rank` factors and an alpha for each layer given, and the difference
+ * sd-mecha bakes from it, per base key: alpha / rank · up @ down, in float64.
+ */
+function kohyaLora(
+  name: string,
+  layers: { layer: keyof typeof loraLayers; rank: number; alpha: number }[],
+  seed: number,
+) {
+  const tensors: Record<string, TestTensor> = {}
+  const deltas = new Map<string, Float64Array>()
+  layers.forEach(({ layer, rank, alpha }, i) => {
+    const { stem, key, shape } = loraLayers[layer]
+    const [rows, cols] = shape
+    const up = randomValues(seed * 31 + 2 * i, rows * rank).map(Math.fround)
+    const down = randomValues(seed * 31 + 2 * i + 1, rank * cols).map(Math.fround)
+    tensors[`${stem}.lora_up.weight`] = { dtype: 'F32', shape: [rows, rank], values: up }
+    tensors[`${stem}.lora_down.weight`] = { dtype: 'F32', shape: [rank, cols], values: down }
+    tensors[`${stem}.alpha`] = { dtype: 'F32', shape: [], values: [alpha] }
+    const delta = new Float64Array(rows * cols)
+    for (let r = 0; r < rows; r++)
+      for (let k = 0; k < rank; k++)
+        for (let c = 0; c < cols; c++) delta[r * cols + c] += (alpha / rank) * up[r * rank + k] * down[k * cols + c]
+    deltas.set(key, delta)
+  })
+  const path = join(dir, name)
+  writeSafetensors(path, tensors)
+  return { path, deltas, tensorCount: Object.keys(tensors).length }
+}
+const loraA = kohyaLora(
+  'lora-a.safetensors',
+  [
+    { layer: 'te', rank: 4, alpha: 2 },
+    { layer: 'unet', rank: 2, alpha: 1 },
+  ],
+  1,
+)
+const loraB = kohyaLora('lora-b.safetensors', [{ layer: 'unet', rank: 2, alpha: 2 }], 2)
+
+/** The base's values of `key` plus each LoRA's difference times its alpha. */
+function baked(key: string, ...loras: [typeof loraA, number][]): number[] {
+  return loraBase.values
+    .get(key)!
+    .map((x, i) => loras.reduce((s, [l, alpha]) => s + alpha * (l.deltas.get(key)?.[i] ?? 0), x))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reading outputs without the library, and comparing values.
 
 interface FileTensor {
@@ -267,6 +336,24 @@ const checks: Record<string, Check> = {
     const sd = Math.sqrt(z.reduce((s, x) => s + (x - mean) ** 2, 0) / z.length)
     t.true(Math.abs(mean) < 0.05, `noise mean ${mean}`)
     t.true(Math.abs(sd - 1) < 0.05, `noise sd ${sd}`)
+  },
+
+  'sd-mecha/lora_merge.mts': async (t) => {
+    const keys = [loraLayers.te.key, loraLayers.unet.key, k1.unet1d, k1.position]
+    const r = await example('sd-mecha/lora_merge.mts', loraBase.path, loraA.path, ...show(keys))
+    t.regex(r.stdout, new RegExp(`^${loraBaseLayout.length} tensors in memory, 0 keys skipped\n`))
+    const lines = byKey(r.lines)
+    for (const key of [loraLayers.te.key, loraLayers.unet.key]) {
+      const line = lines.get(key)!
+      const expected = baked(key, [loraA, 1])
+      t.is(line.dtype, 'F16')
+      t.deepEqual(line.shape, loraLayers[key === loraLayers.te.key ? 'te' : 'unet'].shape)
+      close(t, line.first, expected.slice(0, 16), `${key} (base + alpha / rank · up @ down)`)
+      const mean = expected.reduce((s, x) => s + x, 0) / expected.length
+      t.true(Math.abs(line.mean - mean) < 1e-4, `${key} mean ${line.mean}, expected ${mean}`)
+    }
+    close(t, lines.get(k1.unet1d)!.first, f16(loraBase.values.get(k1.unet1d)!), `${k1.unet1d} (no LoRA layer)`)
+    t.deepEqual(lines.get(k1.position)!.first, loraBase.values.get(k1.position)!.slice(0, 16))
   },
 
   'sd-mecha/n_average.mts': async (t) => {
@@ -482,26 +569,22 @@ const checks: Record<string, Check> = {
   },
 
   'guide/lora.mts': async (t) => {
-    // a kohya LoRA for SD1: up/down factors and alpha for 12 UNet layers
-    const stems = [...new Set(configs.keys('sd1-kohya_kohya_lora').map((k) => k.key.split('.')[0]))]
-      .filter((s) => s.startsWith('lora_unet_'))
-      .slice(0, 12)
-    const tensors: Record<string, TestTensor> = {}
-    stems.forEach((stem, i) => {
-      tensors[`${stem}.lora_up.weight`] = { dtype: 'F16', shape: [3, 2], values: randomValues(i + 1, 6) }
-      tensors[`${stem}.lora_down.weight`] = { dtype: 'F16', shape: [2, 3], values: randomValues(i + 50, 6) }
-      tensors[`${stem}.alpha`] = { dtype: 'F16', shape: [], values: [2] }
-    })
-    writeSafetensors(out('lora.safetensors'), tensors)
-    const r = await example('guide/lora.mts', A.path, out('lora.safetensors'))
+    const r = await example('guide/lora.mts', loraBase.path, loraA.path, loraB.path, '--out', out('baked.safetensors'))
     const lines = r.stdout.trimEnd().split('\n')
     t.true(lines[0].split(' ').includes('sd1-kohya_kohya_lora'))
     t.true(lines[0].split(' ').includes('sdxl-kohya_lycoris_lora'))
     t.deepEqual(lines.slice(1), [
-      `${out('lora.safetensors')}: sd1-kohya_kohya_lora`,
-      'convert: ConfigError',
-      `as a delta: config structural, ${Object.keys(tensors).length} keys skipped`,
+      `${loraA.path}: sd1-kohya_kohya_lora`,
+      `one LoRA: config sd1-ldm, ${loraBaseLayout.length} keys`,
+      `baked: ${loraBaseLayout.length} keys`,
+      `as a delta: config structural, ${loraA.tensorCount} keys skipped`,
     ])
+    // base + 0.8·lora-a + 0.5·lora-b, each lora alpha / rank · up @ down
+    const { tensors } = readSafetensors(out('baked.safetensors'))
+    t.is(tensors.size, loraBaseLayout.length)
+    for (const key of floatKeys(loraBaseLayout))
+      close(t, tensors.get(key)!.values, baked(key, [loraA, 0.8], [loraB, 0.5]), key)
+    t.deepEqual(tensors.get(k1.position)!.values, loraBase.values.get(k1.position))
   },
 
   'guide/performance-and-memory.mts': async (t) => {

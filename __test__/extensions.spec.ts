@@ -136,13 +136,15 @@ test('convert turns block weights into per-key weights (MBW)', async (t) => {
   }
   t.throws(() => convert(model(paths.a), 'flux-flux'), { instanceOf: ConfigError, message: /no chain of conversions/ })
 
-  // each config tried is named once (a LoRA's was repeated per candidate target)
+  // an SDXL LoRA for an SD1 model: each config tried is named once (a LoRA's was repeated per
+  // candidate target), and so is the target
   const lora = join(dir, 'lora-for-convert.safetensors')
-  const loraKeys = configs.keys('sd1-kohya_kohya_lora').slice(0, 6)
+  const loraKeys = configs.keys('sdxl-kohya_kohya_lora').slice(0, 6)
   writeFileSync(lora, safetensorsBytes(loraKeys.map((k) => k.key)))
-  const error = t.throws(() => convert(model(lora), model(paths.a)), { instanceOf: ConfigError })
+  const error = t.throws(() => convert(model(lora), 'sd1-ldm'), { instanceOf: ConfigError })
   const sources = /from the recipe's config \((.*?)\) to/.exec(error!.message)![1].split(' or ')
-  t.true(sources.includes('sd1-kohya_kohya_lora'), error!.message)
+  t.true(sources.includes('sdxl-kohya_kohya_lora'), error!.message)
+  t.regex(error!.message, /to sd1-ldm/)
   t.deepEqual(sources, [...new Set(sources)], 'no config named twice')
 })
 

@@ -44,6 +44,8 @@ export type { ChosenSeed, EmbedRecipe, MergeOptions, MergeReport, Progress, Skip
 export { serialize, deserialize } from './serialize'
 export { plan } from './plan'
 export { convert } from './convert'
+export { bakeLoras } from './lora'
+export type { LoraEntry, LoraInput } from './lora'
 export { configs, modelDirs } from './configs'
 export type { ConfigKey, ConfigInfo, ConfigDefinition } from './configs'
 export { defineMergeMethod } from './define'

@@ -1,20 +1,27 @@
 #!/usr/bin/env node
 /** The `mecha` command line. */
-import { readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { basename, extname } from 'node:path'
 import native = require('./native')
+import { configs } from './configs'
+import { convert } from './convert'
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
+import { bakeLoras, type LoraEntry } from './lora'
 import { mergeWire, parseBytes, type EmbedRecipe, type MergeReport, type Progress } from './merge'
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
-import type { MergeSpace, WireRecipe } from './recipe'
+import { model, toWireWithNodes, type MergeSpace, type RecipeNode, type WireRecipe } from './recipe'
 
 const HELP = `mecha: merge and convert safetensors models with sd-mecha recipes
 
 Usage:
   mecha merge <recipe.mecha|recipe.json> -o <out.safetensors> [options]
+  mecha convert <in.safetensors> --to <config> -o <out.safetensors> [options]
+                                            the model's keys in another config (kohya → sgm, …)
+  mecha lora bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
+                                            LoRA/LyCORIS files baked into a checkpoint
   mecha plan <recipe> [--json]              dry run: configs, spaces, keys kept/skipped, memory
   mecha serialize <recipe> [-o out.mecha]   finalized .mecha text (configs inferred, paths absolute)
   mecha info <file.safetensors> [--json] [--keys]
@@ -28,12 +35,38 @@ earlier nodes by index:
 Relative model paths are resolved against the current directory.
 `
 
-const SPACE_OPTION = `      --strict-merge-space <s> the space the result must be in: weight (default), delta, param, or any`
-const DTYPE_OPTIONS = `  -t, --threads <n>            worker threads (default: one per CPU; the output is the same for any count)
-      --merge-dtype <dtype>    f32 (default), f64, f16, bf16
-      --output-dtype <dtype>   f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2
-${SPACE_OPTION}
-      --memory <size>          memory budget for keys computed at once, e.g. 2G (default: 1/4 of RAM, ≤ 4G)`
+/**
+ * The engine options of the commands that run a merge (or plan one); `outputDtype` is the
+ * `--output-dtype` line after its name, `space` whether `--strict-merge-space` is one of them.
+ */
+function engineOptions(outputDtype: string, space: boolean): string {
+  return [
+    '  -t, --threads <n>            worker threads (default: one per CPU; the output is the same for any count)',
+    '      --merge-dtype <dtype>    f32 (default), f64, f16, bf16',
+    `      --output-dtype <dtype>   ${outputDtype}`,
+    ...(space
+      ? ['      --strict-merge-space <s> the space the result must be in: weight (default), delta, param, or any']
+      : []),
+    '      --memory <size>          memory budget for keys computed at once, e.g. 2G (default: 1/4 of RAM, ≤ 4G)',
+  ].join('\n')
+}
+const DTYPE_OPTIONS = engineOptions('f16 (default), bf16, f32, f64, f8_e4m3, f8_e5m2', true)
+/**
+ * The options of the commands that write one model in another form (convert, lora bake), after
+ * their own; `of` names the model whose float dtype the output keeps by default.
+ */
+function writeOptions(of: string): string {
+  return [
+    '  -o, --output <path>          output safetensors file (required; never one of the inputs)',
+    engineOptions(
+      `f16, bf16, f32, f64, f8_e4m3, f8_e5m2 (default: the ${of}'s float\n` +
+        '                               dtype when all its float tensors share one, else f16)',
+      false,
+    ),
+    '      --json                   print the report as JSON',
+    '  -q, --quiet                  no progress bar',
+  ].join('\n')
+}
 
 /** What `mecha help <command>` and `mecha <command> --help` print. */
 const COMMAND_HELP: Record<string, string> = {
@@ -72,6 +105,42 @@ Options:
       --strict-merge-space <s> the space the result must be in: weight, delta, param, or any
                                (default: any, preferring weight as merge does)
 `,
+  convert: `Usage: mecha convert <in.safetensors> --to <config> -o <out.safetensors> [options]
+
+Converts a model's keys to another model config by the shortest chain of registered conversions
+(sd-mecha's convert()), e.g. sdxl-kohya to sdxl-sgm, and writes the result: the text encoders'
+q/k/v projections are joined into one in_proj key or split from it, text_projection transposed.
+The file appears only when the conversion completes; the recipe is stored in its metadata. Keys
+the target config has no place for are skipped and listed; a model already in that config is
+copied.
+
+Options:
+      --to <config>            the config to convert to (required), e.g. sdxl-sgm, sdxl-kohya,
+                               sd1-ldm, sd1-kohya (mecha info shows a file's config)
+${writeOptions('input')}
+`,
+  lora: `Usage: mecha lora <subcommand> ...
+
+LoRA and LyCORIS files in kohya's key layout (sd1-kohya, sdxl-kohya, sdxl-kohya_but_diffusers).
+
+Subcommands:
+  bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
+                               bake LoRAs into a checkpoint (mecha help lora bake)
+`,
+  'lora bake': `Usage: mecha lora bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
+
+Bakes LoRA or LyCORIS files into a checkpoint, as sd-mecha's lora_merge.py does: each LoRA, in
+order, is converted to a difference in the base's config (alpha / rank · up @ down per layer) and
+added with its alpha (default 1): out = base + alpha1·lora1 + alpha2·lora2 + …. Keys no LoRA
+touches keep the base's value. The file appears only when the merge completes; the recipe is
+stored in its metadata.
+
+lora.safetensors:0.8 adds that LoRA with alpha 0.8 (negative subtracts it). Only a trailing
+:<number> is an alpha, so paths holding a ':' (C:\\loras\\style.safetensors) work as they are.
+
+Options:
+${writeOptions('base')}
+`,
   info: `Usage: mecha info <file.safetensors> [--json] [--keys]
 
 Reads a safetensors header (no tensor data): tensor count, dtypes, metadata, the recipe that made
@@ -84,6 +153,9 @@ Options:
 }
 
 type Flags = Record<string, string | true>
+
+/** The flags of the commands that write one model in another form (convert, lora bake). */
+const writeFlags = ['output', 'threads', 'merge-dtype', 'output-dtype', 'memory', 'json', 'quiet'] as const
 
 /** The flags each command takes (`help` and `version` go anywhere). */
 const commandFlags: Record<string, readonly string[]> = {
@@ -103,14 +175,22 @@ const commandFlags: Record<string, readonly string[]> = {
   plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
   serialize: ['output', 'strict-merge-space'],
   info: ['json', 'keys'],
+  convert: ['to', ...writeFlags],
+  'lora bake': writeFlags,
 }
-/** How many positional arguments (after the command) each command takes. */
-const commandArgs: Record<string, string> = {
-  merge: 'one recipe file',
-  plan: 'one recipe file',
-  serialize: 'one recipe file',
-  info: 'one safetensors file',
+/** The positional arguments (after the command) each command takes: what they are, and how many at most. */
+const commandArgs: Record<string, readonly [what: string, most: number]> = {
+  merge: ['one recipe file', 1],
+  plan: ['one recipe file', 1],
+  serialize: ['one recipe file', 1],
+  info: ['one safetensors file', 1],
+  convert: ['one safetensors file', 1],
+  'lora bake': ['a base model and LoRAs', Infinity],
 }
+/** Commands made of subcommands (`mecha lora bake`), and theirs. */
+const subcommands: Record<string, readonly string[]> = { lora: ['bake'] }
+/** The names a command line may start with. */
+const commands = Object.keys(COMMAND_HELP).filter((c) => !c.includes(' '))
 
 /** Refuses flags the command does not take and extra arguments, suggesting the closest flag. */
 function checkUsage(command: string, args: string[], flags: Flags): void {
@@ -123,14 +203,30 @@ function checkUsage(command: string, args: string[], flags: Flags): void {
       `${command} has no option --${name}${near ? `; did you mean --${near}?` : `; it takes ${allowed.map((f) => `--${f}`).join(', ')}`}`,
     )
   }
-  if (args.length > 1)
-    throw new UsageError(`${command} takes ${commandArgs[command]}, but was also given: ${args.slice(1).join(' ')}`)
+  const [what, most] = commandArgs[command]
+  if (args.length > most)
+    throw new UsageError(`${command} takes ${what}, but was also given: ${args.slice(most).join(' ')}`)
+}
+
+/**
+ * The command a command line names from its first positional argument `name` on (`lora bake` is
+ * two of them), and the arguments after it. A command made of subcommands given none is itself.
+ */
+function resolveCommand(name: string, rest: readonly string[]): { command: string; rest: string[] } {
+  const subs = subcommands[name]
+  if (!subs) return { command: name, rest: [...rest] }
+  const [sub, ...args] = rest
+  if (sub === undefined) return { command: name, rest: [] }
+  if (!subs.includes(sub))
+    throw new UsageError(`${name} has no subcommand "${sub}"; ${suggestion(sub, subs)}`, COMMAND_HELP[name])
+  return { command: `${name} ${sub}`, rest: args }
 }
 
 function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
   const aliases: Record<string, string> = { o: 'output', t: 'threads', q: 'quiet', h: 'help', v: 'version' }
   const valued = new Set([
     'output',
+    'to',
     'threads',
     'merge-dtype',
     'output-dtype',
@@ -160,7 +256,15 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
   return { positional, flags }
 }
 
-class UsageError extends Error {}
+/** A mistake on the command line: exit status 2, with `usage` (a command's usage text) when given. */
+class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly usage?: string,
+  ) {
+    super(message)
+  }
+}
 
 const GB = 1e9
 const fmtBytes = (b: number) => (b >= GB ? `${(b / GB).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`)
@@ -249,13 +353,39 @@ function memoryFlag(flags: Flags): number | undefined {
   }
 }
 
-async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
-  const [recipePath] = positional
-  if (!recipePath) throw new UsageError('merge needs a recipe file')
+/** What a command that writes a model checks before reading anything: `-o`, `--threads`, `--memory`. */
+interface WriteSettings {
+  output: string
+  threads: number
+  memoryBudget: number | undefined
+}
+
+function writeSettings(command: string, flags: Flags): WriteSettings {
   const output = flags.output
-  if (typeof output !== 'string') throw new UsageError('merge needs -o <out.safetensors>')
+  if (typeof output !== 'string') throw new UsageError(`${command} needs -o <out.safetensors>`)
   const threads = flags.threads === undefined ? 0 : Number(flags.threads)
   if (!Number.isInteger(threads) || threads < 0) throw new UsageError('--threads must be a non-negative integer')
+  return { output, threads, memoryBudget: memoryFlag(flags) }
+}
+
+function wireOf(recipe: RecipeNode): { wire: string; objects: readonly (RecipeNode | undefined)[] } {
+  const { wire, objects } = toWireWithNodes(recipe)
+  return { wire: JSON.stringify(wire), objects }
+}
+
+/**
+ * Merges a recipe (a recipe file's JSON form, or a node) to the output, as every command that
+ * writes a model does: progress bar on a terminal, Ctrl-C cancels (nothing is left behind), the
+ * report printed or as JSON. `outputDtype` is the default when `--output-dtype` is not given.
+ */
+async function runMerge(
+  recipe: string | RecipeNode,
+  settings: WriteSettings,
+  flags: Flags,
+  outputDtype?: DtypeName,
+): Promise<number> {
+  // a recipe file's JSON text as it is; a node in that form, with the node objects it came from
+  const { wire, objects } = typeof recipe === 'string' ? { wire: recipe, objects: [] } : wireOf(recipe)
   const showProgress = process.stderr.isTTY && !flags.quiet && !flags.json
   const controller = new AbortController()
   const onSigint = () => {
@@ -265,20 +395,20 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   }
   process.on('SIGINT', onSigint)
   try {
-    const recipe = readRecipe(recipePath)
-    const fallbackModel = flags['fallback-model'] as string | undefined
-    const report = (await mergeWire(fallbackModel ? withFallback(recipe, fallbackModel) : recipe, {
-      output,
-      threads,
-      mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
-      outputDtype: flags['output-dtype'] as DtypeName | undefined,
-      strictMergeSpace: strictSpace(flags),
-      memoryBudget: memoryFlag(flags),
-      strictMandatoryKeys: flags['strict-mandatory-keys'] === true,
-      embedRecipe: flags['embed-recipe'] as EmbedRecipe | undefined,
-      onProgress: showProgress ? progressBar() : undefined,
-      signal: controller.signal,
-    })) as MergeReport
+    const report = (await mergeWire(
+      wire,
+      {
+        ...settings,
+        mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
+        outputDtype: (flags['output-dtype'] as DtypeName | undefined) ?? outputDtype,
+        strictMergeSpace: strictSpace(flags),
+        strictMandatoryKeys: flags['strict-mandatory-keys'] === true,
+        embedRecipe: flags['embed-recipe'] as EmbedRecipe | undefined,
+        onProgress: showProgress ? progressBar() : undefined,
+        signal: controller.signal,
+      },
+      objects,
+    )) as MergeReport
     if (showProgress) process.stderr.write('\n')
     if (flags.json) console.log(JSON.stringify(report, null, 2))
     else printReport(report)
@@ -286,6 +416,76 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   } finally {
     process.off('SIGINT', onSigint)
   }
+}
+
+async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
+  const [recipePath] = positional
+  if (!recipePath) throw new UsageError('merge needs a recipe file')
+  const settings = writeSettings('merge', flags)
+  const recipe = readRecipe(recipePath)
+  const fallbackModel = flags['fallback-model'] as string | undefined
+  return runMerge(fallbackModel ? withFallback(recipe, fallbackModel) : recipe, settings, flags)
+}
+
+/** The output dtypes a file's float tensors can keep, by their safetensors name. */
+const keptDtypes: Readonly<Record<string, DtypeName>> = {
+  F16: 'f16',
+  BF16: 'bf16',
+  F32: 'f32',
+  F64: 'f64',
+  F8_E4M3: 'f8_e4m3',
+  F8_E5M2: 'f8_e5m2',
+}
+
+/**
+ * The dtype a model's float tensors share, so that converting it or baking into it keeps it
+ * (a kohya → sgm → kohya round trip is then byte for byte); f16, the merge default, when they
+ * differ or the dtype cannot be written. Reads the header only.
+ */
+function floatDtypeOf(path: string): DtypeName {
+  const { tensors } = callNative(() => native.inspect(path))
+  const floats = new Set(tensors.map((t) => t.dtype).filter((d) => /^B?F\d/.test(d)))
+  const [only] = floats
+  return (floats.size === 1 && keptDtypes[only]) || 'f16'
+}
+
+async function cmdConvert(positional: string[], flags: Flags): Promise<number> {
+  const [input] = positional
+  if (!input) throw new UsageError('convert needs a safetensors file')
+  const to = flags.to
+  if (typeof to !== 'string') throw new UsageError('convert needs --to <config>, e.g. --to sdxl-sgm')
+  const settings = writeSettings('convert', flags)
+  const ids = configs.list().map((c) => c.id)
+  if (!ids.includes(to)) throw new UsageError(`--to: unknown model config "${to}"; ${suggestion(to, ids)}`)
+  const outputDtype = flags['output-dtype'] === undefined ? floatDtypeOf(input) : undefined
+  return runMerge(convert(model(input), to), settings, flags, outputDtype)
+}
+
+const NUMBER = /^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?$/i
+
+/**
+ * A LoRA argument of `lora bake`: `path` or `path:alpha`. Only a trailing `:<number>` is an
+ * alpha: a drive letter (`C:\…`) or a ':' in a folder name stays part of the path, and so does
+ * the tail of an existing file's name; any other tail is a mistyped alpha.
+ */
+function parseLoraArg(arg: string): LoraEntry {
+  const colon = arg.lastIndexOf(':')
+  const [path, tail] = [arg.slice(0, colon), arg.slice(colon + 1)]
+  if (colon < 0 || /^[a-z]$/i.test(path) || /[/\\]/.test(tail)) return { lora: arg }
+  if (path === '') throw new UsageError(`LoRA ${arg}: no path before the alpha`)
+  if (NUMBER.test(tail) && Number.isFinite(Number(tail))) return { lora: path, alpha: Number(tail) }
+  if (existsSync(arg)) return { lora: arg }
+  throw new UsageError(`LoRA ${arg}: the alpha after ":" must be a number, got "${tail}" (and no such file exists)`)
+}
+
+async function cmdLoraBake(positional: string[], flags: Flags): Promise<number> {
+  const [base, ...rest] = positional
+  if (!base) throw new UsageError('lora bake needs a base model and at least one LoRA')
+  if (!rest.length) throw new UsageError(`lora bake needs at least one LoRA after the base model (${base})`)
+  const loras = rest.map(parseLoraArg)
+  const settings = writeSettings('lora bake', flags)
+  const outputDtype = flags['output-dtype'] === undefined ? floatDtypeOf(base) : undefined
+  return runMerge(bakeLoras(base, loras), settings, flags, outputDtype)
 }
 
 function cmdPlan(positional: string[], flags: Flags): number {
@@ -372,31 +572,47 @@ function cmdInfo(positional: string[], flags: Flags): number {
 
 function commandHelp(command: string): string {
   const help = COMMAND_HELP[command]
-  if (!help) throw new UsageError(`unknown command "${command}"; ${suggestion(command, Object.keys(commandFlags))}`)
+  if (!help) throw new UsageError(`unknown command "${command}"; ${suggestion(command, commands)}`)
   return help
 }
 
 async function main(argv: string[]): Promise<number> {
   const { positional, flags } = parseArgs(argv)
-  const [command, ...rest] = positional
   if (flags.version) {
     console.log(JSON.parse(readFileSync(`${__dirname}/../package.json`, 'utf8')).version)
     return 0
   }
-  if (command === 'help') {
-    const [topic, ...extra] = rest
+  const [first, ...args] = positional
+  if (first === 'help') {
+    const [name, ...more] = args
+    if (name === undefined) {
+      process.stdout.write(HELP)
+      return 0
+    }
+    const { command: topic, rest: extra } = resolveCommand(name, more)
     if (extra.length) throw new UsageError(`help takes one command name, but was also given: ${extra.join(' ')}`)
-    process.stdout.write(topic === undefined ? HELP : commandHelp(topic))
+    process.stdout.write(commandHelp(topic))
     return 0
   }
-  if (flags.help || !command) {
-    process.stdout.write(command ? commandHelp(command) : HELP)
-    return command || flags.help ? 0 : 1
+  if (first === undefined) {
+    process.stdout.write(HELP)
+    return flags.help ? 0 : 1
   }
+  const { command, rest } = resolveCommand(first, args)
+  if (flags.help) {
+    process.stdout.write(commandHelp(command))
+    return 0
+  }
+  const subs = subcommands[command]
+  if (subs) throw new UsageError(`${command} needs a subcommand: ${subs.join(', ')}`, COMMAND_HELP[command])
   checkUsage(command, rest, flags)
   switch (command) {
     case 'merge':
       return cmdMerge(rest, flags)
+    case 'convert':
+      return cmdConvert(rest, flags)
+    case 'lora bake':
+      return cmdLoraBake(rest, flags)
     case 'info':
       return cmdInfo(rest, flags)
     case 'plan':
@@ -404,7 +620,7 @@ async function main(argv: string[]): Promise<number> {
     case 'serialize':
       return cmdSerialize(rest, flags)
     default:
-      throw new UsageError(`unknown command "${command}"; ${suggestion(command, Object.keys(commandFlags))}`)
+      throw new UsageError(`unknown command "${command}"; ${suggestion(command, commands)}`)
   }
 }
 
@@ -413,7 +629,7 @@ main(process.argv.slice(2)).then(
   (e: unknown) => {
     if (process.stderr.isTTY) process.stderr.write('\n')
     if (e instanceof UsageError) {
-      console.error(`mecha: ${e.message}\nRun \`mecha --help\` for usage.`)
+      process.stderr.write(`mecha: ${e.message}\n${e.usage ? `\n${e.usage}` : 'Run `mecha --help` for usage.\n'}`)
       process.exit(2)
     }
     if (e instanceof MechaError) {

@@ -9,10 +9,12 @@ use super::{Component, KeyMeta, ModelConfig};
 const BASES: [&str; 3] = ["sdxl-kohya", "sdxl-kohya_but_diffusers", "sd1-kohya"];
 /// (identifier part, key prefix)
 const FLAVOURS: [(&str, &str); 2] = [("lycoris", "lycoris"), ("kohya", "lora")];
-/// Suffixes of LoRA (up, mid, down, alpha) then LoKr, in sd-mecha's order.
-const SUFFIXES: [&[&str]; 2] = [
+/// Suffixes of LoRA (up, mid, down, alpha) then LoKr, in sd-mecha's order, then LoHa, which
+/// sd-mecha's configs lack (so it cannot read LoHa files; see docs/differences.md).
+const SUFFIXES: [&[&str]; 3] = [
     &["lora_up.weight", "lora_mid.weight", "lora_down.weight", "alpha"],
     &["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"],
+    &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"],
 ];
 
 /// Every key of a derived config starts with one of these (`lora_…`, `lycoris_…`).
@@ -26,7 +28,8 @@ pub fn lycoris_stem(prefix: &str, key: &str) -> String {
     format!("{prefix}_{}", key.replace('.', "_"))
 }
 
-fn has_low_rank_form(key: &str, meta: &KeyMeta) -> bool {
+/// A base key a LoRA can change: a floating-point weight with two or more dimensions.
+pub fn has_low_rank_form(key: &str, meta: &KeyMeta) -> bool {
     !key.ends_with("bias")
         && meta.dtype.is_none_or(|d| d.is_float())
         && meta.shape.as_ref().is_none_or(|s| s.len() >= 2)
@@ -49,8 +52,26 @@ fn derive(base: &ModelConfig, flavour: &str, prefix: &str) -> ModelConfig {
             (name.clone(), Component { keys })
         })
         .collect();
-    let id = format!("{}_{flavour}_lora", base.id);
+    let id = derived_id(&base.id, flavour);
     ModelConfig::new(id.clone(), id, components).expect("derived from a valid builtin config")
+}
+
+/// The id of the LoRA config derived from `base` for a flavour (`kohya` or `lycoris`).
+fn derived_id(base: &str, flavour: &str) -> String {
+    format!("{base}_{flavour}_lora")
+}
+
+/// One of the six derived LoRA configs.
+pub fn is_lora_config(id: &str) -> bool {
+    lora_configs().iter().any(|(lora, _, _)| lora == id)
+}
+
+/// For each of the six derived configs: (its id, its base config id, its key prefix).
+pub fn lora_configs() -> Vec<(String, &'static str, &'static str)> {
+    FLAVOURS
+        .iter()
+        .flat_map(|(flavour, prefix)| BASES.iter().map(move |base| (derived_id(base, flavour), *base, *prefix)))
+        .collect()
 }
 
 /// The six auxiliary configs, e.g. `sdxl-kohya_kohya_lora`.

@@ -3,7 +3,8 @@
 //! YAML files (`configs/`, MIT, see `configs/LICENSE-sd-mecha.txt`), which build.rs converts into
 //! compact text embedded in the binary. More configs can be registered at run time.
 
-mod lycoris;
+pub mod key_names;
+pub mod lycoris;
 pub mod missing_keys;
 mod registry;
 #[cfg(test)]

@@ -205,13 +205,14 @@ fn resolve_suggests_the_nearest_identifier() {
 
 #[test]
 fn lycoris_configs_are_derived_like_sd_mecha() {
+    // sd-mecha's 11 suffixes per low-rank key (12485 and 4708 keys), plus LoHa's 6.
     for (id, count) in [
-        ("sdxl-kohya_kohya_lora", 12485),
-        ("sdxl-kohya_lycoris_lora", 12485),
-        ("sdxl-kohya_but_diffusers_kohya_lora", 12485),
-        ("sdxl-kohya_but_diffusers_lycoris_lora", 12485),
-        ("sd1-kohya_kohya_lora", 4708),
-        ("sd1-kohya_lycoris_lora", 4708),
+        ("sdxl-kohya_kohya_lora", 12485 / 11 * 17),
+        ("sdxl-kohya_lycoris_lora", 12485 / 11 * 17),
+        ("sdxl-kohya_but_diffusers_kohya_lora", 12485 / 11 * 17),
+        ("sdxl-kohya_but_diffusers_lycoris_lora", 12485 / 11 * 17),
+        ("sd1-kohya_kohya_lora", 4708 / 11 * 17),
+        ("sd1-kohya_lycoris_lora", 4708 / 11 * 17),
     ] {
         let config = resolve(id).unwrap();
         assert_eq!(config.key_count(), count, "{id}");

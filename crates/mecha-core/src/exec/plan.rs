@@ -37,8 +37,8 @@ pub struct Group {
 
 #[derive(Clone)]
 pub enum Op {
-    /// A tensor read from input file `input`.
-    Source { input: usize, entry: TensorEntry },
+    /// A tensor read from input file `input`, stored there as `name`.
+    Source { input: usize, entry: TensorEntry, name: Arc<str> },
     /// `0, 1, 2, …` in element order (a missing-key handler's position ids).
     Arange,
     /// A value; with a shape, a tensor filled with it.
@@ -74,7 +74,7 @@ impl Op {
     /// Identifies an operation for sharing equal subexpressions within a key.
     fn fingerprint(&self) -> String {
         match self {
-            Op::Source { input, entry } => format!("src {input} {}", entry.start),
+            Op::Source { input, name, .. } => format!("src {input} {name}"),
             Op::Constant(v) => format!("const {v:?}"),
             Op::Arange => "arange".to_string(),
             Op::Round { dtype, arg } => format!("round {dtype:?} {arg}"),
@@ -177,13 +177,13 @@ impl KeyPlan {
     pub fn reads_any(&self, tensors: &HashSet<TensorId>) -> bool {
         self.exprs
             .iter()
-            .any(|e| matches!(&e.op, Op::Source { input, entry } if tensors.contains(&(*input, entry.start))))
+            .any(|e| matches!(&e.op, Op::Source { input, entry, .. } if tensors.contains(&(*input, entry.start))))
     }
 
     /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
     pub fn passthrough(&self) -> Option<(usize, &TensorEntry)> {
         match &self.exprs[self.root].op {
-            Op::Source { input, entry } if entry.dtype == self.dtype => Some((*input, entry)),
+            Op::Source { input, entry, .. } if entry.dtype == self.dtype => Some((*input, entry)),
             _ => None,
         }
     }
@@ -455,11 +455,15 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
     let mut failures: HashMap<String, String> = HashMap::new();
     // sd-mecha writes the root config's keys that can be built, in config order.
     let mut unbuilt_mandatory = vec![];
-    for key in root_config.keys() {
-        match ctx.plan_key(key)? {
+    let planned: Vec<(&str, std::result::Result<KeyPlan, String>)> =
+        root_config.keys().into_iter().map(|key| Ok((key, ctx.plan_key(key)?))).collect::<Result<_>>()?;
+    // A missing-key handler fills what a component lacks only where the result has the rest of it.
+    let built: HashSet<&str> = planned.iter().filter(|(_, p)| p.is_ok()).map(|(k, _)| *k).collect();
+    for (key, result) in planned {
+        match result {
             Ok(k) => keys.push(k),
             Err(reason) => {
-                if let Some(filled) = ctx.filled_missing_key(key) {
+                if let Some(filled) = ctx.filled_missing_key(key, &built) {
                     keys.push(filled);
                     continue;
                 }
@@ -473,15 +477,34 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
     }
     // Report what an input has that the output lacks: missing elsewhere, or outside the config.
     let written: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    let read: HashSet<(usize, &str)> = keys
+        .iter()
+        .flat_map(|k| &k.exprs)
+        .filter_map(|e| match &e.op {
+            Op::Source { input, name, .. } => Some((*input, name.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let lora_inputs = lora_inputs(&finalized);
     let mut skipped = vec![];
     let mut reported: HashSet<String> = HashSet::new();
-    for file in &finalized.inputs {
+    for (index, file) in finalized.inputs.iter().enumerate() {
         for name in file.tensors().keys() {
+            if lora_inputs.contains(&index) {
+                // A LoRA key that changes nothing is worth knowing about, whatever the options.
+                if !read.contains(&(index, name.as_str())) && reported.insert(name.clone()) {
+                    let reason = "LoRA key not applied: no key of the base model is built from it (a layer the \
+                                  base lacks, or an incomplete set of factors)";
+                    skipped.push(SkippedKey { key: name.clone(), reason: reason.into() });
+                }
+                continue;
+            }
             let canonical = match root_config.as_named() {
                 Some(c) => c.resolve_alias(name).unwrap_or(name),
                 None => name.as_str(),
             };
-            if written.contains(canonical) || !reported.insert(canonical.to_string()) {
+            let used = written.contains(canonical) || read.contains(&(index, name.as_str()));
+            if used || !reported.insert(canonical.to_string()) {
                 continue;
             }
             let reason = match failures.get(canonical) {
@@ -514,6 +537,18 @@ pub fn plan_keys(finalized: Finalized, options: &PlanOptions, excluded: &Exclusi
     Ok(Plan { finalized, keys, skipped, unbuilt_mandatory, serialized, group_uses })
 }
 
+/// The input files whose model nodes are in a LoRA config (`…_kohya_lora`, `…_lycoris_lora`).
+fn lora_inputs(f: &Finalized) -> HashSet<usize> {
+    f.model_input
+        .iter()
+        .enumerate()
+        .filter_map(|(node, input)| {
+            let config = f.configs.configs[node].as_ref()?;
+            (*input).filter(|_| crate::configs::lycoris::is_lora_config(config.id()))
+        })
+        .collect()
+}
+
 struct Context<'a> {
     f: &'a Finalized,
     options: &'a PlanOptions,
@@ -541,13 +576,11 @@ struct KeyBuilder<'a> {
 impl Context<'_> {
     /// The root config's missing-key handler's value for a key the recipe cannot build: only
     /// for components the result has (a text encoder's pruned layer, not a whole missing one).
-    fn filled_missing_key(&self, key: &str) -> Option<KeyPlan> {
-        let root = self.f.recipe.root;
+    fn filled_missing_key(&self, key: &str, built: &HashSet<&str>) -> Option<KeyPlan> {
         let config = self.f.root_config().as_named()?;
         let fill = missing_key_fill(&config.id, key)?;
         let component = &config.components()[config.component_of(key)?];
-        let domain = self.f.configs.domains[root].as_ref()?;
-        if !component.keys.keys().any(|k| k != key && domain.contains(k)) {
+        if !component.keys.keys().any(|k| built.contains(k.as_str())) {
             return None;
         }
         let meta = config.get(key)?;
@@ -684,8 +717,8 @@ impl KeyBuilder<'_> {
             NodeKind::Model { .. } => {
                 let input = self.ctx.f.model_input[node].expect("every model was opened");
                 let file = &self.ctx.f.inputs[input];
-                let found = if in_domain { names().find_map(|name| file.entry(name)) } else { None };
-                let Some(entry) = found else {
+                let found = if in_domain { names().find_map(|name| Some((name, file.entry(name)?))) } else { None };
+                let Some((name, entry)) = found else {
                     return Ok(Step::Done(Err(format!("missing from {}", file.path().display()))));
                 };
                 if self.ctx.excluded.tensors.contains(&(input, entry.start)) {
@@ -695,7 +728,7 @@ impl KeyBuilder<'_> {
                     ))));
                 }
                 let id = self.push(Expr {
-                    op: Op::Source { input, entry: entry.clone() },
+                    op: Op::Source { input, entry: entry.clone(), name: name.into() },
                     shape: Some(entry.shape.clone()),
                     dtype: Some(entry.dtype),
                     origin: file.path().display().to_string(),

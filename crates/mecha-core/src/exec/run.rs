@@ -518,7 +518,7 @@ impl Worker<'_> {
                     Some(x) => Val::Scalar(<T as Real>::from_f64(x)),
                     None => Val::Value(v.clone()),
                 },
-                Op::Source { input, entry } => {
+                Op::Source { input, entry, .. } => {
                     let file = &plan.inputs()[*input];
                     let width = entry.dtype.bits() / 8;
                     // A key computed whole reads whole inputs, whatever their shape (conversions

@@ -7,9 +7,11 @@ pub mod cosine;
 pub mod crossover;
 pub mod elementwise;
 pub mod external;
+pub mod formats;
 pub mod limiting;
 pub mod linear;
 pub mod logistics;
+pub mod lycoris;
 pub mod seam;
 pub mod slicing;
 pub mod svd;
@@ -225,6 +227,8 @@ impl Registry {
         methods.extend(slicing::methods());
         methods.extend(ties::methods());
         methods.extend(svd::methods());
+        methods.extend(formats::methods());
+        methods.extend(lycoris::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
