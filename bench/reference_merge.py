@@ -16,8 +16,13 @@ def main():
     # The registered method (sd_mecha's top-level names may be wrappers).
     resolve = sd_mecha.extensions.merge_methods.resolve
     recipe = resolve(method)(sd_mecha.model(a), sd_mecha.model(b), alpha=alpha)
+    timed_merge(recipe, out)
+
+
+def timed_merge(recipe, out):
+    """Merges with sd-mecha's defaults (fp32 compute, fp16 output, its own thread count; no
+    progress bar) and prints the JSON timing line the benchmarks read."""
     started = time.perf_counter()
-    # sd-mecha's defaults: fp32 compute, fp16 output, its own thread count; no progress bar.
     sd_mecha.merge(recipe, output=out, tqdm=lambda *args, **kwargs: _NoProgress())
     merged = time.perf_counter()
     fd = os.open(out, os.O_RDONLY)
