@@ -150,6 +150,8 @@ export interface JsMethodSpec {
   returnModelConfig?: string
   elementwise: boolean
   isConversion: boolean
+  /** The interface (e.g. `exchange_ema`) this method implements for its inputs' configs. */
+  implements?: string
   /** Output key → keys of the first input (from `mapKeys`). */
   routes?: Record<string, Array<string>>
 }
@@ -214,6 +216,10 @@ export interface MethodInfo {
   returnModelConfig?: string
   isConversion: boolean
   elementwise: boolean
+  /** Calls are dispatched by config to one of the methods that implement it. */
+  isInterface: boolean
+  /** The interface this method implements. */
+  implements?: string
 }
 
 /** Every registered merge method with its signature, for builders, docs and UIs. */

@@ -113,16 +113,16 @@ function closeTo(actual: ArrayLike<number>, expected: ArrayLike<number>): string
 
 test('mecha lora without a subcommand, or with an unknown one, prints the lora usage and exits 2', (t) => {
   const cases: [string[], RegExp][] = [
-    [['lora'], /^mecha: lora needs a subcommand: bake\n\nUsage: mecha lora <subcommand>/],
+    [['lora'], /^mecha: lora needs a subcommand: bake, extract\n\nUsage: mecha lora <subcommand>/],
     [
       ['lora', 'bak', 'a.safetensors'],
       /^mecha: lora has no subcommand "bak"; did you mean "bake"\?\n\nUsage: mecha lora /,
     ],
     [
-      ['lora', 'extract', 'a.safetensors'],
-      /^mecha: lora has no subcommand "extract"; valid: bake\n\nUsage: mecha lora /,
+      ['lora', 'extrakt', 'a.safetensors'],
+      /^mecha: lora has no subcommand "extrakt"; did you mean "extract"\?\n\nUsage: mecha lora /,
     ],
-    [['lora', '--json'], /^mecha: lora needs a subcommand: bake\n/],
+    [['lora', '--json'], /^mecha: lora needs a subcommand: bake, extract\n/],
     [['help', 'lora', 'bak'], /^mecha: lora has no subcommand "bak"; did you mean "bake"\?/],
   ]
   for (const [args, message] of cases) {
@@ -135,7 +135,7 @@ test('mecha lora without a subcommand, or with an unknown one, prints the lora u
 })
 
 test('mecha help convert, help lora and help lora bake, also as --help', (t) => {
-  for (const command of ['convert', 'lora', 'lora bake']) {
+  for (const command of ['convert', 'lora', 'lora bake', 'lora extract']) {
     const help = mecha('help', ...command.split(' '))
     t.is(help.status, 0, help.stderr)
     t.regex(help.stdout, new RegExp(`^Usage: mecha ${command} `))
@@ -154,7 +154,10 @@ test('mecha help convert, help lora and help lora bake, also as --help', (t) => 
   t.regex(bake, /default: the base's float/)
   t.regex(bake, /C:\\loras\\style\.safetensors/)
   t.regex(mecha('help', 'lora').stdout, /mecha help lora bake/)
-  t.notRegex(mecha('help', 'lora').stdout, /extract/)
+  t.regex(mecha('help', 'lora').stdout, /mecha help lora extract/)
+  const extract = mecha('help', 'lora', 'extract').stdout
+  t.regex(extract, /--rank <r> +rank of each layer's LoRA \(default 8\)/)
+  t.regex(extract, /--algorithm <a> +lora \(default: up, down, alpha\) or lokr/)
   const top = mecha('--help').stdout
   t.regex(top, /\n  mecha convert <in\.safetensors> --to <config> -o <out\.safetensors>/)
   t.regex(top, /\n  mecha lora bake <base\.safetensors> <lora\.safetensors>\[:alpha\]\.\.\. -o <out\.safetensors>/)
@@ -406,4 +409,123 @@ test('mecha convert sdxl-kohya → sdxl-sgm → sdxl-kohya gives back every tens
     t.deepEqual(y.shape, x.shape, name)
     t.true(y.data.equals(x.data), `${name} is byte-identical`)
   }
+})
+
+// ---------------------------------------------------------------------------------------------
+// mecha lora extract: sdxl-sgm checkpoints in, a kohya LoRA out, which bakes back into the base.
+
+const SGM_PROJ_IN = 'model.diffusion_model.input_blocks.4.1.proj_in'
+const SGM_TE1_Q = 'conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj'
+
+/** An sdxl-sgm base and a tuned copy whose two weights differ by rank-2 products (f32). */
+function extractSetup() {
+  const dir = tempDir()
+  const layers = [
+    { key: `${SGM_PROJ_IN}.weight`, rows: 640, cols: 640, stem: 'lora_unet_input_blocks_4_1_proj_in' },
+    { key: `${SGM_TE1_Q}.weight`, rows: 768, cols: 768, stem: 'lora_te1_text_model_encoder_layers_0_self_attn_q_proj' },
+  ]
+  const base: Record<string, TestTensor> = { [`${SGM_PROJ_IN}.bias`]: tensor('F32', [640], 9) }
+  const tuned: Record<string, TestTensor> = { [`${SGM_PROJ_IN}.bias`]: base[`${SGM_PROJ_IN}.bias`] }
+  layers.forEach(({ key, rows, cols }, l) => {
+    const b = tensor('F32', [rows, cols], 40 + l)
+    const delta = matmul(
+      tensor('F32', [rows, 2], 50 + l).values,
+      tensor('F32', [2, cols], 60 + l).values,
+      rows,
+      2,
+      cols,
+    )
+    base[key] = b
+    tuned[key] = { dtype: 'F32', shape: [rows, cols], values: b.values.map((x, i) => Math.fround(x + delta[i])) }
+  })
+  const paths = { base: join(dir, 'base.safetensors'), tuned: join(dir, 'tuned.safetensors') }
+  writeSafetensors(paths.base, base)
+  writeSafetensors(paths.tuned, tuned)
+  return { dir, ...paths, layers, tunedTensors: tuned }
+}
+
+test('mecha lora extract writes a kohya LoRA of tuned − base that mecha lora bake turns back into tuned', (t) => {
+  const { dir, base, tuned, layers, tunedTensors } = extractSetup()
+  const lora = join(dir, 'lora.safetensors')
+  const r = mecha('lora', 'extract', base, tuned, '--rank', '2', '--exact', '-o', lora, '--json')
+  t.is(r.status, 0, r.stderr)
+  const report = JSON.parse(r.stdout)
+  t.like(report, { output: lora, keysWritten: 6, seeds: [] })
+  t.regex(report.recipe, /\nmerge "convert_'sdxl-sgm'_to_'sdxl-kohya'" &0\n/)
+  t.regex(report.recipe, /\nmerge "extract_lora_'sdxl-kohya_kohya_lora'" &\d+ &\d+ &\d+ &\d+ &\d+$/)
+  t.regex(report.recipe, /\ndict key=false\n/, 'use_approximate_basis=False')
+  const written = readTensors(lora)
+  for (const { stem, rows, cols } of layers) {
+    t.deepEqual(written.get(`${stem}.lora_up.weight`)?.shape, [rows, 2])
+    t.deepEqual(written.get(`${stem}.lora_down.weight`)?.shape, [2, cols])
+    t.deepEqual(Array.from(f32(written.get(`${stem}.alpha`)!.data)), [2])
+    t.is(written.get(`${stem}.lora_up.weight`)?.dtype, 'F32', "the base's dtype")
+  }
+  const baked = join(dir, 'baked.safetensors')
+  const b = mecha('lora', 'bake', base, lora, '-o', baked, '-q')
+  t.is(b.status, 0, b.stderr)
+  const result = readTensors(baked)
+  for (const { key } of layers) {
+    const got = f32(result.get(key)!.data)
+    const want = tunedTensors[key].values
+    let worst = 0
+    for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]))
+    t.true(worst < 1e-4, `${key}: the rank-2 difference is rebuilt (max error ${worst})`)
+  }
+
+  // the randomised SVD (the default) reports the seed it chose; --seed makes it repeatable
+  const approx = mecha('lora', 'extract', base, tuned, '--rank', '2', '-o', join(dir, 'approx.safetensors'))
+  t.is(approx.status, 0, approx.stderr)
+  t.regex(approx.stdout, /extract_kohya_lora drew from seed \d+ \(approximate_basis_seed was null/)
+  const seeded = [1, 2].map((i) => {
+    const out = join(dir, `seeded${i}.safetensors`)
+    t.is(mecha('lora', 'extract', base, tuned, '--seed', '5', '-o', out, '-q').status, 0)
+    return readFileSync(out)
+  })
+  t.true(seeded[0].equals(seeded[1]), 'the same seed gives the same file')
+  // LoKr and LyCORIS names
+  const lokr = join(dir, 'lokr.safetensors')
+  const k = mecha('lora', 'extract', base, tuned, '--algorithm', 'lokr', '--naming', 'lycoris', '-o', lokr, '-q')
+  t.is(k.status, 0, k.stderr)
+  t.true(readTensors(lokr).has('lycoris_unet_input_blocks_4_1_proj_in.lokr_w1'))
+})
+
+test('mecha lora extract refuses mistakes with one line (exit 2) and models of two architectures with a ConfigError', (t) => {
+  const { dir, base, tuned } = extractSetup()
+  const out = join(dir, 'out.safetensors')
+  const cases: [string[], RegExp][] = [
+    [['lora', 'extract', base, '-o', out], /lora extract needs a base model and a tuned model/],
+    [['lora', 'extract', base, tuned], /lora extract needs -o <out\.safetensors>/],
+    [
+      ['lora', 'extract', base, tuned, base, '-o', out],
+      /lora extract takes a base model and a tuned model, but was also given/,
+    ],
+    [['lora', 'extract', base, tuned, '--rank', '0', '-o', out], /--rank must be an integer ≥ 1, got 0/],
+    [['lora', 'extract', base, tuned, '--rank', 'x', '-o', out], /--rank must be an integer ≥ 1, got x/],
+    [['lora', 'extract', base, tuned, '--algorithm', 'loha', '-o', out], /--algorithm must be lora or lokr, got loha/],
+    [['lora', 'extract', base, tuned, '--layout', 'sdxl-sgm', '-o', out], /--layout must be sdxl-kohya or/],
+    [
+      ['lora', 'extract', base, tuned, '--kronecker-ratio', '2', '-o', out],
+      /--kronecker-ratio must be a number from 0 to 1/,
+    ],
+    [
+      ['lora', 'extract', base, tuned, '--rnak', '2', '-o', out],
+      /lora extract has no option --rnak; did you mean --rank\?/,
+    ],
+  ]
+  for (const [args, message] of cases) {
+    const r = mecha(...args)
+    t.is(r.status, 2, `${args.join(' ')}: ${r.stderr}`)
+    t.regex(r.stderr, message, args.join(' '))
+  }
+  // an SD 1 model against an SDXL one: no chain of conversions between them
+  const sd1 = join(dir, 'sd1.safetensors')
+  writeSafetensors(sd1, { 'model.diffusion_model.input_blocks.1.1.proj_in.weight': tensor('F32', [320, 320, 1, 1], 3) })
+  const r = mecha('lora', 'extract', sd1, tuned, '-o', out)
+  t.is(r.status, 1, r.stderr)
+  t.regex(
+    r.stderr,
+    /ConfigError: extractLora: the base is sd1-ldm but tuned is sdxl-sgm; a LoRA is the difference of two models of one architecture/,
+  )
+  t.false(existsSync(out))
 })

@@ -292,7 +292,8 @@ console.log(
 if (checks.oursVsBase.onlyInA.length) console.log(`  keys ours has and the base lacks: ${checks.extraInfo.join(', ')}`)
 if (withReference) {
   console.log(describe(checks.refVsBase, "sd-mecha's vs base"))
-  if (checks.oursVsBase.onlyInA.length) console.log(`  of the keys ours adds, sd-mecha's output has ${checks.refExtra.length}`)
+  if (checks.oursVsBase.onlyInA.length)
+    console.log(`  of the keys ours adds, sd-mecha's output has ${checks.refExtra.length}`)
   const a = new Set(checks.oursVsBase.differing)
   const b = new Set(checks.refVsBase.differing)
   const onlyOurs = [...a].filter((k) => !b.has(k))

@@ -84,7 +84,8 @@ function builder(m) {
   ].join('\n')
 }
 
-const methods = native.methods().filter((m) => !m.isConversion)
+// Conversions are reached through convert(), implementations through their interface.
+const methods = native.methods().filter((m) => !m.isConversion && !m.implements)
 const body = methods.map(builder).join('\n')
 const types = ['Int', 'MergeNode', 'RecipeInput', 'RecipeNode'].filter((t) => new RegExp(`\\b${t}\\b`).test(body))
 const ts = [
@@ -103,7 +104,7 @@ const docs = [
   ...native
     .methods()
     .flatMap((m) => [
-      `## \`${m.id}\`${m.isConversion ? ' (conversion)' : ''}`,
+      `## \`${m.id}\`${m.isConversion ? ' (conversion)' : ''}${m.isInterface ? ' (interface)' : ''}${m.implements ? ` (implements \`${m.implements}\`)` : ''}`,
       '',
       m.description,
       '',

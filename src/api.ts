@@ -44,8 +44,8 @@ export type { ChosenSeed, EmbedRecipe, MergeOptions, MergeReport, Progress, Skip
 export { serialize, deserialize } from './serialize'
 export { plan } from './plan'
 export { convert } from './convert'
-export { bakeLoras } from './lora'
-export type { LoraEntry, LoraInput } from './lora'
+export { bakeLoras, extractLora } from './lora'
+export type { ExtractLoraOptions, LoraEntry, LoraInput } from './lora'
 export { configs, modelDirs } from './configs'
 export type { ConfigKey, ConfigInfo, ConfigDefinition } from './configs'
 export { defineMergeMethod } from './define'
@@ -134,6 +134,13 @@ export interface MethodInfo {
   isConversion: boolean
   /** Whether it combines elements at the same position only, so keys are streamed in chunks. */
   elementwise: boolean
+  /**
+   * Whether it is an interface (sd-mecha's `is_interface`): a call is dispatched, by the
+   * configs its inputs have, to one of the methods that implement it.
+   */
+  isInterface: boolean
+  /** The interface this method implements for its inputs' configs (e.g. `exchange_ema`). */
+  implements?: string
 }
 
 /** Introspection of the merge-method registry (e.g. to generate a node-based UI). */

@@ -7,7 +7,7 @@ import { configs } from './configs'
 import { convert } from './convert'
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
-import { bakeLoras, type LoraEntry } from './lora'
+import { bakeLoras, extractLora, type LoraEntry } from './lora'
 import { mergeWire, parseBytes, type EmbedRecipe, type MergeReport, type Progress } from './merge'
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
@@ -22,6 +22,8 @@ Usage:
                                             the model's keys in another config (kohya → sgm, …)
   mecha lora bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
                                             LoRA/LyCORIS files baked into a checkpoint
+  mecha lora extract <base.safetensors> <tuned.safetensors> --rank <r> -o <lora.safetensors>
+                                            the difference of two models as a LoRA file
   mecha plan <recipe> [--json]              dry run: configs, spaces, keys kept/skipped, memory
   mecha serialize <recipe> [-o out.mecha]   finalized .mecha text (configs inferred, paths absolute)
   mecha info <file.safetensors> [--json] [--keys]
@@ -126,6 +128,28 @@ LoRA and LyCORIS files in kohya's key layout (sd1-kohya, sdxl-kohya, sdxl-kohya_
 Subcommands:
   bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
                                bake LoRAs into a checkpoint (mecha help lora bake)
+  extract <base.safetensors> <tuned.safetensors> --rank <r> -o <lora.safetensors> [options]
+                               a LoRA of tuned − base (mecha help lora extract)
+`,
+  'lora extract': `Usage: mecha lora extract <base.safetensors> <tuned.safetensors> -o <lora.safetensors> [options]
+
+Writes the difference tuned − base as a LoRA file in kohya's layout (sd-mecha's
+extract_kohya_lora): each layer's difference truncated to --rank by an SVD, stored as lora_up,
+lora_down and alpha = rank, so \`mecha lora bake base.safetensors lora.safetensors\` gives back
+tuned up to that approximation. Both models are converted to the kohya layout first (sgm, ldm and
+diffusers files work); the VAE is left out. The file appears only when the extraction completes.
+
+Options:
+      --rank <r>               rank of each layer's LoRA (default 8)
+      --algorithm <a>          lora (default: up, down, alpha) or lokr (nearest lokr_w1 ⊗ lokr_w2)
+      --naming <n>             kohya (default: lora_unet_… keys) or lycoris (lycoris_unet_…)
+      --layout <config>        sdxl-kohya, sdxl-kohya_but_diffusers or sd1-kohya (default: the
+                               base's architecture in kohya's layout: sdxl-kohya or sd1-kohya)
+      --exact                  exact SVD instead of the seeded randomised one (slower)
+      --seed <n>               seed of the randomised SVD (default: chosen and reported)
+      --iterations <n>         power iterations of the randomised SVD (default 2)
+      --kronecker-ratio <x>    lokr: size of lokr_w1 against lokr_w2, 0 to 1 (default 0.5)
+${writeOptions('base')}
 `,
   'lora bake': `Usage: mecha lora bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
 
@@ -177,6 +201,17 @@ const commandFlags: Record<string, readonly string[]> = {
   info: ['json', 'keys'],
   convert: ['to', ...writeFlags],
   'lora bake': writeFlags,
+  'lora extract': [
+    'rank',
+    'algorithm',
+    'naming',
+    'layout',
+    'exact',
+    'seed',
+    'iterations',
+    'kronecker-ratio',
+    ...writeFlags,
+  ],
 }
 /** The positional arguments (after the command) each command takes: what they are, and how many at most. */
 const commandArgs: Record<string, readonly [what: string, most: number]> = {
@@ -186,9 +221,10 @@ const commandArgs: Record<string, readonly [what: string, most: number]> = {
   info: ['one safetensors file', 1],
   convert: ['one safetensors file', 1],
   'lora bake': ['a base model and LoRAs', Infinity],
+  'lora extract': ['a base model and a tuned model', 2],
 }
 /** Commands made of subcommands (`mecha lora bake`), and theirs. */
-const subcommands: Record<string, readonly string[]> = { lora: ['bake'] }
+const subcommands: Record<string, readonly string[]> = { lora: ['bake', 'extract'] }
 /** The names a command line may start with. */
 const commands = Object.keys(COMMAND_HELP).filter((c) => !c.includes(' '))
 
@@ -234,6 +270,13 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
     'memory',
     'fallback-model',
     'embed-recipe',
+    'rank',
+    'algorithm',
+    'naming',
+    'layout',
+    'seed',
+    'iterations',
+    'kronecker-ratio',
   ])
   const positional: string[] = []
   const flags: Flags = {}
@@ -488,6 +531,45 @@ async function cmdLoraBake(positional: string[], flags: Flags): Promise<number> 
   return runMerge(bakeLoras(base, loras), settings, flags, outputDtype)
 }
 
+/** An integer flag at least `least`, or undefined when absent. */
+function integerFlag(flags: Flags, name: string, least: number): number | undefined {
+  const value = flags[name]
+  if (value === undefined) return undefined
+  const n = Number(value)
+  if (typeof value !== 'string' || !Number.isSafeInteger(n) || n < least)
+    throw new UsageError(`--${name} must be an integer ≥ ${least}, got ${value === true ? 'nothing' : value}`)
+  return n
+}
+
+async function cmdLoraExtract(positional: string[], flags: Flags): Promise<number> {
+  const [base, tuned] = positional
+  if (!base || !tuned) throw new UsageError('lora extract needs a base model and a tuned model')
+  const settings = writeSettings('lora extract', flags)
+  const choice = <T extends string>(name: string, values: readonly T[]): T | undefined => {
+    const value = flags[name]
+    if (value === undefined) return undefined
+    if (typeof value !== 'string' || !(values as readonly string[]).includes(value))
+      throw new UsageError(`--${name} must be ${values.join(' or ')}, got ${value === true ? 'nothing' : value}`)
+    return value as T
+  }
+  const ratioFlag = flags['kronecker-ratio']
+  const kroneckerRatio = ratioFlag === undefined ? undefined : Number(ratioFlag)
+  if (kroneckerRatio !== undefined && !(kroneckerRatio >= 0 && kroneckerRatio <= 1))
+    throw new UsageError(`--kronecker-ratio must be a number from 0 to 1, got ${String(ratioFlag)}`)
+  const recipe = extractLora(base, tuned, {
+    rank: integerFlag(flags, 'rank', 1),
+    algorithm: choice('algorithm', ['lora', 'lokr'] as const),
+    naming: choice('naming', ['kohya', 'lycoris'] as const),
+    config: choice('layout', ['sdxl-kohya', 'sdxl-kohya_but_diffusers', 'sd1-kohya'] as const),
+    approximate: flags.exact === true ? false : undefined,
+    seed: integerFlag(flags, 'seed', 0),
+    iterations: integerFlag(flags, 'iterations', 0),
+    kroneckerRatio,
+  })
+  const outputDtype = flags['output-dtype'] === undefined ? floatDtypeOf(base) : undefined
+  return runMerge(recipe, settings, flags, outputDtype)
+}
+
 function cmdPlan(positional: string[], flags: Flags): number {
   const [recipePath] = positional
   if (!recipePath) throw new UsageError('plan needs a recipe file')
@@ -613,6 +695,8 @@ async function main(argv: string[]): Promise<number> {
       return cmdConvert(rest, flags)
     case 'lora bake':
       return cmdLoraBake(rest, flags)
+    case 'lora extract':
+      return cmdLoraExtract(rest, flags)
     case 'info':
       return cmdInfo(rest, flags)
     case 'plan':

@@ -132,6 +132,13 @@ export interface MergeMethodDefinition<
   elementwise?: boolean
   /** A conversion from the first input's config to `returns.config` (used by `convert`). */
   isConversion?: boolean
+  /**
+   * The id of an interface (such as `exchange_ema`, `rebasin` or `extract_kohya_lora`) this
+   * method implements: calls of the interface whose inputs have the configs given here (at
+   * least one input declares `config`) run this method. The parameters must be the
+   * interface's (names, kinds, types, defaults). Registration fails otherwise.
+   */
+  implements?: string
   /** For each key of `returns.config`, the keys of the first input it is computed from. */
   mapKeys?: (outputKey: string) => string | string[] | null | undefined
   /** Makes the per-node cache `fn` finds in `context.cache`, once per node object (sd-mecha's `cache=` dict). */
@@ -262,6 +269,7 @@ export function defineMergeMethod<
         returnModelConfig: def.returns?.config,
         elementwise: def.elementwise ?? false,
         isConversion: def.isConversion ?? false,
+        implements: def.implements,
         routes,
       },
       (call) => {

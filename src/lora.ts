@@ -3,9 +3,18 @@
  * (`add_difference(base, convert(lora, base), alpha=…)`), for any number of LoRAs.
  */
 import { convert } from './convert'
-import { OptionError } from './errors'
+import { ConfigError, OptionError } from './errors'
+import { inspect } from './inspect'
+import {
+  extractKohyaLokr,
+  extractKohyaLora,
+  extractLycorisLokr,
+  extractLycorisLora,
+  omitComponent,
+  subtract,
+} from './methods.generated'
 import { checkNames } from './options'
-import { model, RecipeNode, type MergeNode } from './recipe'
+import { Int, model, RecipeNode, type MergeNode } from './recipe'
 import { addDifference } from './wrappers'
 
 /**
@@ -28,14 +37,16 @@ export interface LoraEntry {
 const what = 'bakeLoras'
 
 /** A path or a node, as a node (paths become `model(path)`); refuses anything else. */
-function asNode(value: unknown, name: string): RecipeNode {
+function asNodeFor(caller: string, value: unknown, name: string): RecipeNode {
   if (value instanceof RecipeNode) return value
   if (typeof value === 'string' && value !== '') return model(value)
   const shown = typeof value === 'string' ? '""' : value === null ? 'null' : typeof value
   throw new OptionError(
-    `${what}: ${name} must be a safetensors path (a non-empty string) or a recipe node, got ${shown}`,
+    `${caller}: ${name} must be a safetensors path (a non-empty string) or a recipe node, got ${shown}`,
   )
 }
+
+const asNode = (value: unknown, name: string) => asNodeFor(what, value, name)
 
 /** Splits one entry of `loras` into its node and alpha. */
 function entry(value: LoraInput, index: number): { lora: RecipeNode; alpha: number } {
@@ -81,4 +92,127 @@ export function bakeLoras(base: string | RecipeNode, loras: readonly LoraInput[]
   const step = (previous: RecipeNode, { lora, alpha }: { lora: RecipeNode; alpha: number }) =>
     addDifference(previous, convert(lora, baseNode), { alpha })
   return rest.reduce<MergeNode>(step, step(baseNode, first))
+}
+
+/** How `extractLora` writes the difference between two models. */
+export interface ExtractLoraOptions {
+  /**
+   * The rank of each layer's LoRA (default 8): `lora_up` is `[out, rank]`, `lora_down`
+   * `[rank, in]`, and baking the file back gives the best rank-`rank` approximation of the
+   * difference (layers smaller than the rank keep their own size). Unused by `lokr`.
+   */
+  rank?: number
+  /**
+   * `lora` (default): `lora_up`, `lora_down` and `alpha` per layer; `lokr`: the nearest
+   * Kronecker product `lokr_w1 ⊗ lokr_w2` of each layer's difference.
+   */
+  algorithm?: 'lora' | 'lokr'
+  /** The key names: `kohya` (default, `lora_unet_…`, `lora_te1_…`) or `lycoris` (`lycoris_unet_…`). */
+  naming?: 'kohya' | 'lycoris'
+  /**
+   * The kohya layout the keys follow: `sdxl-kohya`, `sdxl-kohya_but_diffusers` or `sd1-kohya`.
+   * By default `sdxl-kohya` for an SDXL base and `sd1-kohya` for an SD 1.x one.
+   */
+  config?: string
+  /**
+   * Use the seeded randomised SVD (default true, as sd-mecha; much faster on large layers);
+   * `false` computes the exact truncation.
+   */
+  approximate?: boolean
+  /** Power iterations of the randomised SVD (default 2). */
+  iterations?: number
+  /** Seed of the randomised SVD; by default each merge chooses one and records it. */
+  seed?: number
+  /** For `lokr`: the size of `lokr_w1` relative to `lokr_w2` (default 0.5, balanced). */
+  kroneckerRatio?: number
+}
+
+const KOHYA_LAYOUTS = ['sdxl-kohya', 'sdxl-kohya_but_diffusers', 'sd1-kohya'] as const
+
+/**
+ * A LoRA file of the difference `tuned − base` (sd-mecha's `extract_kohya_lora` and siblings, on
+ * the two models converted to their kohya layout): merge it to a safetensors path to write the
+ * file. `bakeLoras(base, [file])` then rebuilds `tuned` up to the rank's approximation. The VAE is
+ * left out (no LoRA loader applies one).
+ *
+ * ```ts
+ * await merge(extractLora('sdxl-base.safetensors', 'sdxl-tuned.safetensors', { rank: 32 }), {
+ *   output: 'tuned-lora.safetensors',
+ * })
+ * ```
+ *
+ * Throws an `OptionError` for an unknown option or value, and a `ConfigError` when the models
+ * have no kohya layout (or different architectures). The `mecha lora extract` command runs this.
+ */
+export function extractLora(
+  base: string | RecipeNode,
+  tuned: string | RecipeNode,
+  options: ExtractLoraOptions = {},
+): MergeNode {
+  const name = 'extractLora'
+  checkNames(
+    options,
+    ['rank', 'algorithm', 'naming', 'config', 'approximate', 'iterations', 'seed', 'kroneckerRatio'],
+    name,
+  )
+  const { algorithm = 'lora', naming = 'kohya' } = options
+  if (algorithm !== 'lora' && algorithm !== 'lokr')
+    throw new OptionError(`${name}: algorithm must be "lora" or "lokr", got ${JSON.stringify(algorithm)}`)
+  if (naming !== 'kohya' && naming !== 'lycoris')
+    throw new OptionError(`${name}: naming must be "kohya" or "lycoris", got ${JSON.stringify(naming)}`)
+  const integer = (value: unknown, what: string, least: number) => {
+    if (value === undefined) return undefined
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < least)
+      throw new OptionError(`${name}: ${what} must be an integer ≥ ${least}, got ${String(value)}`)
+    return new Int(value)
+  }
+  const rank = integer(options.rank, 'rank', 1)
+  const iterations = integer(options.iterations, 'iterations', 0)
+  const seed = integer(options.seed, 'seed', 0)
+  if (options.approximate !== undefined && typeof options.approximate !== 'boolean')
+    throw new OptionError(`${name}: approximate must be true or false, got ${String(options.approximate)}`)
+  const ratio = options.kroneckerRatio
+  if (ratio !== undefined && (typeof ratio !== 'number' || !(ratio >= 0 && ratio <= 1)))
+    throw new OptionError(`${name}: kroneckerRatio must be a number from 0 to 1, got ${String(ratio)}`)
+  if (options.config !== undefined && !(KOHYA_LAYOUTS as readonly string[]).includes(options.config))
+    throw new OptionError(
+      `${name}: config must be one of ${KOHYA_LAYOUTS.join(', ')}, got ${JSON.stringify(options.config)}`,
+    )
+  const [baseNode, tunedNode] = [asNodeFor(name, base, 'base'), asNodeFor(name, tuned, 'tuned')]
+  if (typeof base === 'string' && typeof tuned === 'string') {
+    // Files of two architectures may share a few key names; say so rather than extract nothing.
+    const [a, b] = [inspect(base).config, inspect(tuned).config]
+    if (a && b && a.split('-')[0] !== b.split('-')[0])
+      throw new ConfigError(
+        `${name}: the base is ${a} but tuned is ${b}; a LoRA is the difference of two models of one architecture`,
+      )
+  }
+  const layout = options.config ?? kohyaLayoutOf(baseNode)
+  const delta = omitComponent(subtract(convert(tunedNode, layout), convert(baseNode, layout)), 'vae')
+  if (algorithm === 'lokr') {
+    const extract = naming === 'kohya' ? extractKohyaLokr : extractLycorisLokr
+    return extract(delta, { kroneckerRatio: ratio })
+  }
+  const extract = naming === 'kohya' ? extractKohyaLora : extractLycorisLora
+  return extract(delta, {
+    rank,
+    useApproximateBasis: options.approximate,
+    approximateBasisIters: iterations,
+    approximateBasisSeed: seed,
+  })
+}
+
+/** The kohya layout of a model's architecture: the first of them a chain of conversions reaches. */
+function kohyaLayoutOf(node: RecipeNode): string {
+  for (const layout of ['sdxl-kohya', 'sd1-kohya']) {
+    try {
+      convert(node, layout)
+      return layout
+    } catch (e) {
+      if (!(e instanceof ConfigError)) throw e
+    }
+  }
+  throw new ConfigError(
+    'extractLora: the base model has no kohya layout (it is neither SDXL nor SD 1.x); LoRA files exist for sdxl-kohya, sdxl-kohya_but_diffusers and sd1-kohya',
+  )
 }

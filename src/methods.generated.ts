@@ -647,3 +647,94 @@ export function truncateKronecker(a: RecipeInput, options: TruncateKroneckerOpti
   checkOptionNames('truncate_kronecker', options, ['kroneckerRatio', 'useApproximateBasis', 'approximateBasisIters', 'approximateBasisSeed'])
   return callMethod('truncate_kronecker', [a], { kronecker_ratio: options.kroneckerRatio, use_approximate_basis: options.useApproximateBasis, approximate_basis_iters: options.approximateBasisIters, approximate_basis_seed: options.approximateBasisSeed })
 }
+
+/** Hyper-parameters of `extractKohyaLora` (sd-mecha's `extract_kohya_lora`); each one omitted takes its default. */
+export interface ExtractKohyaLoraOptions {
+  /** `rank`: int, param (default 8). */
+  rank?: number | Int | RecipeNode
+  /** `use_approximate_basis`: bool, param (default true). */
+  useApproximateBasis?: boolean | RecipeNode
+  /** `approximate_basis_iters`: int, param (default 2). */
+  approximateBasisIters?: number | Int | RecipeNode
+  /** `approximate_basis_seed`: int, param (default null). */
+  approximateBasisSeed?: number | Int | RecipeNode
+}
+/**
+ * `extract_kohya_lora`: A kohya-named LoRA (lora_up, lora_down, alpha) of a delta: its rank-`rank` truncated SVD (dispatched by config).
+ * @param base Tensor, delta
+ * @param options.rank int, param (default 8)
+ * @param options.useApproximateBasis bool, param (default true)
+ * @param options.approximateBasisIters int, param (default 2)
+ * @param options.approximateBasisSeed int, param (default null)
+ * @returns Tensor in weight
+ */
+export function extractKohyaLora(base: RecipeInput, options: ExtractKohyaLoraOptions = {}): MergeNode {
+  checkOptionNames('extract_kohya_lora', options, ['rank', 'useApproximateBasis', 'approximateBasisIters', 'approximateBasisSeed'])
+  return callMethod('extract_kohya_lora', [base], { rank: options.rank, use_approximate_basis: options.useApproximateBasis, approximate_basis_iters: options.approximateBasisIters, approximate_basis_seed: options.approximateBasisSeed })
+}
+
+/** Hyper-parameters of `extractKohyaLokr` (sd-mecha's `extract_kohya_lokr`); each one omitted takes its default. */
+export interface ExtractKohyaLokrOptions {
+  /** `kronecker_ratio`: float, param (default 0.5). */
+  kroneckerRatio?: RecipeInput
+}
+/**
+ * `extract_kohya_lokr`: A kohya-named LoKr (lokr_w1 ⊗ lokr_w2) of a delta: its nearest Kronecker product (dispatched by config).
+ * @param base Tensor, delta
+ * @param options.kroneckerRatio float, param (default 0.5)
+ * @returns Tensor in weight
+ */
+export function extractKohyaLokr(base: RecipeInput, options: ExtractKohyaLokrOptions = {}): MergeNode {
+  checkOptionNames('extract_kohya_lokr', options, ['kroneckerRatio'])
+  return callMethod('extract_kohya_lokr', [base], { kronecker_ratio: options.kroneckerRatio })
+}
+
+/** Hyper-parameters of `extractLycorisLora` (sd-mecha's `extract_lycoris_lora`); each one omitted takes its default. */
+export interface ExtractLycorisLoraOptions {
+  /** `rank`: int, param (default 8). */
+  rank?: number | Int | RecipeNode
+  /** `use_approximate_basis`: bool, param (default true). */
+  useApproximateBasis?: boolean | RecipeNode
+  /** `approximate_basis_iters`: int, param (default 2). */
+  approximateBasisIters?: number | Int | RecipeNode
+  /** `approximate_basis_seed`: int, param (default null). */
+  approximateBasisSeed?: number | Int | RecipeNode
+}
+/**
+ * `extract_lycoris_lora`: A lycoris-named LoRA (lora_up, lora_down, alpha) of a delta: its rank-`rank` truncated SVD (dispatched by config).
+ * @param base Tensor, delta
+ * @param options.rank int, param (default 8)
+ * @param options.useApproximateBasis bool, param (default true)
+ * @param options.approximateBasisIters int, param (default 2)
+ * @param options.approximateBasisSeed int, param (default null)
+ * @returns Tensor in weight
+ */
+export function extractLycorisLora(base: RecipeInput, options: ExtractLycorisLoraOptions = {}): MergeNode {
+  checkOptionNames('extract_lycoris_lora', options, ['rank', 'useApproximateBasis', 'approximateBasisIters', 'approximateBasisSeed'])
+  return callMethod('extract_lycoris_lora', [base], { rank: options.rank, use_approximate_basis: options.useApproximateBasis, approximate_basis_iters: options.approximateBasisIters, approximate_basis_seed: options.approximateBasisSeed })
+}
+
+/** Hyper-parameters of `extractLycorisLokr` (sd-mecha's `extract_lycoris_lokr`); each one omitted takes its default. */
+export interface ExtractLycorisLokrOptions {
+  /** `kronecker_ratio`: float, param (default 0.5). */
+  kroneckerRatio?: RecipeInput
+}
+/**
+ * `extract_lycoris_lokr`: A lycoris-named LoKr (lokr_w1 ⊗ lokr_w2) of a delta: its nearest Kronecker product (dispatched by config).
+ * @param base Tensor, delta
+ * @param options.kroneckerRatio float, param (default 0.5)
+ * @returns Tensor in weight
+ */
+export function extractLycorisLokr(base: RecipeInput, options: ExtractLycorisLokrOptions = {}): MergeNode {
+  checkOptionNames('extract_lycoris_lokr', options, ['kroneckerRatio'])
+  return callMethod('extract_lycoris_lokr', [base], { kronecker_ratio: options.kroneckerRatio })
+}
+
+/**
+ * `exchange_ema`: Swaps the model's weights with the EMA weights saved in the same checkpoint (dispatched by config).
+ * @param model Tensor, same space as the result
+ * @returns Tensor in same space as the result
+ */
+export function exchangeEma(model: RecipeInput): MergeNode {
+  return callMethod('exchange_ema', [model], {})
+}

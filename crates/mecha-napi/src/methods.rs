@@ -2,7 +2,9 @@
 
 use crate::errors::guarded;
 use mecha_core::methods::external::{ExternalArg, ExternalCall, ExternalKernel, ExternalMethod, ExternalResult};
-use mecha_core::methods::{registry, DefaultValue, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType};
+use mecha_core::methods::{
+    registry, DefaultValue, Dispatch, MethodSpec, ParamKind, ParamSpec, ReturnSpec, SpaceSpec, ValueType,
+};
 use mecha_core::recipe::Scalar;
 use mecha_core::MechaError;
 use napi::bindgen_prelude::*;
@@ -57,6 +59,10 @@ pub struct MethodInfo {
     pub return_model_config: Option<String>,
     pub is_conversion: bool,
     pub elementwise: bool,
+    /// Calls are dispatched by config to one of the methods that implement it.
+    pub is_interface: bool,
+    /// The interface this method implements.
+    pub implements: Option<String>,
 }
 
 fn method_info(m: &MethodSpec) -> MethodInfo {
@@ -93,6 +99,11 @@ fn method_info(m: &MethodSpec) -> MethodInfo {
         return_model_config: m.returns.config.clone(),
         is_conversion: m.is_conversion,
         elementwise: m.elementwise,
+        is_interface: m.dispatch == Dispatch::Interface,
+        implements: match &m.dispatch {
+            Dispatch::Implements(id) => Some(id.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -141,6 +152,8 @@ pub struct JsMethodSpec {
     pub return_model_config: Option<String>,
     pub elementwise: bool,
     pub is_conversion: bool,
+    /// The interface (e.g. `exchange_ema`) this method implements for its inputs' configs.
+    pub implements: Option<String>,
     /// Output key → keys of the first input (from `mapKeys`).
     pub routes: Option<HashMap<String, Vec<String>>>,
 }
@@ -311,6 +324,7 @@ pub fn register_method(
             }),
             elementwise: spec.elementwise,
             is_conversion: spec.is_conversion,
+            dispatch: spec.implements.map_or(Dispatch::Direct, Dispatch::Implements),
         };
         registry().register(method)
     };

@@ -21,6 +21,7 @@ use crate::methods::logistics::SINGLETON_CONFIG;
 use crate::methods::seam::{ArgInfo, ChunkKernel, Decision, KeyMapCall, Meta, NodeRef, PlanCall};
 use crate::methods::{MethodSpec, ValueType};
 use crate::model_dirs;
+use crate::recipe::dispatch;
 use crate::recipe::inference::{self, ConfigSolution, ModelKeys, SolvedConfig};
 use crate::recipe::mecha::{self, Annotations};
 use crate::recipe::spaces::{self, RootSpace};
@@ -412,8 +413,16 @@ pub fn open_inputs(recipe: &Recipe) -> Result<Inputs> {
 
 /// Solves merge spaces, opens each distinct input once and infers model configs.
 pub fn finalize(recipe: Recipe, root_space: &RootSpace) -> Result<Finalized> {
-    let spaces = spaces::infer(&recipe, root_space)?;
+    let mut spaces = spaces::infer(&recipe, root_space)?;
     let Inputs { files, model_input, model_keys } = open_inputs(&recipe)?;
+    let recipe = match dispatch::dispatch(&recipe, &model_keys)? {
+        Some(dispatched) => {
+            // The implementations' signatures may fix spaces the interfaces left open.
+            spaces = spaces::infer(&dispatched, root_space)?;
+            dispatched
+        }
+        None => recipe,
+    };
     let configs = inference::infer(&recipe, &model_keys, &[SINGLETON_CONFIG])?;
     let cache_ids = recipe.cache_identities();
     Ok(Finalized { recipe, spaces, configs, inputs: files, model_input, cache_ids })

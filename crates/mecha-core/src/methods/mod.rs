@@ -6,12 +6,14 @@ pub mod blocks;
 pub mod cosine;
 pub mod crossover;
 pub mod elementwise;
+pub mod ema;
 pub mod external;
 pub mod formats;
 pub mod limiting;
 pub mod linear;
 pub mod logistics;
 pub mod lycoris;
+pub mod lycoris_extract;
 pub mod seam;
 pub mod slicing;
 pub mod svd;
@@ -113,6 +115,21 @@ pub struct MethodSpec {
     /// Results combine elements at the same position only (streamed in chunks when planned so).
     pub elementwise: bool,
     pub is_conversion: bool,
+    /// What calling the method does: compute it, or pick an implementation by config.
+    pub dispatch: Dispatch,
+}
+
+/// sd-mecha's interfaces: a method id whose calls are dispatched, by the configs of the
+/// arguments, to one of the methods registered as implementing it (`exchange_ema` →
+/// `exchange_ema_'sd1-ldm'`). A new config gets its own implementation by registering one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// A plain method (or an implementation, which is one too).
+    Direct,
+    /// Chosen per call among the implementations, in registration order.
+    Interface,
+    /// An implementation of this interface: same parameters, configs fixed.
+    Implements(String),
 }
 
 impl std::fmt::Debug for MethodSpec {
@@ -146,7 +163,19 @@ impl MethodSpec {
             implementation: Arc::new(implementation),
             elementwise: false,
             is_conversion: false,
+            dispatch: Dispatch::Direct,
         }
+    }
+
+    /// An interface: the implementations do the work ([`Dispatch`]).
+    pub fn interface(id: &str, description: &str, params: Vec<ParamSpec>, returns: ReturnSpec) -> MethodSpec {
+        MethodSpec { dispatch: Dispatch::Interface, ..MethodSpec::new(id, description, params, returns, InterfaceCall) }
+    }
+
+    /// Marks the method as an implementation of `interface`.
+    pub fn implements(mut self, interface: &str) -> Self {
+        self.dispatch = Dispatch::Implements(interface.into());
+        self
     }
 
     pub fn elementwise(mut self) -> Self {
@@ -210,6 +239,16 @@ pub(crate) mod decl {
     }
 }
 
+/// The body of an interface: never planned, since merges replace the call by an implementation
+/// first (`recipe::dispatch`).
+struct InterfaceCall;
+
+impl Method for InterfaceCall {
+    fn plan(&self, call: &PlanCall) -> Result<Decision> {
+        Err(call.fail("is an interface; its calls are dispatched to an implementation before planning"))
+    }
+}
+
 /// The set of methods recipes can use: the builtins plus anything registered at run time.
 pub struct Registry {
     methods: RwLock<Vec<Arc<MethodSpec>>>,
@@ -229,6 +268,8 @@ impl Registry {
         methods.extend(svd::methods());
         methods.extend(formats::methods());
         methods.extend(lycoris::methods());
+        methods.extend(lycoris_extract::methods());
+        methods.extend(ema::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
@@ -251,9 +292,19 @@ impl Registry {
         self.methods.read().expect("registry lock").clone()
     }
 
+    /// The implementations of an interface, in registration order.
+    pub fn implementations(&self, interface: &str) -> Vec<Arc<MethodSpec>> {
+        let wanted = Dispatch::Implements(interface.to_string());
+        self.list().into_iter().filter(|m| m.dispatch == wanted).collect()
+    }
+
     /// Adds a method. Ids are never reused, as in sd-mecha.
     pub fn register(&self, method: MethodSpec) -> Result<()> {
         validate(&method)?;
+        if let Dispatch::Implements(interface) = &method.dispatch {
+            let interface = self.resolve(interface)?;
+            validate_implementation(&interface, &method)?;
+        }
         let mut methods = self.methods.write().expect("registry lock");
         if methods.iter().any(|m| m.id == method.id) {
             return Err(MechaError::recipe(format!(
@@ -306,6 +357,39 @@ fn validate(m: &MethodSpec) -> Result<()> {
     Ok(())
 }
 
+/// An implementation has its interface's parameters (names, kinds, types, defaults) and fixes
+/// the config of at least one input, which is what dispatch looks at.
+fn validate_implementation(interface: &MethodSpec, m: &MethodSpec) -> Result<()> {
+    let fail = |msg: String| {
+        Err(MechaError::recipe(format!("merge method \"{}\" implements \"{}\", but {msg}", m.id, interface.id)))
+    };
+    if interface.dispatch != Dispatch::Interface {
+        return fail(format!("\"{}\" is not an interface", interface.id));
+    }
+    if m.params.len() != interface.params.len() {
+        return fail(format!(
+            "it has {} parameters where the interface has {}",
+            m.params.len(),
+            interface.params.len()
+        ));
+    }
+    for (p, q) in m.params.iter().zip(&interface.params) {
+        if p.name != q.name || p.kind != q.kind || p.value_type != q.value_type || p.default != q.default {
+            return fail(format!(
+                "parameter \"{}\" differs from the interface's \"{}\" (name, kind, type or default)",
+                p.name, q.name
+            ));
+        }
+        if q.config.is_some() && p.config != q.config {
+            return fail(format!("parameter \"{}\" must keep the interface's config", p.name));
+        }
+    }
+    if !m.params.iter().any(|p| p.config.is_some()) {
+        return fail("none of its inputs has a model config to dispatch on".into());
+    }
+    Ok(())
+}
+
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(Registry::with_builtins)
@@ -327,6 +411,32 @@ mod tests {
                 assert!(m.params.iter().any(|p| p.space == SpaceSpec::Symbol), "{}", m.id);
             }
         }
+    }
+
+    #[test]
+    fn builtin_implementations_fit_their_interfaces() {
+        let r = registry();
+        let mut found = 0;
+        for m in r.list() {
+            if let Dispatch::Implements(interface) = &m.dispatch {
+                validate_implementation(&r.resolve(interface).unwrap(), &m).unwrap();
+                found += 1;
+            }
+        }
+        assert!(found > 0);
+    }
+
+    #[test]
+    fn an_implementation_must_match_its_interface() {
+        let interface = registry().resolve("exchange_ema").unwrap();
+        let mut wrong = (*registry().resolve("exchange_ema_'sd1-ldm'").unwrap()).clone();
+        wrong.id = "exchange_ema_wrong".into();
+        wrong.params[0].name = "other".into();
+        let err = validate_implementation(&interface, &wrong).unwrap_err();
+        assert!(err.message.contains("differs from the interface"), "{}", err.message);
+        wrong.params[0].name = "model".into();
+        wrong.params[0].config = None;
+        assert!(validate_implementation(&interface, &wrong).is_err());
     }
 
     #[test]

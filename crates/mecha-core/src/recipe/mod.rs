@@ -1,6 +1,7 @@
 //! The recipe graph: models, literals and merge nodes, bound to method signatures with defaults
 //! materialised (as sd-mecha does, so serialized text lists every parameter).
 
+pub mod dispatch;
 pub mod inference;
 pub mod mecha;
 pub mod parse;

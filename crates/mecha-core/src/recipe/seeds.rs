@@ -34,22 +34,34 @@ fn fresh_seed(salt: u64) -> i64 {
     (h.finish() >> 11) as i64
 }
 
-/// The literal holding a parameter's value: sd-mecha wraps a plain value as
+/// The literal holding a plain parameter value and that value: sd-mecha wraps a plain value as
 /// `convert_singleton(literal {"key": value})`.
-fn null_literal(recipe: &Recipe, id: usize) -> Option<usize> {
+fn plain_value(recipe: &Recipe, id: usize) -> Option<(usize, &Scalar)> {
     let NodeKind::Merge { method, inputs } = &recipe.nodes[id].kind else { return None };
     if method.id != "convert_singleton" {
         return None;
     }
     let literal = *inputs.first()?.first()?;
     match &recipe.nodes[literal].kind {
-        NodeKind::Literal { entries }
-            if entries.len() == 1 && entries.values().all(|v| *v == Value::Scalar(Scalar::Null)) =>
-        {
-            Some(literal)
-        }
+        NodeKind::Literal { entries } if entries.len() == 1 => match entries.values().next() {
+            Some(Value::Scalar(v)) => Some((literal, v)),
+            _ => None,
+        },
         _ => None,
     }
+}
+
+fn null_literal(recipe: &Recipe, id: usize) -> Option<usize> {
+    plain_value(recipe, id).filter(|(_, v)| **v == Scalar::Null).map(|(literal, _)| literal)
+}
+
+/// `approximate_basis_seed` feeds the randomised SVD only: with `use_approximate_basis=False`
+/// nothing draws from it, so no seed is chosen (or reported).
+fn seed_unused(recipe: &Recipe, method: &crate::methods::MethodSpec, inputs: &[Vec<usize>], param: usize) -> bool {
+    method.params[param].name == "approximate_basis_seed"
+        && method.param("use_approximate_basis").is_some_and(|(i, _)| {
+            inputs[i].iter().all(|&n| matches!(plain_value(recipe, n), Some((_, Scalar::Bool(false)))))
+        })
 }
 
 /// Replaces every null seed of the nodes reachable from the root by a fresh seed, in node order.
@@ -59,7 +71,7 @@ pub fn choose_seeds(recipe: &mut Recipe) -> Vec<ChosenSeed> {
         let NodeKind::Merge { method, inputs } = &recipe.nodes[id].kind else { continue };
         let method = method.clone();
         let seeds: Vec<(usize, usize)> = (0..method.params.len())
-            .filter(|&p| is_seed_param(&method.params[p]))
+            .filter(|&p| is_seed_param(&method.params[p]) && !seed_unused(recipe, &method, inputs, p))
             .flat_map(|p| inputs[p].iter().filter_map(|&i| null_literal(recipe, i)).map(move |l| (l, p)))
             .collect();
         for (literal, param) in seeds {
@@ -155,5 +167,22 @@ mod tests {
         let mut given = recipe_with(Scalar::Int(42));
         assert!(choose_seeds(&mut given).is_empty());
         assert_eq!(literal_values(&given), vec![Scalar::Int(42), Scalar::Null]);
+    }
+
+    #[test]
+    fn the_exact_svd_needs_no_seed() {
+        let bound = |approximate: bool| {
+            let mut b = RecipeBuilder::new();
+            let a = b.model("a.safetensors", Some("sdxl-kohya"), Some("delta"));
+            let flag = crate::recipe::Arg::Value(Scalar::Bool(approximate));
+            let root = b
+                .merge("truncate_rank", vec![crate::recipe::Arg::Node(a)], vec![("use_approximate_basis".into(), flag)])
+                .unwrap();
+            b.finish(root).unwrap()
+        };
+        assert!(choose_seeds(&mut bound(false)).is_empty());
+        let chosen = choose_seeds(&mut bound(true));
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].param, "approximate_basis_seed");
     }
 }

@@ -107,6 +107,15 @@ impl Svd {
         8 * (self.u.nrows() * self.u.ncols() + self.s.len() + self.v.nrows() * self.v.ncols()) as u64
     }
 
+    /// The rank-`r` factors `(u_r·√s_r, √s_r·v_rᵀ)` (see [`LeadingBasis::factors`]).
+    pub fn factors(&self, r: usize) -> (Mat<f64>, Mat<f64>) {
+        let r = r.min(self.s.len());
+        let root: Vec<f64> = self.s[..r].iter().map(|s| s.max(0.0).sqrt()).collect();
+        let up = Mat::from_fn(self.u.nrows(), r, |i, j| self.u[(i, j)] * root[j]);
+        let down = Mat::from_fn(r, self.v.nrows(), |j, c| self.v[(c, j)] * root[j]);
+        (up, down)
+    }
+
     /// `u[:, :r]·diag(s[:r])·v[:, :r]ᵀ`, row-major, in `T`.
     pub(crate) fn product_rows<T: Elem + RealField>(&self, r: usize) -> Vec<T> {
         let us = Mat::from_fn(self.u.nrows(), r, |i, j| self.u[(i, j)] * self.s[j]);
@@ -178,6 +187,34 @@ impl LeadingBasis {
             product_rows(basis, mm(basis.transpose(), a).as_ref())
         } else {
             product_rows(mm(a, basis).as_ref(), basis.transpose())
+        }
+    }
+
+    /// The rank-`r` factors `(up, down)` of `a` (the matrix the basis was computed from), with
+    /// `up·down` its best rank-`r` approximation and the singular values split evenly:
+    /// `up = u_r·√s_r`, `down = √s_r·v_rᵀ` (what a LoRA stores).
+    pub fn factors(&self, a: MatRef<f64>, r: usize) -> (Mat<f64>, Mat<f64>) {
+        let basis = self.vectors.subcols(0, r.min(self.rank()));
+        let k = basis.ncols();
+        // the other side's vectors times s: uᵀ·a = s·vᵀ (rows), a·v = u·s (columns)
+        let scaled = if self.left { mm(basis.transpose(), a) } else { mm(a, basis) };
+        let norm = |j: usize| -> f64 {
+            if self.left {
+                scaled.row(j).iter().map(|x| x * x).sum::<f64>().sqrt()
+            } else {
+                scaled.col(j).iter().map(|x| x * x).sum::<f64>().sqrt()
+            }
+        };
+        let root: Vec<f64> = (0..k).map(|j| norm(j).sqrt()).collect();
+        let inverse = |j: usize| if root[j] > 0.0 { 1.0 / root[j] } else { 0.0 };
+        if self.left {
+            let up = Mat::from_fn(a.nrows(), k, |i, j| basis[(i, j)] * root[j]);
+            let down = Mat::from_fn(k, a.ncols(), |j, c| scaled[(j, c)] * inverse(j));
+            (up, down)
+        } else {
+            let up = Mat::from_fn(a.nrows(), k, |i, j| scaled[(i, j)] * inverse(j));
+            let down = Mat::from_fn(k, a.ncols(), |j, c| basis[(c, j)] * root[j]);
+            (up, down)
         }
     }
 }
@@ -807,6 +844,29 @@ mod tests {
         let data = to_rows(a.as_ref());
         let view = MatRef::from_row_major_slice(&data, 12, 10);
         assert_eq!(LeadingBasis::new(view, 2).unwrap().truncate_rows(view, 2), basis.truncate_rows(a.as_ref(), 2));
+    }
+
+    #[test]
+    fn lora_factors_split_the_singular_values_evenly() {
+        for (m, n, seed) in [(7, 19, 21), (19, 7, 22)] {
+            let a = from_rows(&normals(m * n, seed), m, n);
+            let d = svd(a.as_ref()).unwrap();
+            let basis = LeadingBasis::new(a.as_ref(), 3).unwrap();
+            for (up, down) in [basis.factors(a.as_ref(), 3), d.factors(3)] {
+                assert_eq!((up.nrows(), up.ncols(), down.nrows(), down.ncols()), (m, 3, 3, n));
+                let product = to_rows(mm(up.as_ref(), down.as_ref()).as_ref());
+                assert!(max_abs_diff(&product, &d.product_rows::<f64>(3)) < 1e-10, "{m}×{n}");
+                for j in 0..3 {
+                    let up_norm = up.col(j).iter().map(|x| x * x).sum::<f64>().sqrt();
+                    let down_norm = down.row(j).iter().map(|x| x * x).sum::<f64>().sqrt();
+                    assert!((up_norm - d.s[j].sqrt()).abs() < 1e-10 && (down_norm - d.s[j].sqrt()).abs() < 1e-10);
+                }
+            }
+        }
+        // a zero difference gives zero factors, never NaN
+        let zero = Mat::<f64>::zeros(4, 6);
+        let (up, down) = LeadingBasis::new(zero.as_ref(), 2).unwrap().factors(zero.as_ref(), 2);
+        assert!(up.col_iter().chain(down.col_iter()).all(|c| c.iter().all(|&x| x == 0.0)));
     }
 
     #[test]
