@@ -569,7 +569,16 @@ const checks: Record<string, Check> = {
   },
 
   'guide/lora.mts': async (t) => {
-    const r = await example('guide/lora.mts', loraBase.path, loraA.path, loraB.path, '--out', out('baked.safetensors'))
+    const r = await example(
+      'guide/lora.mts',
+      loraBase.path,
+      loraA.path,
+      loraB.path,
+      '--out',
+      out('baked.safetensors'),
+      '--lora',
+      out('extracted.safetensors'),
+    )
     const lines = r.stdout.trimEnd().split('\n')
     t.true(lines[0].split(' ').includes('sd1-kohya_kohya_lora'))
     t.true(lines[0].split(' ').includes('sdxl-kohya_lycoris_lora'))
@@ -578,6 +587,7 @@ const checks: Record<string, Check> = {
       `one LoRA: config sd1-ldm, ${loraBaseLayout.length} keys`,
       `baked: ${loraBaseLayout.length} keys`,
       `as a delta: config structural, ${loraA.tensorCount} keys skipped`,
+      `extracted: ${readSafetensors(out('extracted.safetensors')).tensors.size} keys`,
     ])
     // base + 0.8·lora-a + 0.5·lora-b, each lora alpha / rank · up @ down
     const { tensors } = readSafetensors(out('baked.safetensors'))
@@ -585,6 +595,24 @@ const checks: Record<string, Check> = {
     for (const key of floatKeys(loraBaseLayout))
       close(t, tensors.get(key)!.values, baked(key, [loraA, 0.8], [loraB, 0.5]), key)
     t.deepEqual(tensors.get(k1.position)!.values, loraBase.values.get(k1.position))
+    // the extracted LoRA's layers hold the baked difference: alpha / rank · up @ down = baked − base
+    // (the tiny model's other keys have shapes of their own, so it is checked per layer, not baked)
+    const extracted = readSafetensors(out('extracted.safetensors')).tensors
+    for (const { stem, key, shape } of Object.values(loraLayers)) {
+      const [up, down, alpha] = ['lora_up.weight', 'lora_down.weight', 'alpha'].map((s) =>
+        extracted.get(`${stem}.${s}`)!,
+      )
+      const rank = up.shape[1]
+      t.true(rank <= 8, stem)
+      const scale = alpha.values[0] / rank
+      const product = Array.from({ length: shape[0] * shape[1] }, (_, idx) => {
+        const [i, j] = [Math.floor(idx / shape[1]), idx % shape[1]]
+        let sum = 0
+        for (let k = 0; k < rank; k++) sum += up.values[i * rank + k] * down.values[k * shape[1] + j]
+        return scale * sum
+      })
+      close(t, product, sub(tensors.get(key)!.values, loraBase.values.get(key)!), `${stem}: up @ down`)
+    }
   },
 
   'guide/performance-and-memory.mts': async (t) => {

@@ -14,6 +14,7 @@ import {
   subtract,
 } from './methods.generated'
 import { checkNames } from './options'
+import { plan } from './plan'
 import { Int, model, RecipeNode, type MergeNode } from './recipe'
 import { addDifference } from './wrappers'
 
@@ -187,7 +188,7 @@ export function extractLora(
         `${name}: the base is ${a} but tuned is ${b}; a LoRA is the difference of two models of one architecture`,
       )
   }
-  const layout = options.config ?? kohyaLayoutOf(baseNode)
+  const layout = options.config ?? kohyaLayoutOf(base, baseNode)
   const delta = omitComponent(subtract(convert(tunedNode, layout), convert(baseNode, layout)), 'vae')
   if (algorithm === 'lokr') {
     const extract = naming === 'kohya' ? extractKohyaLokr : extractLycorisLokr
@@ -202,17 +203,17 @@ export function extractLora(
   })
 }
 
-/** The kohya layout of a model's architecture: the first of them a chain of conversions reaches. */
-function kohyaLayoutOf(node: RecipeNode): string {
-  for (const layout of ['sdxl-kohya', 'sd1-kohya']) {
-    try {
-      convert(node, layout)
-      return layout
-    } catch (e) {
-      if (!(e instanceof ConfigError)) throw e
-    }
-  }
+/**
+ * The kohya layout for a model: its own config when it is one, else its architecture's
+ * (`sdxl-kohya` for SDXL, `sd1-kohya` for SD 1.x), from the config inferred from its keys.
+ */
+function kohyaLayoutOf(input: string | RecipeNode, node: RecipeNode): string {
+  const config = typeof input === 'string' ? inspect(input).config : plan(node).config
+  if (config && (KOHYA_LAYOUTS as readonly string[]).includes(config)) return config
+  const architecture = config?.split('-')[0]
+  if (architecture === 'sdxl') return 'sdxl-kohya'
+  if (architecture === 'sd1') return 'sd1-kohya'
   throw new ConfigError(
-    'extractLora: the base model has no kohya layout (it is neither SDXL nor SD 1.x); LoRA files exist for sdxl-kohya, sdxl-kohya_but_diffusers and sd1-kohya',
+    `extractLora: the base model (${config ?? 'no known config'}) has no kohya layout; LoRA files exist for SDXL and SD 1.x models (sdxl-kohya, sdxl-kohya_but_diffusers, sd1-kohya)`,
   )
 }

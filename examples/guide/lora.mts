@@ -1,13 +1,19 @@
 // LoRAs: kohya LoRA and LyCORIS files are recognised, converted to a difference in a checkpoint's
-// model config, and baked into it, one LoRA or several (`bakeLoras`, or `mecha lora bake`).
+// model config, and baked into it, one LoRA or several (`bakeLoras`, or `mecha lora bake`); and the
+// other way, the difference of two models extracted as a LoRA file (`extractLora`, or
+// `mecha lora extract`).
 //
-//   node --import tsx examples/guide/lora.mts base.safetensors lora.safetensors other-lora.safetensors [--out baked.safetensors]
+//   node --import tsx examples/guide/lora.mts base.safetensors lora.safetensors other-lora.safetensors \
+//     [--out baked.safetensors] [--lora extracted.safetensors]
 import { parseArgs } from 'node:util'
-import { addDifference, bakeLoras, configs, convert, inspect, merge, model, plan } from 'sd-mecha'
+import { addDifference, bakeLoras, configs, convert, extractLora, inspect, merge, model, plan } from 'sd-mecha'
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
-  options: { out: { type: 'string', default: 'baked.safetensors' } },
+  options: {
+    out: { type: 'string', default: 'baked.safetensors' },
+    lora: { type: 'string', default: 'extracted.safetensors' },
+  },
 })
 const [basePath, loraPath, otherPath] = positionals
 if (!basePath || !loraPath || !otherPath) throw new Error('usage: lora.mts <base> <lora> <other-lora> [--out file]')
@@ -45,3 +51,10 @@ console.log(`baked: ${report.keysWritten} keys`)
 //    skipped. Convert it, as above.
 const p = plan(addDifference(base, model(loraPath, { mergeSpace: 'delta' })))
 console.log(`as a delta: config ${p.config}, ${p.keysSkipped.length} keys skipped`)
+
+// 5. The other way: the difference baked − base as a kohya LoRA file (sd-mecha's
+//    extract_kohya_lora on both models converted to sd1-kohya), each layer truncated to rank 8 by
+//    an exact SVD. Baking it into the base gives the baked model back, up to that rank.
+const extraction = extractLora(basePath, values.out, { rank: 8, approximate: false })
+const extracted = await merge(extraction, { output: values.lora })
+console.log(`extracted: ${extracted.keysWritten} keys`)
