@@ -2,7 +2,9 @@
 // exchange_ema for sd1-ldm, the typed error when no implementation fits, and an implementation
 // registered from JavaScript for another config.
 import test from 'ava'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 
 import {
   ConfigError,
@@ -63,6 +65,32 @@ test('exchange_ema on an sd1-ldm checkpoint swaps each UNet weight with its EMA 
   // twice is the identity
   const back = await merge(exchangeEma(exchangeEma(model(path))), { outputDtype: 'f32' })
   for (const k of [...UNET, ...EMA]) t.deepEqual(Array.from(toFloat32(back.get(k)!)), tensors[k].values)
+})
+
+const GOLDEN = fileURLToPath(new URL('./fixtures/golden/ema/', import.meta.url))
+
+/** name → raw bytes of every tensor of a safetensors file (read without the library). */
+function tensorBytes(path: string): Map<string, Buffer> {
+  const buf = readFileSync(path)
+  const n = Number(buf.readBigUInt64LE(0))
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString()) as Record<string, { data_offsets: [number, number] }>
+  delete header.__metadata__
+  return new Map(
+    Object.entries(header).map(([k, v]) => [k, buf.subarray(8 + n + v.data_offsets[0], 8 + n + v.data_offsets[1])]),
+  )
+}
+
+test('exchange_ema gives what sd-mecha 1.1.8 gives (with its contract validation off), byte for byte', async (t) => {
+  // scripts/golden/ema.py: sd-mecha's merge(exchange_ema(model(input)), validate_mm_contract=False)
+  const recorded = JSON.parse(readFileSync(join(GOLDEN, 'expected.json'), 'utf8'))
+  t.regex(recorded.default_contract_error, /^AssertionError: .*tried to fetch key/, 'why 1.1.8 needs the option')
+  const out = await merge(exchangeEma(model(join(GOLDEN, 'input.safetensors'))), { outputDtype: 'f32' })
+  const expected = tensorBytes(join(GOLDEN, 'expected.safetensors'))
+  t.deepEqual([...out.keys()].sort(), recorded.keys)
+  for (const [key, bytes] of expected) {
+    const got = out.get(key)!
+    t.true(Buffer.from(got.data.buffer, got.data.byteOffset, got.data.byteLength).equals(bytes), key)
+  }
 })
 
 test('exchange_ema on a checkpoint saved without EMA weights is a ConfigError naming the missing key', async (t) => {
