@@ -124,3 +124,53 @@ test('bakeLoras bakes a kohya LoRA into an sdxl-sgm checkpoint, as addDifference
     }
   t.true(worst <= 1e-5, `largest error ${worst}`)
 })
+
+test('a LoRA that trains only some of CLIP-G q, k and v still changes in_proj_weight, the other blocks by zero', async (t) => {
+  const dir = tempDir()
+  const IN_PROJ = 'conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight'
+  const width = 1280
+  const base = randomValues(3, 3 * width * width).map(Math.fround)
+  writeSafetensors(join(dir, 'base.safetensors'), {
+    [IN_PROJ]: { dtype: 'F32', shape: [3 * width, width], values: base },
+  })
+  // kohya names CLIP-G's projections te2 …q_proj, k_proj, v_proj; this LoRA has q and v only
+  const [rank, alpha] = [2, 1]
+  const factors = (proj: string, seed: number) => {
+    const stem = `lora_te2_text_model_encoder_layers_0_self_attn_${proj}_proj`
+    return {
+      [`${stem}.lora_up.weight`]: {
+        dtype: 'F32' as const,
+        shape: [width, rank],
+        values: randomValues(seed, width * rank).map(Math.fround),
+      },
+      [`${stem}.lora_down.weight`]: {
+        dtype: 'F32' as const,
+        shape: [rank, width],
+        values: randomValues(seed + 1, rank * width).map(Math.fround),
+      },
+      [`${stem}.alpha`]: { dtype: 'F32' as const, shape: [], values: [alpha] },
+    }
+  }
+  const lora = { ...factors('q', 10), ...factors('v', 20) }
+  writeSafetensors(join(dir, 'lora.safetensors'), lora)
+  const merged = await merge(bakeLoras(join(dir, 'base.safetensors'), [join(dir, 'lora.safetensors')]), {
+    outputDtype: 'f32',
+  })
+  t.deepEqual(merged.report.keysSkipped, [], 'every LoRA key is applied')
+  const out = toFloat32(merged.get(IN_PROJ)!)
+  const delta = (proj: 'q' | 'v', i: number, j: number) => {
+    const stem = `lora_te2_text_model_encoder_layers_0_self_attn_${proj}_proj`
+    const [up, down] = [lora[`${stem}.lora_up.weight`].values, lora[`${stem}.lora_down.weight`].values]
+    let sum = 0
+    for (let k = 0; k < rank; k++) sum += up[i * rank + k] * down[k * width + j]
+    return (alpha / rank) * sum
+  }
+  let worst = 0
+  for (const i of [0, 7, width - 1, width, width + 5, 2 * width - 1, 2 * width, 3 * width - 1])
+    for (const j of [0, 3, width - 1]) {
+      const block = Math.floor(i / width)
+      const change = block === 0 ? delta('q', i, j) : block === 2 ? delta('v', i - 2 * width, j) : 0
+      worst = Math.max(worst, Math.abs(out[i * width + j] - (base[i * width + j] + change)))
+    }
+  t.true(worst < 1e-5, `q and v rows changed, k rows kept (max error ${worst})`)
+})

@@ -789,7 +789,12 @@ impl KeyBuilder<'_> {
         config: &SolvedConfig,
     ) -> Result<Step> {
         let implementation = method.implementation.clone();
-        let Some(relation) = implementation.key_map(&KeyMapCall { method, key, config }) else {
+        let Some(relation) = implementation.key_map(&KeyMapCall {
+            method,
+            key,
+            config,
+            merge_space: self.ctx.f.spaces[node].as_deref(),
+        }) else {
             return Ok(Step::Done(Err(format!("{} has no source keys for \"{key}\"", method.id))));
         };
         // The first clause whose inputs all exist.

@@ -119,9 +119,33 @@ fn shape_error(call: &PlanCall, what: String) -> MechaError {
     MechaError::new(ErrorKind::Shape, format!("{}: key \"{}\": {what}", call.method.id, call.key))
 }
 
+/// Which parts of a stacked key (q, k, v) a clause reads; the others are zeros.
+struct PresentParts(Vec<bool>);
+
+/// For a stacked key in delta space: every way of reading some of its parts, most parts first.
+/// A difference that lacks a part changes nothing there (a LoRA that trains CLIP-G's q but not
+/// its k and v still changes `in_proj_weight`), which a weight never may.
+fn partial_stacks(parts: &[String]) -> Vec<Clause> {
+    let n = parts.len();
+    let mut masks: Vec<Vec<bool>> = (1..(1u32 << n) - 1).map(|m| (0..n).map(|i| m >> i & 1 == 1).collect()).collect();
+    masks.sort_by_key(|m| std::cmp::Reverse(m.iter().filter(|&&p| p).count()));
+    masks
+        .into_iter()
+        .map(|mask| {
+            let keys = parts.iter().zip(&mask).filter(|(_, &p)| p).map(|(k, _)| k.clone()).collect();
+            Clause { inputs: vec![Some(keys)], meta: Meta::new(PresentParts(mask)) }
+        })
+        .collect()
+}
+
 impl Method for FormatConversion {
     fn key_map(&self, call: &KeyMapCall) -> Option<KeyRelation> {
         Some(match self.routes.get(call.key)? {
+            Route::One(Source::Concat(parts)) if call.merge_space == Some("delta") => {
+                let mut relation = KeyRelation::single(call.key, vec![Some(parts.clone())]);
+                relation.clauses.extend(partial_stacks(parts));
+                relation
+            }
             Route::One(source) => {
                 KeyRelation::single(call.key, vec![Some(names(source).into_iter().cloned().collect())])
             }
@@ -152,12 +176,19 @@ impl Method for FormatConversion {
                 [_, _] => return Ok(Decision::Forward { param: 0, index: 0 }),
                 _ => return Err(shape_error(call, format!("expected a [c, c, 1, 1] or [c, c] weight, not {first:?}"))),
             },
-            Route::One(Source::Concat(_)) => {
+            Route::One(Source::Concat(parts)) => {
                 if shapes.iter().any(|s| s.is_empty() || s[1..] != first[1..]) {
                     return Err(shape_error(call, format!("the stacked parts have shapes {shapes:?}")));
                 }
                 let mut shape = first.clone();
                 shape[0] = shapes.iter().map(|s| s[0]).sum();
+                if call.meta.get::<PresentParts>().is_some() {
+                    // q, k and v are blocks of one size: the missing ones are zeros like the others
+                    if shapes.iter().any(|s| s[0] != first[0]) {
+                        return Err(shape_error(call, format!("the stacked parts have shapes {shapes:?}")));
+                    }
+                    shape[0] = first[0] * parts.len();
+                }
                 shape
             }
             Route::Split { outputs, .. } => {
@@ -183,7 +214,18 @@ impl Method for FormatConversion {
             Route::One(Source::AsConv(_) | Source::AsLinear(_)) => {
                 tensors[0].reshape(call.shape.clone().expect("planned with a shape"))?
             }
-            Route::One(Source::Concat(_)) => Tensor::cat(&tensors, 0)?,
+            Route::One(Source::Concat(_)) => match call.meta.get::<PresentParts>() {
+                None => Tensor::cat(&tensors, 0)?,
+                Some(PresentParts(mask)) => {
+                    let zeros = tensors[0].zeros_like()?;
+                    let mut given = tensors.iter();
+                    let parts: Vec<&Tensor> = mask
+                        .iter()
+                        .map(|&p| if p { given.next().expect("one per present part") } else { &zeros })
+                        .collect();
+                    Tensor::cat(&parts, 0)?
+                }
+            },
             Route::One(Source::Copy(_)) => tensors[0].clone(),
             Route::Split { outputs, .. } => {
                 let rows = tensors[0].dim(0)? / outputs.len();

@@ -76,6 +76,8 @@ pub struct KeyMapCall<'a> {
     pub key: &'a str,
     /// The config of the node's result.
     pub config: &'a SolvedConfig,
+    /// The merge space of the node's result (in `delta`, a missing part may count as zero).
+    pub merge_space: Option<&'a str>,
 }
 
 /// What one argument provides for one key, known before any data is read.
