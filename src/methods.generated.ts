@@ -738,3 +738,45 @@ export function extractLycorisLokr(base: RecipeInput, options: ExtractLycorisLok
 export function exchangeEma(model: RecipeInput): MergeNode {
   return callMethod('exchange_ema', [model], {})
 }
+
+/** Hyper-parameters of `randperm` (sd-mecha's `randperm`); each one omitted takes its default. */
+export interface RandpermOptions {
+  /** `seed`: int, param (default null). */
+  seed?: number | Int | RecipeNode
+}
+/**
+ * `randperm`: Reorders the model's hidden units (attention heads, MLP units) at random, without changing what it computes (dispatched by config).
+ * @param a Tensor, same space as the result
+ * @param options.seed int, param (default null)
+ * @returns Tensor in same space as the result
+ */
+export function randperm(a: RecipeInput, options: RandpermOptions = {}): MergeNode {
+  checkOptionNames('randperm', options, ['seed'])
+  return callMethod('randperm', [a], { seed: options.seed })
+}
+
+/** Hyper-parameters of `rebasin` (sd-mecha's `rebasin`); each one omitted takes its default. */
+export interface RebasinOptions {
+  /** `iters`: int, param (default 10). */
+  iters?: number | Int | RecipeNode
+}
+/**
+ * `rebasin`: Reorders a's hidden units to line up with ref's (weight matching), without changing what a computes (dispatched by config).
+ * @param a Tensor, same space as the result
+ * @param ref Tensor, same space as the result
+ * @param options.iters int, param (default 10)
+ * @returns Tensor in same space as the result
+ */
+export function rebasin(a: RecipeInput, ref: RecipeInput, options: RebasinOptions = {}): MergeNode {
+  checkOptionNames('rebasin', options, ['iters'])
+  return callMethod('rebasin', [a, ref], { iters: options.iters })
+}
+
+/**
+ * `balance_attention`: Rescales each attention head so that q and k (and v and out) carry equal energy, without changing what the model computes (dispatched by config).
+ * @param a Tensor, same space as the result
+ * @returns Tensor in same space as the result
+ */
+export function balanceAttention(a: RecipeInput): MergeNode {
+  return callMethod('balance_attention', [a], {})
+}

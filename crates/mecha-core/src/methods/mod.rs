@@ -2,6 +2,7 @@
 //! merge spaces, defaults, return space, how it computes). The TypeScript builders, their types,
 //! the docs listing and `methods.list()` are all derived from these declarations.
 
+pub mod balance;
 pub mod blocks;
 pub mod cosine;
 pub mod crossover;
@@ -14,6 +15,7 @@ pub mod linear;
 pub mod logistics;
 pub mod lycoris;
 pub mod lycoris_extract;
+pub mod permutations;
 pub mod seam;
 pub mod slicing;
 pub mod svd;
@@ -270,6 +272,8 @@ impl Registry {
         methods.extend(lycoris::methods());
         methods.extend(lycoris_extract::methods());
         methods.extend(ema::methods());
+        methods.extend(permutations::methods());
+        methods.extend(balance::methods());
         Registry { methods: RwLock::new(methods.into_iter().map(Arc::new).collect()) }
     }
 
