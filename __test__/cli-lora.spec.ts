@@ -512,6 +512,14 @@ test('mecha lora extract refuses mistakes with one line (exit 2) and models of t
       ['lora', 'extract', base, tuned, '--rnak', '2', '-o', out],
       /lora extract has no option --rnak; did you mean --rank\?/,
     ],
+    [
+      ['lora', 'extract', base, tuned, '--rank-ratio', '1.5', '-o', out],
+      /--rank-ratio must be a number from 0 to 1, got 1\.5/,
+    ],
+    [
+      ['lora', 'extract', base, tuned, '--rank', '4', '--rank-ratio', '0.5', '-o', out],
+      /give --rank or --rank-ratio, not both/,
+    ],
   ]
   for (const [args, message] of cases) {
     const r = mecha(...args)

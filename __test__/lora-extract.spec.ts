@@ -184,6 +184,24 @@ test('a LoKr extraction is the nearest Kronecker product, which the bake rebuild
   t.true(maxDiff(values(baked, key), tuned) < 1e-5)
 })
 
+test('rankRatio gives each layer round(min(rows, columns) · ratio) as its rank, leaving out layers it rounds to 0', async (t) => {
+  const m = models()
+  const lora = await merge(extractLora(m.base, m.tuned, { rankRatio: 0.01, approximate: false }), {
+    outputDtype: 'f32',
+  })
+  // [320, 1280]: round(3.2) = 3; [768, 768]: round(7.68) = 8; the conv, [320, 4·3·3]: round(0.36) = 0
+  const [linear, conv, te] = LAYERS.map(({ key }) => stem(key))
+  t.deepEqual(lora.get(`${linear}.lora_up.weight`)?.shape, [320, 3])
+  t.deepEqual(Array.from(values(lora, `${linear}.alpha`)), [3])
+  t.deepEqual(lora.get(`${te}.lora_down.weight`)?.shape, [8, 768])
+  t.false(lora.has(`${conv}.lora_up.weight`))
+  t.is(lora.size, 6)
+  t.throws(() => extractLora(m.base, m.tuned, { rank: 4, rankRatio: 0.5 }), {
+    instanceOf: OptionError,
+    message: 'extractLora: give rank or rankRatio, not both',
+  })
+})
+
 test('extractLora refuses bad options with an OptionError, and models without a kohya layout with a ConfigError', (t) => {
   const cases: [() => unknown, RegExp][] = [
     [
@@ -205,6 +223,10 @@ test('extractLora refuses bad options with an OptionError, and models without a 
       /kroneckerRatio must be a number from 0 to 1/,
     ],
     [() => extractLora('', 'b.safetensors'), /^extractLora: base must be a safetensors path/],
+    [
+      () => extractLora('a.safetensors', 'b.safetensors', { rankRatio: -0.1 }),
+      /rankRatio must be a number from 0 to 1/,
+    ],
   ]
   for (const [call, message] of cases) t.regex(t.throws(call, { instanceOf: OptionError })!.message, message)
   const dir = tempDir()

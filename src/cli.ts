@@ -141,6 +141,7 @@ diffusers files work); the VAE is left out. The file appears only when the extra
 
 Options:
       --rank <r>               rank of each layer's LoRA (default 8)
+      --rank-ratio <x>         instead, each layer's rank is round(min(rows, columns)·x), 0 to 1
       --algorithm <a>          lora (default: up, down, alpha) or lokr (nearest lokr_w1 ⊗ lokr_w2)
       --naming <n>             kohya (default: lora_unet_… keys) or lycoris (lycoris_unet_…)
       --layout <config>        sdxl-kohya, sdxl-kohya_but_diffusers or sd1-kohya (default: the
@@ -203,6 +204,7 @@ const commandFlags: Record<string, readonly string[]> = {
   'lora bake': writeFlags,
   'lora extract': [
     'rank',
+    'rank-ratio',
     'algorithm',
     'naming',
     'layout',
@@ -271,6 +273,7 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
     'fallback-model',
     'embed-recipe',
     'rank',
+    'rank-ratio',
     'algorithm',
     'naming',
     'layout',
@@ -552,12 +555,20 @@ async function cmdLoraExtract(positional: string[], flags: Flags): Promise<numbe
       throw new UsageError(`--${name} must be ${values.join(' or ')}, got ${value === true ? 'nothing' : value}`)
     return value as T
   }
-  const ratioFlag = flags['kronecker-ratio']
-  const kroneckerRatio = ratioFlag === undefined ? undefined : Number(ratioFlag)
-  if (kroneckerRatio !== undefined && !(kroneckerRatio >= 0 && kroneckerRatio <= 1))
-    throw new UsageError(`--kronecker-ratio must be a number from 0 to 1, got ${String(ratioFlag)}`)
+  const fraction = (name: string): number | undefined => {
+    const value = flags[name]
+    if (value === undefined) return undefined
+    const n = Number(value)
+    if (typeof value !== 'string' || value.trim() === '' || !(n >= 0 && n <= 1))
+      throw new UsageError(`--${name} must be a number from 0 to 1, got ${value === true ? 'nothing' : value}`)
+    return n
+  }
+  const rankRatio = fraction('rank-ratio')
+  if (rankRatio !== undefined && flags.rank !== undefined) throw new UsageError('give --rank or --rank-ratio, not both')
+  const kroneckerRatio = fraction('kronecker-ratio')
   const recipe = extractLora(base, tuned, {
     rank: integerFlag(flags, 'rank', 1),
+    rankRatio,
     algorithm: choice('algorithm', ['lora', 'lokr'] as const),
     naming: choice('naming', ['kohya', 'lycoris'] as const),
     config: choice('layout', ['sdxl-kohya', 'sdxl-kohya_but_diffusers', 'sd1-kohya'] as const),

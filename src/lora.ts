@@ -2,6 +2,7 @@
  * Baking LoRA and LyCORIS files into a checkpoint: sd-mecha's `examples/lora_merge.py`
  * (`add_difference(base, convert(lora, base), alpha=…)`), for any number of LoRAs.
  */
+import { configs } from './configs'
 import { convert } from './convert'
 import { ConfigError, OptionError } from './errors'
 import { inspect } from './inspect'
@@ -15,7 +16,7 @@ import {
 } from './methods.generated'
 import { checkNames } from './options'
 import { plan } from './plan'
-import { Int, model, RecipeNode, type MergeNode } from './recipe'
+import { Int, literal, model, RecipeNode, type MergeNode } from './recipe'
 import { addDifference } from './wrappers'
 
 /**
@@ -104,6 +105,11 @@ export interface ExtractLoraOptions {
    */
   rank?: number
   /**
+   * Instead of one `rank`, each layer's own: `round(min(rows, columns) · rankRatio)` (sd-mecha's
+   * `get_rank_from_ratio`), from 0 to 1. A layer whose rank comes out 0 is left out.
+   */
+  rankRatio?: number
+  /**
    * `lora` (default): `lora_up`, `lora_down` and `alpha` per layer; `lokr`: the nearest
    * Kronecker product `lokr_w1 ⊗ lokr_w2` of each layer's difference.
    */
@@ -153,7 +159,7 @@ export function extractLora(
   const name = 'extractLora'
   checkNames(
     options,
-    ['rank', 'algorithm', 'naming', 'config', 'approximate', 'iterations', 'seed', 'kroneckerRatio'],
+    ['rank', 'rankRatio', 'algorithm', 'naming', 'config', 'approximate', 'iterations', 'seed', 'kroneckerRatio'],
     name,
   )
   const { algorithm = 'lora', naming = 'kohya' } = options
@@ -172,6 +178,11 @@ export function extractLora(
   const seed = integer(options.seed, 'seed', 0)
   if (options.approximate !== undefined && typeof options.approximate !== 'boolean')
     throw new OptionError(`${name}: approximate must be true or false, got ${String(options.approximate)}`)
+  const rankRatio = options.rankRatio
+  if (rankRatio !== undefined && (typeof rankRatio !== 'number' || !(rankRatio >= 0 && rankRatio <= 1)))
+    throw new OptionError(`${name}: rankRatio must be a number from 0 to 1, got ${String(rankRatio)}`)
+  if (rankRatio !== undefined && options.rank !== undefined)
+    throw new OptionError(`${name}: give rank or rankRatio, not both`)
   const ratio = options.kroneckerRatio
   if (ratio !== undefined && (typeof ratio !== 'number' || !(ratio >= 0 && ratio <= 1)))
     throw new OptionError(`${name}: kroneckerRatio must be a number from 0 to 1, got ${String(ratio)}`)
@@ -196,7 +207,7 @@ export function extractLora(
   }
   const extract = naming === 'kohya' ? extractKohyaLora : extractLycorisLora
   return extract(delta, {
-    rank,
+    rank: rankRatio === undefined ? rank : ranksByRatio(layout, naming, rankRatio),
     useApproximateBasis: options.approximate,
     approximateBasisIters: iterations,
     approximateBasisSeed: seed,
@@ -216,4 +227,32 @@ function kohyaLayoutOf(input: string | RecipeNode, node: RecipeNode): string {
   throw new ConfigError(
     `extractLora: the base model (${config ?? 'no known config'}) has no kohya layout; LoRA files exist for SDXL and SD 1.x models (sdxl-kohya, sdxl-kohya_but_diffusers, sd1-kohya)`,
   )
+}
+
+/** Python's `round` (half to even), as sd-mecha's `get_rank_from_ratio` rounds. */
+function roundHalfEven(x: number): number {
+  const r = Math.round(x)
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r
+}
+
+/**
+ * Each layer's rank for `rankRatio`, as a literal in the LoRA config: the extraction reads its
+ * `rank` at every key it writes (`…lora_up.weight`, `…lora_down.weight`, `…alpha`), so the dict
+ * has the layer's rank under each. Ranks come from the layout's shapes; a layer of another
+ * shape is clamped to its own size by the method.
+ */
+function ranksByRatio(layout: string, naming: 'kohya' | 'lycoris', ratio: number): RecipeNode {
+  const prefix = naming === 'kohya' ? 'lora' : 'lycoris'
+  const ranks: Record<string, Int> = {}
+  for (const { key, shape, dtype } of configs.keys(layout)) {
+    // the keys a LoRA has: floating-point weights of two or more dimensions
+    if (!shape || shape.length < 2 || key.endsWith('bias') || (dtype !== null && !/^B?F/.test(dtype))) continue
+    const columns = shape.slice(1).reduce((a, b) => a * b, 1)
+    const rank = new Int(
+      Math.min(Math.max(roundHalfEven(Math.min(shape[0], columns) * ratio), 0), Math.min(shape[0], columns)),
+    )
+    const stem = `${prefix}_${key.replace(/\.weight$/, '').replaceAll('.', '_')}`
+    for (const suffix of ['lora_up.weight', 'lora_down.weight', 'alpha']) ranks[`${stem}.${suffix}`] = rank
+  }
+  return literal(ranks, { config: `${layout}_${naming}_lora`, mergeSpace: 'param' })
 }
