@@ -191,15 +191,21 @@ export function extractLora(
       `${name}: config must be one of ${KOHYA_LAYOUTS.join(', ')}, got ${JSON.stringify(options.config)}`,
     )
   const [baseNode, tunedNode] = [asNodeFor(name, base, 'base'), asNodeFor(name, tuned, 'tuned')]
+  // The base's inferred config, read once (a header for a file, a plan for a recipe).
+  let baseConfig: string | null | undefined
+  const configOfBase = (): string | null => {
+    if (baseConfig === undefined) baseConfig = typeof base === 'string' ? inspect(base).config : plan(baseNode).config
+    return baseConfig
+  }
   if (typeof base === 'string' && typeof tuned === 'string') {
     // Files of two architectures may share a few key names; say so rather than extract nothing.
-    const [a, b] = [inspect(base).config, inspect(tuned).config]
+    const [a, b] = [configOfBase(), inspect(tuned).config]
     if (a && b && a.split('-')[0] !== b.split('-')[0])
       throw new ConfigError(
         `${name}: the base is ${a} but tuned is ${b}; a LoRA is the difference of two models of one architecture`,
       )
   }
-  const layout = options.config ?? kohyaLayoutOf(base, baseNode)
+  const layout = options.config ?? kohyaLayoutOf(configOfBase())
   const delta = omitComponent(subtract(convert(tunedNode, layout), convert(baseNode, layout)), 'vae')
   if (algorithm === 'lokr') {
     const extract = naming === 'kohya' ? extractKohyaLokr : extractLycorisLokr
@@ -218,8 +224,7 @@ export function extractLora(
  * The kohya layout for a model: its own config when it is one, else its architecture's
  * (`sdxl-kohya` for SDXL, `sd1-kohya` for SD 1.x), from the config inferred from its keys.
  */
-function kohyaLayoutOf(input: string | RecipeNode, node: RecipeNode): string {
-  const config = typeof input === 'string' ? inspect(input).config : plan(node).config
+function kohyaLayoutOf(config: string | null): string {
   if (config && (KOHYA_LAYOUTS as readonly string[]).includes(config)) return config
   const architecture = config?.split('-')[0]
   if (architecture === 'sdxl') return 'sdxl-kohya'

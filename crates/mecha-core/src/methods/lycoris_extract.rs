@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 use super::decl::*;
 use super::seam::{Arg, ComputeSpec, Decision, KeyMapCall, KeyRelation, Method, Output, PlanCall, RunCall};
 use super::svd::{clamp_rank, decompose, fingerprint, flat_2d, kronecker_rearrangement};
-use super::wholemath::svd::{kron_dims_from_ratio, LeadingBasis};
+use super::wholemath::svd::{kron_dims_from_ratio, to_rows, LeadingBasis};
 use super::{DefaultValue, MethodSpec, ParamSpec, ReturnSpec, SpaceSpec, ValueType};
 use crate::configs::lycoris::{has_low_rank_form, lora_configs, lycoris_stem};
 use crate::configs::{self, ModelConfig};
@@ -156,9 +156,11 @@ impl Method for Extract {
             Form::LowRank => {
                 let (m, n) = flat_2d(&shape);
                 let r = shapes[1][0];
-                let mat = || Mat::from_fn(m, n, |i, j| data[i * n + j]);
-                let d = decompose(&call, "extract_lora.svd", (m, n), mat, fingerprint(&[&data[..]]), (0, 0, 0, 0), r)?;
-                d.factors(mat().as_ref(), r)
+                // a view of the data; `decompose` copies it only when nothing is cached
+                let view = MatRef::from_row_major_slice(&data, m, n);
+                let copy = || view.to_owned();
+                let d = decompose(&call, "extract_lora.svd", (m, n), copy, fingerprint(&[&data[..]]), (0, 0, 0, 0), r)?;
+                d.factors(view, r)
             }
             Form::Kronecker => {
                 let mat = kronecker_rearrangement(&data, &shape, kron_dims_from_ratio(&shape, parameter));
@@ -166,9 +168,7 @@ impl Method for Extract {
             }
         };
         let tensor = |m: &Mat<f64>, shape: &[usize]| -> Result<Arg> {
-            let rows: Vec<f64> =
-                (0..m.nrows()).flat_map(|i| (0..m.ncols()).map(move |j| (i, j))).map(|(i, j)| m[(i, j)]).collect();
-            Ok(Arg::Tensor(Tensor::from_vec(rows, shape, base.device())?.to_dtype(base.dtype())?))
+            Ok(Arg::Tensor(Tensor::from_vec(to_rows(m.as_ref()), shape, base.device())?.to_dtype(base.dtype())?))
         };
         let mut out = vec![tensor(&first, &shapes[0])?, tensor(&second, &shapes[1])?];
         if let Some(alpha) = shapes.get(2) {
@@ -180,11 +180,17 @@ impl Method for Extract {
     }
 }
 
+/// The delta extracted from, in `base`'s config for an implementation (none for the interface).
+fn delta_param(base: Option<&str>) -> ParamSpec {
+    ParamSpec {
+        config: base.map(String::from),
+        ..input("base", ValueType::Tensor, SpaceSpec::fixed(&["delta"])).state_dict()
+    }
+}
+
 fn lora_params(base: Option<&str>) -> Vec<ParamSpec> {
-    let mut delta = input("base", ValueType::Tensor, SpaceSpec::fixed(&["delta"])).state_dict();
-    delta.config = base.map(String::from);
     vec![
-        delta,
+        delta_param(base),
         hyper("rank", ValueType::Int, DefaultValue::Int(8)),
         hyper("use_approximate_basis", ValueType::Bool, DefaultValue::Bool(true)),
         hyper("approximate_basis_iters", ValueType::Int, DefaultValue::Int(2)),
@@ -193,9 +199,7 @@ fn lora_params(base: Option<&str>) -> Vec<ParamSpec> {
 }
 
 fn lokr_params(base: Option<&str>) -> Vec<ParamSpec> {
-    let mut delta = input("base", ValueType::Tensor, SpaceSpec::fixed(&["delta"])).state_dict();
-    delta.config = base.map(String::from);
-    vec![delta, hyper("kronecker_ratio", ValueType::Float, DefaultValue::Float(0.5))]
+    vec![delta_param(base), hyper("kronecker_ratio", ValueType::Float, DefaultValue::Float(0.5))]
 }
 
 pub fn methods() -> Vec<MethodSpec> {
