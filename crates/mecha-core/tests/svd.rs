@@ -121,6 +121,25 @@ fn decompositions_are_cached_across_merges_and_give_fresh_results() {
     let fresh = run(rotate(0.7, 0.3), &f32_memory());
     assert_eq!(bytes(&cached), bytes(&fresh), "a cached result equals a fresh one");
 
+    // The factors of a float32 merge are kept in float32, those of a float64 merge in float64:
+    // twice the bytes, and there too a cached result equals a fresh one.
+    let f64_merge = |cache: &Arc<MethodCache>| {
+        let mut options = with_cache(cache);
+        options.plan.merge_dtype = mecha_core::exec::plan::MergeDtype::F64;
+        options
+    };
+    let single_bytes = cache.bytes();
+    let double = Arc::new(MethodCache::new(1 << 30));
+    run(rotate(0.5, 0.0), &f64_merge(&double));
+    run(rotate(0.7, 0.3), &f64_merge(&double));
+    let ratio = double.bytes() as f64 / single_bytes as f64;
+    // (less than twice on these tiny keys: the eigen-angles are float64 in both)
+    assert!((1.7..2.0).contains(&ratio), "float64 factors take about twice the bytes: {ratio}");
+    let before = decompositions();
+    let cached = run(rotate(0.7, 0.3), &f64_merge(&double));
+    assert_eq!(decompositions() - before, 0);
+    assert_eq!(bytes(&cached), bytes(&run(rotate(0.7, 0.3), &f64_merge(&Arc::new(MethodCache::new(1 << 30))))));
+
     // An integer alignment keeps the reflection, so its transform is another one.
     let before = decompositions();
     run(rotate(2.0, 0.0), &with_cache(&cache));

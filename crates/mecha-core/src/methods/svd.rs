@@ -238,11 +238,7 @@ impl Method for Rotate {
                 return Ok(Decision::Forward { param, index: 0 });
             }
         }
-        // A few f64 copies of the tensor and the p × p factors.
-        let bytes = shape.as_ref().map_or(0, |s| {
-            let (n, p) = rotate_2d(s);
-            8 * (8 * n * p + 12 * p * p.min(n.max(1)) + 4 * p * p) as u64
-        });
+        let bytes = shape.as_ref().map_or(0, |s| rotate_working_bytes(rotate_2d(s)));
         Ok(Decision::Compute(ComputeSpec { shape, dtype: None, kernel: None, extra_bytes: bytes }))
     }
 
@@ -279,42 +275,57 @@ impl Method for Rotate {
             Alpha::PerElement(broadcast(&alpha_t, &[n, p]).map_err(|e| call.fail(e))?)
         };
         check_finite_alpha(&alpha).map_err(|e| call.fail(e))?;
-        let out = rotate(&call, &av, &bv, n, p, alignment, &alpha, centralization).map_err(|e| call.fail(e))?;
+        let single = a.dtype() != DType::F64;
+        let out = rotate(&call, av, bv, (n, p), alignment, &alpha, centralization, single).map_err(|e| call.fail(e))?;
         Ok(vec![Arg::Tensor(tensor_like(out, &a)?)])
     }
 }
 
-/// The general path of `rotate` on `n × p` data (row-major).
+/// The memory `rotate` works in on an `n × p` key beyond its inputs, in bytes: at most five f64
+/// copies of the data at once (see `rotate`), and the matrices of the decompositions: about eight
+/// `p × p` ones (a full transform's eigendecomposition), or ten of the `(n + k)²` Stiefel
+/// matrices (a wide key, `k = min(p − n, n)`). What is cached is counted by the cache's limit.
+fn rotate_working_bytes((n, p): (usize, usize)) -> u64 {
+    let decompositions = if n >= p { 8 * p * p } else { 10 * (n + (p - n).min(n)).pow(2) };
+    8 * (5 * n * p + decompositions) as u64
+}
+
+/// The general path of `rotate` on `n × p` data (row-major). `single`: the merge is float32 or
+/// narrower, so what is cached is kept in float32 (`Factor`). The inputs are dropped once
+/// centred and each intermediate once used: at most five copies of the data live at once
+/// (`rotate_working_bytes`), which matters for SD 1.5's 14.7 M-value convolutions.
 #[allow(clippy::too_many_arguments)]
 fn rotate(
     call: &RunCall,
-    av: &[f64],
-    bv: &[f64],
-    n: usize,
-    p: usize,
+    av: Vec<f64>,
+    bv: Vec<f64>,
+    (n, p): (usize, usize),
     alignment: f64,
     alpha: &Alpha,
     centralization: f64,
+    single: bool,
 ) -> MathResult<Vec<f64>> {
-    if !av.iter().chain(bv).all(|v| v.is_finite()) {
+    if !av.iter().chain(&bv).all(|v| v.is_finite()) {
         return Err("a and b must be finite to be aligned (the SVD of NaN or infinity is undefined)".into());
     }
     let mean = |v: &[f64]| -> Vec<f64> {
         (0..p).map(|j| (0..n).map(|i| v[i * p + j]).sum::<f64>() / n as f64 * centralization).collect()
     };
-    let (a_mean, b_mean) = (mean(av), mean(bv));
+    let (a_mean, b_mean) = (mean(&av), mean(&bv));
     let centred = |v: &[f64], m: &[f64]| Mat::from_fn(n, p, |i, j| v[i * p + j] - m[j]);
-    let (mut a2, b2) = (centred(av, &a_mean), centred(bv, &b_mean));
+    let (mut a2, b2) = (centred(&av, &a_mean), centred(&bv, &b_mean));
+    let data = fingerprint(&[&av, &bv]);
+    drop((av, bv));
 
     let cancel_reflection = !is_close(alignment, alignment.round_ties_even());
-    let data = fingerprint(&[av, bv]);
-    let key = (data, centralization.to_bits(), cancel_reflection);
+    let key = (data, centralization.to_bits(), cancel_reflection, single);
     let transform = cached(call, "rotate.transform", key, Transform::bytes, || {
-        Transform::procrustes(a2.as_ref(), b2.as_ref(), cancel_reflection)
+        Transform::procrustes(a2.as_ref(), b2.as_ref(), cancel_reflection, single)
     })?;
     let mut eig = || {
         cached(call, "rotate.eig", key, OrthogonalEig::bytes, || {
-            OrthogonalEig::new(transform.full().expect("only full transforms have eigenvectors").as_ref())
+            let q = transform.full().expect("only full transforms have eigenvectors");
+            Ok(OrthogonalEig::new(q.as_ref())?.compact(single))
         })
     };
     let (eps, max_iters) = (call.number(5).map_err(|e| e.message)?, call.int(6).map_err(|e| e.message)?);
@@ -322,11 +333,12 @@ fn rotate(
         if max_iters < 1 {
             return Err(format!("stiefel_max_iters must be at least 1, got {max_iters}"));
         }
-        let log_key = (data, centralization.to_bits(), eps.to_bits(), max_iters);
+        let log_key = (data, centralization.to_bits(), eps.to_bits(), max_iters, single);
         cached(call, "rotate.geodesic", log_key, StiefelGeodesic::bytes, || match &*transform {
             Transform::LowRank { u, v } => {
+                let (u, v) = (u.get(), v.get());
                 let log = math::log_stiefel(v.as_ref(), u.as_ref(), eps, max_iters as usize)?;
-                StiefelGeodesic::new(v.as_ref(), log.as_ref())
+                StiefelGeodesic::new(v.as_ref(), log.as_ref(), single)
             }
             Transform::Full(_) => unreachable!("only low-rank transforms take the Stiefel path"),
         })
@@ -338,10 +350,19 @@ fn rotate(
     };
     if nonzero_alpha {
         let toward = transform.apply(b2.as_ref(), -1.0, &mut eig, &mut geodesic)?;
-        a2 = Mat::from_fn(n, p, |i, j| lerp(a2[(i, j)], toward[(i, j)], alpha.at(i * p + j)));
+        drop(b2);
+        for j in 0..p {
+            for i in 0..n {
+                a2[(i, j)] = lerp(a2[(i, j)], toward[(i, j)], alpha.at(i * p + j));
+            }
+        }
+    } else {
+        drop(b2);
     }
     let rotated = transform.apply(a2.as_ref(), alignment, &mut eig, &mut geodesic)?;
+    drop(a2);
     let mut out = math::to_rows(rotated.as_ref());
+    drop(rotated);
     for (i, v) in out.iter_mut().enumerate() {
         let j = i % p;
         *v += lerp(a_mean[j], b_mean[j], alignment);

@@ -5,7 +5,7 @@
 //! order of operations makes results independent of the thread count. Everything is computed
 //! in f64 whatever the merge dtype: the SVD/eig results are then at least as accurate as
 //! sd-mecha's float32 ones, and the Stiefel logarithm can reach its tolerance (1e-8), which
-//! float32 never does.
+//! float32 never does. What rotate caches is stored in the merge's precision (`Factor`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
@@ -92,6 +92,71 @@ fn gram_lower(x: MatRef<f64>) -> Mat<f64> {
 /// `m` in the element type `T`.
 fn cast<T: Elem>(m: MatRef<f64>) -> Mat<T> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| T::narrow(m[(i, j)]))
+}
+
+/// A factor kept in a cache, in the precision the merge needs: float32 for merges of 32 bits or
+/// less (the factors are then orthonormal to ~1e-7, below what such a result holds) and float64
+/// otherwise. It is rounded before its first use, so a result computed from a cached factor is
+/// the one computed when it was made: SD 1.5's rotate needs 3.6 GiB this way instead of 8.6.
+#[derive(Clone)]
+pub enum Factor {
+    Single(Mat<f32>),
+    Double(Mat<f64>),
+}
+
+impl Factor {
+    pub fn new(m: Mat<f64>, single: bool) -> Factor {
+        if single {
+            Factor::Single(Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32))
+        } else {
+            Factor::Double(m)
+        }
+    }
+
+    /// The values in f64 (a copy for a float32 factor).
+    pub fn get(&self) -> Loaded<'_> {
+        match self {
+            Factor::Single(m) => Loaded::Owned(Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64)),
+            Factor::Double(m) => Loaded::Borrowed(m),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Factor::Single(m) => 4 * (m.nrows() * m.ncols()) as u64,
+            Factor::Double(m) => 8 * (m.nrows() * m.ncols()) as u64,
+        }
+    }
+}
+
+/// A factor's values in f64: borrowed when it is stored so, a copy otherwise. (Not a `Cow`, whose
+/// `AsRef` would shadow faer's `as_ref`.)
+pub enum Loaded<'a> {
+    Borrowed(&'a Mat<f64>),
+    Owned(Mat<f64>),
+}
+
+impl Loaded<'_> {
+    pub fn as_ref(&self) -> MatRef<'_, f64> {
+        (**self).as_ref()
+    }
+
+    pub fn into_owned(self) -> Mat<f64> {
+        match self {
+            Loaded::Borrowed(m) => m.clone(),
+            Loaded::Owned(m) => m,
+        }
+    }
+}
+
+impl std::ops::Deref for Loaded<'_> {
+    type Target = Mat<f64>;
+    fn deref(&self) -> &Mat<f64> {
+        match self {
+            Loaded::Borrowed(m) => m,
+            Loaded::Owned(m) => m,
+        }
+    }
 }
 
 /// A thin SVD `a = u·diag(s)·vᵀ`, singular values non-increasing.
@@ -294,9 +359,10 @@ fn qr_pos(a: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
 pub struct OrthogonalEig {
     /// The rotation angle of each eigenvector's plane, and its sine.
     angles: Vec<(f64, f64)>,
-    /// Eigenvectors `W` of `s` (columns) and `Wᵀ·k`.
-    vectors: Mat<f64>,
-    vectors_t_skew: Mat<f64>,
+    /// Eigenvectors `W` of `s` (columns).
+    vectors: Factor,
+    /// `Wᵀ·k`; a cached (compact) decomposition recomputes it from `q` when used.
+    vectors_t_skew: Option<Mat<f64>>,
 }
 
 impl OrthogonalEig {
@@ -321,25 +387,42 @@ impl OrthogonalEig {
                 (sine.atan2(cosines[j]), sine)
             })
             .collect();
-        Ok(OrthogonalEig { angles, vectors, vectors_t_skew })
+        Ok(OrthogonalEig { angles, vectors: Factor::Double(vectors), vectors_t_skew: Some(vectors_t_skew) })
+    }
+
+    /// The decomposition as a cache keeps it: the eigenvectors in the merge's precision
+    /// (`Factor`), without `Wᵀ·k` (one product recomputes it, and it would double the entry).
+    pub fn compact(self, single: bool) -> OrthogonalEig {
+        let vectors = match self.vectors {
+            Factor::Double(m) => Factor::new(m, single),
+            stored => stored,
+        };
+        OrthogonalEig { angles: self.angles, vectors, vectors_t_skew: None }
     }
 
     pub fn bytes(&self) -> u64 {
-        8 * (2 * self.angles.len() + 2 * self.vectors.nrows() * self.vectors.ncols()) as u64
+        let skew = self.vectors_t_skew.as_ref().map_or(0, |m| 8 * (m.nrows() * m.ncols()) as u64);
+        16 * self.angles.len() as u64 + self.vectors.bytes() + skew
     }
 
-    /// `c(s) + g(s)·k` with `(c, g) = parts(θ, sin θ)`.
-    fn apply(&self, parts: impl Fn(f64, f64) -> (f64, f64)) -> Mat<f64> {
+    /// `c(s) + g(s)·k` with `(c, g) = parts(θ, sin θ)`, for the `q` this decomposes.
+    fn apply(&self, q: MatRef<f64>, parts: impl Fn(f64, f64) -> (f64, f64)) -> Mat<f64> {
         let n = self.angles.len();
         let (c, g): (Vec<f64>, Vec<f64>) = self.angles.iter().map(|&(theta, sine)| parts(theta, sine)).unzip();
+        let w = self.vectors.get();
+        let vts = match &self.vectors_t_skew {
+            Some(m) => Loaded::Borrowed(m),
+            None => Loaded::Owned(mm(w.transpose(), skew_part(q).as_ref())),
+        };
         // W·(diag(c)·Wᵀ + diag(g)·Wᵀ·k)
-        let inner = Mat::from_fn(n, n, |i, j| c[i] * self.vectors[(j, i)] + g[i] * self.vectors_t_skew[(i, j)]);
-        mm(self.vectors.as_ref(), inner.as_ref())
+        let inner = Mat::from_fn(n, n, |i, j| c[i] * w[(j, i)] + g[i] * vts[(i, j)]);
+        mm(w.as_ref(), inner.as_ref())
     }
 
-    /// The principal power `q^t` (the real part of torch's complex `λ**t`).
-    pub fn power(&self, t: f64) -> Mat<f64> {
-        self.apply(|theta, sine| {
+    /// The principal power `q^t` (the real part of torch's complex `λ**t`) of the `q` this
+    /// decomposes.
+    pub fn power(&self, q: MatRef<f64>, t: f64) -> Mat<f64> {
+        self.apply(q, |theta, sine| {
             // sin(tθ)/sin θ → t at θ = 0; at θ = π (a real eigenvalue −1) only the real part counts
             let g = if sine > 0.0 {
                 (t * theta).sin() / sine
@@ -355,8 +438,8 @@ impl OrthogonalEig {
     /// The principal logarithm (real part), made exactly skew-symmetric as the logarithm of an
     /// orthogonal matrix is: iterations that exponentiate it (the Stiefel logarithm) would
     /// otherwise amplify the rounding away from orthogonality, about threefold per step.
-    pub fn log(&self) -> Mat<f64> {
-        let l = self.apply(|theta, sine| {
+    pub fn log(&self, q: MatRef<f64>) -> Mat<f64> {
+        let l = self.apply(q, |theta, sine| {
             (
                 0.0,
                 if sine > 0.0 {
@@ -388,9 +471,9 @@ fn skew_part(a: MatRef<f64>) -> Mat<f64> {
 /// `rotate`'s wide keys, and every point of a geodesic reuses the decomposition.
 struct SkewExp {
     /// Eigenvectors `W` of `gᵀ·g` (columns), the angles `θ`, and `Wᵀ·g`.
-    vectors: Mat<f64>,
+    vectors: Factor,
     angles: Vec<f64>,
-    vectors_t_g: Mat<f64>,
+    vectors_t_g: Factor,
 }
 
 impl SkewExp {
@@ -404,13 +487,20 @@ impl SkewExp {
         let vectors = e.U().to_owned();
         let angles = e.S().column_vector().iter().map(|&squared| squared.max(0.0).sqrt()).collect();
         let vectors_t_g = mm(vectors.transpose(), g.as_ref());
-        Ok(SkewExp { vectors, angles, vectors_t_g })
+        Ok(SkewExp { vectors: Factor::Double(vectors), angles, vectors_t_g: Factor::Double(vectors_t_g) })
+    }
+
+    /// With its factors in the merge's precision, for a cache.
+    fn compact(self, single: bool) -> SkewExp {
+        let round = |f: Factor| match f {
+            Factor::Double(m) => Factor::new(m, single),
+            stored => stored,
+        };
+        SkewExp { vectors: round(self.vectors), angles: self.angles, vectors_t_g: round(self.vectors_t_g) }
     }
 
     fn bytes(&self) -> u64 {
-        8 * (self.angles.len()
-            + self.vectors.nrows() * self.vectors.ncols()
-            + self.vectors_t_g.nrows() * self.vectors_t_g.ncols()) as u64
+        8 * self.angles.len() as u64 + self.vectors.bytes() + self.vectors_t_g.bytes()
     }
 
     /// The first `cols` columns of `exp(f·g)`.
@@ -424,9 +514,8 @@ impl SkewExp {
                 (ft.cos(), if ft.abs() < 1e-4 { f * (1.0 - ft * ft / 6.0) } else { ft.sin() / theta })
             })
             .collect();
-        let w = &self.vectors;
-        let inner =
-            Mat::from_fn(w.nrows(), cols, |i, j| parts[i].0 * w[(j, i)] + parts[i].1 * self.vectors_t_g[(i, j)]);
+        let (w, wtg) = (self.vectors.get(), self.vectors_t_g.get());
+        let inner = Mat::from_fn(w.nrows(), cols, |i, j| parts[i].0 * w[(j, i)] + parts[i].1 * wtg[(i, j)]);
         mm(w.as_ref(), inner.as_ref())
     }
 }
@@ -479,13 +568,14 @@ fn orthogonal_complete(a: MatRef<f64>) -> Mat<f64> {
 /// would double the cache for the widest keys.
 pub struct StiefelGeodesic {
     /// The orthonormal complement directions `q` (n × k) of `Δ − u·uᵀ·Δ`.
-    q: Mat<f64>,
+    q: Factor,
     /// Of the skew `[[uᵀΔ, −rᵀ], [r, 0]]` with `q·r = Δ − u·uᵀ·Δ`.
     exp: SkewExp,
 }
 
 impl StiefelGeodesic {
-    pub fn new(u: MatRef<f64>, delta: MatRef<f64>) -> MathResult<StiefelGeodesic> {
+    /// With its factors in float32 when `single` (see `Factor`).
+    pub fn new(u: MatRef<f64>, delta: MatRef<f64>, single: bool) -> MathResult<StiefelGeodesic> {
         let (n, p) = (u.nrows(), u.ncols());
         let k = (n - p).min(p);
         let a = mm(u.transpose(), delta);
@@ -496,18 +586,19 @@ impl StiefelGeodesic {
             (false, true) => r[(i - p, j)],
             (false, false) => 0.0,
         });
-        Ok(StiefelGeodesic { q: q.subcols(0, k).to_owned(), exp: SkewExp::new(w.as_ref())? })
+        let q = Factor::new(q.subcols(0, k).to_owned(), single);
+        Ok(StiefelGeodesic { q, exp: SkewExp::new(w.as_ref())?.compact(single) })
     }
 
     pub fn bytes(&self) -> u64 {
-        8 * (self.q.nrows() * self.q.ncols()) as u64 + self.exp.bytes()
+        self.q.bytes() + self.exp.bytes()
     }
 
     /// `exp_stiefel(u, f·Δ)`, for the `u` the geodesic was made from.
     pub fn point(&self, u: MatRef<f64>, f: f64) -> Mat<f64> {
         let p = u.ncols();
-        let m = self.exp.columns(f, p);
-        mm(u, m.subrows(0, p)) + mm(self.q.as_ref(), m.subrows(p, self.q.ncols()))
+        let (m, q) = (self.exp.columns(f, p), self.q.get());
+        mm(u, m.subrows(0, p)) + mm(q.as_ref(), m.subrows(p, q.ncols()))
     }
 }
 
@@ -546,7 +637,7 @@ pub fn log_stiefel(a: MatRef<f64>, b: MatRef<f64>, eps: f64, max_iters: usize) -
 
     let mut l = Mat::<f64>::zeros(p + k, p + k);
     for _ in 0..max_iters.max(1) {
-        l = OrthogonalEig::new(v.as_ref())?.log();
+        l = OrthogonalEig::new(v.as_ref())?.log(v.as_ref());
         let c = l.submatrix(p, p, k, k).to_owned();
         if c.norm_l2() <= eps {
             break;
@@ -570,21 +661,21 @@ pub fn log_stiefel(a: MatRef<f64>, b: MatRef<f64>, eps: f64, max_iters: usize) -
 #[derive(Clone)]
 pub enum Transform {
     /// `n ≥ p`: the orthogonal `q` (p × p) minimising ‖a·q − b‖.
-    Full(Mat<f64>),
+    Full(Factor),
     /// `n < p` (wide): the rank-n map sending the span of `v` to that of `u` (both p × n,
     /// orthonormal columns): `x ↦ x − x·v·vᵀ + x·u·vᵀ`.
-    LowRank { u: Mat<f64>, v: Mat<f64> },
+    LowRank { u: Factor, v: Factor },
 }
 
 impl Transform {
     /// Orthogonal Procrustes; with `cancel_reflection` a full transform is made a rotation
-    /// (a fractional power of a reflection is not real).
-    pub fn procrustes(a: MatRef<f64>, b: MatRef<f64>, cancel_reflection: bool) -> MathResult<Transform> {
+    /// (a fractional power of a reflection is not real). Its factors are float32 when `single`.
+    pub fn procrustes(a: MatRef<f64>, b: MatRef<f64>, cancel_reflection: bool, single: bool) -> MathResult<Transform> {
         let (n, p) = (a.nrows(), a.ncols());
         if n < p {
             let (bq, br) = qr(b.transpose());
             let (u, v) = singular_vectors(mm(a.transpose(), br.transpose()).as_ref())?;
-            Ok(Transform::LowRank { v: mm(bq.as_ref(), v.as_ref()), u })
+            Ok(Transform::LowRank { v: Factor::new(mm(bq.as_ref(), v.as_ref()), single), u: Factor::new(u, single) })
         } else {
             let (mut u, v) = singular_vectors(mm(a.transpose(), b).as_ref())?;
             if cancel_reflection && mm(u.as_ref(), v.transpose()).determinant() < 0.0 {
@@ -593,21 +684,21 @@ impl Transform {
                     u[(i, last)] = -u[(i, last)];
                 }
             }
-            Ok(Transform::Full(mm(u.as_ref(), v.transpose())))
+            Ok(Transform::Full(Factor::new(mm(u.as_ref(), v.transpose()), single)))
         }
     }
 
     pub fn bytes(&self) -> u64 {
         match self {
-            Transform::Full(q) => 8 * (q.nrows() * q.ncols()) as u64,
-            Transform::LowRank { u, v } => 8 * (u.nrows() * u.ncols() + v.nrows() * v.ncols()) as u64,
+            Transform::Full(q) => q.bytes(),
+            Transform::LowRank { u, v } => u.bytes() + v.bytes(),
         }
     }
 
     /// The orthogonal matrix of a full transform.
-    pub fn full(&self) -> Option<&Mat<f64>> {
+    pub fn full(&self) -> Option<Loaded<'_>> {
         match self {
-            Transform::Full(q) => Some(q),
+            Transform::Full(q) => Some(q.get()),
             Transform::LowRank { .. } => None,
         }
     }
@@ -627,24 +718,27 @@ impl Transform {
         }
         match self {
             Transform::Full(q) => {
-                let power = if is_close(t, 1.0) {
-                    q.clone()
+                let q = q.get();
+                if is_close(t, 1.0) {
+                    return Ok(mm(x, q.as_ref()));
                 } else if is_close(t, -1.0) {
-                    q.transpose().to_owned()
-                } else if is_close(t, t.round()) {
+                    return Ok(mm(x, q.transpose()));
+                }
+                let power = if is_close(t, t.round()) {
                     integer_power(q.as_ref(), t.round() as i64)
                 } else {
-                    eig()?.power(t)
+                    eig()?.power(q.as_ref(), t)
                 };
                 Ok(mm(x, power.as_ref()))
             }
             Transform::LowRank { u, v } => {
+                let (u, v) = (u.get(), v.get());
                 // x − (x·r)·rᵀ + (x·l)·rᵀ with (l, r) = (u, v) at t = 1 and (v, u) at t = −1;
                 // in between, points of the geodesic from v to u.
                 let (l, r) = if is_close(t, 1.0) {
-                    (u.clone(), v.clone())
+                    (u.into_owned(), v.into_owned())
                 } else if is_close(t, -1.0) {
-                    (v.clone(), u.clone())
+                    (v.into_owned(), u.into_owned())
                 } else {
                     let geodesic = geodesic()?;
                     (geodesic.point(v.as_ref(), (t + 1.0) / 2.0), geodesic.point(v.as_ref(), (1.0 - t) / 2.0))
@@ -779,15 +873,24 @@ mod tests {
     fn fractional_powers_compose() {
         let a = from_rows(&normals(30, 1), 6, 5);
         let b = from_rows(&normals(30, 2), 6, 5);
-        let t = Transform::procrustes(a.as_ref(), b.as_ref(), true).unwrap();
+        let t = Transform::procrustes(a.as_ref(), b.as_ref(), true, false).unwrap();
         let q = t.full().unwrap();
         assert!(q.determinant() > 0.0);
         let e = OrthogonalEig::new(q.as_ref()).unwrap();
-        let half = e.power(0.5);
+        let half = e.power(q.as_ref(), 0.5);
         assert!(max_diff(mm(half.as_ref(), half.as_ref()).as_ref(), q.as_ref()) < 1e-12);
-        assert!(max_diff(integer_power(q.as_ref(), -2).as_ref(), e.power(-2.0).as_ref()) < 1e-12);
+        assert!(max_diff(integer_power(q.as_ref(), -2).as_ref(), e.power(q.as_ref(), -2.0).as_ref()) < 1e-12);
         // exp(log q) = q
-        assert!(max_diff(expm(e.log().as_ref()).unwrap().as_ref(), q.as_ref()) < 1e-12);
+        assert!(max_diff(expm(e.log(q.as_ref()).as_ref()).unwrap().as_ref(), q.as_ref()) < 1e-12);
+        // the compact (cached) form: the same powers from the recomputed Wᵀ·k, in float64
+        // exactly as accurate, in float32 to its precision and with half the bytes
+        let (double, single) = (e.clone().compact(false), e.clone().compact(true));
+        assert!(max_diff(double.power(q.as_ref(), 0.5).as_ref(), half.as_ref()) < 1e-13);
+        assert!(max_diff(single.power(q.as_ref(), 0.5).as_ref(), half.as_ref()) < 1e-6);
+        assert!(single.bytes() < double.bytes() && double.bytes() < e.bytes());
+        let rounded = Transform::procrustes(a.as_ref(), b.as_ref(), true, true).unwrap();
+        assert!(max_diff(rounded.full().unwrap().as_ref(), q.as_ref()) < 1e-7);
+        assert_eq!(2 * rounded.bytes(), t.bytes());
     }
 
     #[test]
@@ -812,7 +915,7 @@ mod tests {
         let (u, _) = qr(x.as_ref());
         let (w, _) = qr(y.as_ref());
         let delta = log_stiefel(u.as_ref(), w.as_ref(), 1e-12, 100).unwrap();
-        let geodesic = StiefelGeodesic::new(u.as_ref(), delta.as_ref()).unwrap();
+        let geodesic = StiefelGeodesic::new(u.as_ref(), delta.as_ref(), false).unwrap();
         assert!(max_diff(geodesic.point(u.as_ref(), 1.0).as_ref(), w.as_ref()) < 1e-9);
         assert!(max_diff(geodesic.point(u.as_ref(), 0.0).as_ref(), u.as_ref()) < 1e-14);
         // an inner point is on the manifold, and on the same geodesic: its logarithm is f·Δ
@@ -821,6 +924,10 @@ mod tests {
         assert!(max_diff((middle.transpose() * &middle).as_ref(), identity.as_ref()) < 1e-13);
         let partial = log_stiefel(u.as_ref(), middle.as_ref(), 1e-12, 100).unwrap();
         assert!(max_diff(partial.as_ref(), (&delta * faer::Scale(0.3)).as_ref()) < 1e-9);
+        // stored in float32 (a cache of a float32 merge): the same points to that precision
+        let single = StiefelGeodesic::new(u.as_ref(), delta.as_ref(), true).unwrap();
+        assert!(max_diff(single.point(u.as_ref(), 0.3).as_ref(), middle.as_ref()) < 1e-6);
+        assert!(2 * single.bytes() < geodesic.bytes() + 64);
     }
 
     #[test]
