@@ -102,6 +102,8 @@ export interface FileInfo {
   path: string
   fileBytes: number
   headerBytes: number
+  /** The files holding the data: the file itself, or a sharded checkpoint's shards. */
+  files: Array<string>
   /** Tensors in file order. */
   tensors: Array<TensorInfo>
   metadata: Record<string, string>
@@ -256,6 +258,8 @@ export interface NativeMergeOptions {
    * physical memory, at most 4 GiB).
    */
   memoryBudget?: number
+  /** Write `output` as a sharded checkpoint (a folder) of shards of at most this many bytes. */
+  maxShardBytes?: number
   /** Write a file with no tensors when no key can be produced (default false: an error). */
   allowEmpty?: boolean
   /** List input keys outside the output's config among the skipped keys (default true). */
@@ -372,6 +376,8 @@ export interface TensorInfo {
   /** Byte offsets from the start of the file. */
   start: number
   bytes: number
+  /** Which of `FileInfo.files` holds it. */
+  shard: number
 }
 
 export interface TensorSpec {

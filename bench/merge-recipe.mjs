@@ -31,5 +31,7 @@ console.log(
     memoryBudget: report.memoryBudget,
     overBudget: report.overBudget.length,
     cacheBytes: cache.bytes,
+    cacheEntries: cache.entries,
+    cacheLimit: cache.limitBytes,
   }),
 )

@@ -187,4 +187,9 @@ if (withReference) {
 console.log(
   `memory budget ${(runs[0].report.memoryBudget / 2 ** 20).toFixed(0)} MiB, ${runs[0].report.overBudget} key(s) over it`,
 )
+const { cacheBytes, cacheEntries, cacheLimit } = runs[0].report
+console.log(
+  `MergeCache after the merges: ${(cacheBytes / 2 ** 20).toFixed(0)} MiB in ${cacheEntries} entries ` +
+    `(limit ${(cacheLimit / 2 ** 20).toFixed(0)} MiB)`,
+)
 console.log(`\ncommand: node bench/recipe-bench.mjs ${process.argv.slice(2).join(' ')}`)

@@ -39,7 +39,7 @@ export type {
   Seed,
   TiesExtendedOptions,
 } from './wrappers'
-export { merge, MergeCache, MergedModel } from './merge'
+export { merge, MergeCache, MergedModel, parseShardSize } from './merge'
 export type { ChosenSeed, EmbedRecipe, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
 export { serialize, deserialize } from './serialize'
 export { plan } from './plan'

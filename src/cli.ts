@@ -8,7 +8,7 @@ import { convert } from './convert'
 import { MechaError, native as callNative } from './errors'
 import { inspect } from './inspect'
 import { bakeLoras, extractLora, type LoraEntry } from './lora'
-import { mergeWire, parseBytes, type EmbedRecipe, type MergeReport, type Progress } from './merge'
+import { mergeWire, parseBytes, parseShardSize, type EmbedRecipe, type MergeReport, type Progress } from './merge'
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
 import type { DtypeName } from './dtypes'
@@ -65,10 +65,15 @@ function writeOptions(of: string): string {
         '                               dtype when all its float tensors share one, else f16)',
       false,
     ),
+    SHARD_OPTION,
     '      --json                   print the report as JSON',
     '  -q, --quiet                  no progress bar',
   ].join('\n')
 }
+
+const SHARD_OPTION =
+  '      --max-shard-size <size>  write a sharded checkpoint: -o names a folder of shards of at most\n' +
+  '                               this size (e.g. 5GB; GB = 10^9 bytes, GiB = 2^30) and their index'
 
 /** What `mecha help <command>` and `mecha <command> --help` print. */
 const COMMAND_HELP: Record<string, string> = {
@@ -85,6 +90,7 @@ ${DTYPE_OPTIONS}
                                optional cannot be merged, instead of skipping it
       --embed-recipe <how>     the recipe stored in the output: relative (model paths as given;
                                default, as sd-mecha), absolute, or none
+${SHARD_OPTION}
       --json                   print the report as JSON
   -q, --quiet                  no progress bar
 `,
@@ -166,10 +172,12 @@ lora.safetensors:0.8 adds that LoRA with alpha 0.8 (negative subtracts it). Only
 Options:
 ${writeOptions('base')}
 `,
-  info: `Usage: mecha info <file.safetensors> [--json] [--keys]
+  info: `Usage: mecha info <file.safetensors|checkpoint folder|index.json> [--json] [--keys]
 
-Reads a safetensors header (no tensor data): tensor count, dtypes, metadata, the recipe that made
-the file, and the model config sd-mecha would infer with how much of each component is present.
+Reads a safetensors header (no tensor data): tensor count, dtypes, size, transformer layers,
+metadata, the recipe that made the file, and the model config sd-mecha would infer with how much
+of each component is present. A sharded checkpoint (its folder or .safetensors.index.json) is read
+as one model: every shard's header is checked against the index.
 
 Options:
       --json                   print everything as JSON
@@ -180,7 +188,16 @@ Options:
 type Flags = Record<string, string | true>
 
 /** The flags of the commands that write one model in another form (convert, lora bake). */
-const writeFlags = ['output', 'threads', 'merge-dtype', 'output-dtype', 'memory', 'json', 'quiet'] as const
+const writeFlags = [
+  'output',
+  'threads',
+  'merge-dtype',
+  'output-dtype',
+  'memory',
+  'max-shard-size',
+  'json',
+  'quiet',
+] as const
 
 /** The flags each command takes (`help` and `version` go anywhere). */
 const commandFlags: Record<string, readonly string[]> = {
@@ -194,6 +211,7 @@ const commandFlags: Record<string, readonly string[]> = {
     'fallback-model',
     'strict-mandatory-keys',
     'embed-recipe',
+    'max-shard-size',
     'json',
     'quiet',
   ],
@@ -220,7 +238,7 @@ const commandArgs: Record<string, readonly [what: string, most: number]> = {
   merge: ['one recipe file', 1],
   plan: ['one recipe file', 1],
   serialize: ['one recipe file', 1],
-  info: ['one safetensors file', 1],
+  info: ['one model (a file, or a sharded checkpoint)', 1],
   convert: ['one safetensors file', 1],
   'lora bake': ['a base model and LoRAs', Infinity],
   'lora extract': ['a base model and a tuned model', 2],
@@ -270,6 +288,7 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
     'output-dtype',
     'strict-merge-space',
     'memory',
+    'max-shard-size',
     'fallback-model',
     'embed-recipe',
     'rank',
@@ -404,6 +423,7 @@ interface WriteSettings {
   output: string
   threads: number
   memoryBudget: number | undefined
+  maxShardSize: number | undefined
 }
 
 function writeSettings(command: string, flags: Flags): WriteSettings {
@@ -411,7 +431,15 @@ function writeSettings(command: string, flags: Flags): WriteSettings {
   if (typeof output !== 'string') throw new UsageError(`${command} needs -o <out.safetensors>`)
   const threads = flags.threads === undefined ? 0 : Number(flags.threads)
   if (!Number.isInteger(threads) || threads < 0) throw new UsageError('--threads must be a non-negative integer')
-  return { output, threads, memoryBudget: memoryFlag(flags) }
+  const shard = flags['max-shard-size']
+  if (shard === true) throw new UsageError('--max-shard-size needs a size, e.g. 5GB')
+  let maxShardSize: number | undefined
+  try {
+    maxShardSize = shard === undefined ? undefined : parseShardSize(shard)
+  } catch (e) {
+    throw new UsageError((e as Error).message)
+  }
+  return { output, threads, memoryBudget: memoryFlag(flags), maxShardSize }
 }
 
 function wireOf(recipe: RecipeNode): { wire: string; objects: readonly (RecipeNode | undefined)[] } {
@@ -633,7 +661,12 @@ function cmdInfo(positional: string[], flags: Flags): number {
   }
   const { recipe, ...rest } = info
   console.log(info.path)
-  console.log(`  ${info.tensors.length} tensors, ${fmtBytes(info.fileBytes)} (header ${info.headerBytes} bytes)`)
+  const sharded = info.files.length > 1 ? `, in ${info.files.length} shards` : ''
+  console.log(
+    `  ${info.tensors.length} tensors, ${fmtBytes(info.dataBytes)} of data${sharded} ` +
+      `(${fmtBytes(info.fileBytes)} on disk, headers ${info.headerBytes} bytes)`,
+  )
+  if (info.layers !== null) console.log(`  layers: ${info.layers}`)
   console.log(
     `  dtypes: ${Object.entries(info.dtypes)
       .map(([d, n]) => `${d}×${n}`)

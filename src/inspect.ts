@@ -16,23 +16,37 @@ export interface TensorInfo {
   start: number
   /** Size of its data, in bytes. */
   bytes: number
+  /** Which of `FileInfo.files` holds it (0 unless the model is sharded). */
+  shard: number
 }
 
-/** What `inspect()` reads from a safetensors file's header: tensors, metadata and the model config they fit. */
+/**
+ * What `inspect()` reads from a safetensors file's header (or every shard's, for a sharded
+ * checkpoint): tensors, metadata and the model config they fit.
+ */
 export interface FileInfo {
   /** The path as given. */
   path: string
-  /** Size of the file, in bytes. */
+  /** The files holding the data: the file itself, or a sharded checkpoint's shards in order. */
+  files: string[]
+  /** Size of the file (of all shards together), in bytes. */
   fileBytes: number
-  /** Size of the JSON header, in bytes (not counting the 8-byte length before it). */
+  /** Size of the JSON header (all shards' together), in bytes, not counting the 8-byte lengths. */
   headerBytes: number
+  /** Bytes of tensor data (the sum of `tensors[].bytes`). */
+  dataBytes: number
+  /**
+   * Numbered blocks of a transformer stack (`model.layers.N.…`, `h.N.…`, `blocks.N.…`): how many,
+   * or `null` when the keys have none (image models number their blocks differently).
+   */
+  layers: number | null
   /** Tensors in file order. */
   tensors: TensorInfo[]
   /** The header's `__metadata__` entries (e.g. `mecha_recipe`); empty when there are none. */
   metadata: Record<string, string>
   /** Count of tensors per dtype. */
   dtypes: Partial<Record<SafetensorsDtype, number>>
-  /** The `.mecha` recipe that produced the file, when it was made by sd-mecha or this library. */
+  /** The `.mecha` recipe that produced the file, when it was made by sd-mecha or this library (or a shard's metadata has it). */
   recipe?: string
   /** The model config sd-mecha's rules infer from the keys; `null` for an unknown architecture. */
   config: string | null
@@ -60,7 +74,11 @@ export interface ComponentCoverage {
   optionalMissing: number
 }
 
-/** Reads and validates a safetensors header. Throws `SafetensorsError` for invalid files. */
+/**
+ * Reads and validates a safetensors header: a `.safetensors` file, or a sharded checkpoint (its
+ * `*.safetensors.index.json` or its folder), whose shards' headers are all read and checked
+ * against the index. Throws `SafetensorsError` for invalid files.
+ */
 export function inspect(path: string): FileInfo {
   const info = callNative(() => native.inspect(path))
   const tensors = info.tensors as TensorInfo[]
@@ -72,6 +90,8 @@ export function inspect(path: string): FileInfo {
   return {
     ...info,
     tensors,
+    dataBytes: tensors.reduce((sum, t) => sum + t.bytes, 0),
+    layers: countLayers(tensors),
     dtypes,
     recipe: info.metadata['mecha_recipe'],
     config,
@@ -79,6 +99,16 @@ export function inspect(path: string): FileInfo {
     components,
     keysOutsideConfig,
   }
+}
+
+/** How many numbered transformer blocks the keys hold (`…layers.N.…`, `…h.N.…`, `…blocks.N.…`). */
+function countLayers(tensors: readonly TensorInfo[]): number | null {
+  const found = new Set<string>()
+  for (const t of tensors) {
+    const m = /(?:^|\.)(?:layers|h|blocks)\.(\d+)\./.exec(t.name)
+    if (m) found.add(m[1])
+  }
+  return found.size === 0 ? null : found.size
 }
 
 /** How much of each component of `config` the tensors cover. */

@@ -38,8 +38,21 @@ export interface Progress {
 
 /** Options of `merge()`, sd-mecha's `merge()` keywords in camelCase plus engine settings; every one is optional. */
 export interface MergeOptions {
-  /** Output safetensors path. Omit to get the tensors back in memory. */
+  /**
+   * Output safetensors path (with `maxShardSize`, a folder). Omit to get the tensors back in
+   * memory.
+   */
   output?: string
+  /**
+   * Write `output` as a Hugging Face sharded checkpoint: a folder of shards of at most this size
+   * (`model-00001-of-0000N.safetensors`, filled in key order as `transformers`' `save_pretrained`
+   * does) and `model.safetensors.index.json`; a model that fits in one shard is written as
+   * `model.safetensors` alone. A number of bytes, or a size as `transformers` writes it: `'5GB'`
+   * (10⁹ bytes), `'500MB'`, `'2GiB'` (2³⁰ bytes). All shards and the index appear together when
+   * the merge completes, or none do. The folder must be new, empty, or hold a checkpoint written
+   * before (which is replaced whole).
+   */
+  maxShardSize?: number | string
   /** Worker threads; 0 (default) = one per CPU. Output is identical for any count. */
   threads?: number
   /** Precision arithmetic runs in: `'f32'` (default), `'f64'`, or `'f16'`/`'bf16'` (rounded after every step). */
@@ -145,6 +158,22 @@ export class MergeCache {
   }
 }
 
+/**
+ * Parses a shard size as `transformers` does: a number of bytes, or digits with KB/MB/GB/TB
+ * (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024).
+ */
+export function parseShardSize(size: number | string): number {
+  if (typeof size === 'number') return parseBytes(size, 'maxShardSize')
+  const m = typeof size === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b)?\s*$/i.exec(size) : null
+  if (!m)
+    throw new OptionError(
+      `maxShardSize: ${JSON.stringify(size)} is not a size; use bytes or a number with KB, MB, GB, TB ` +
+        `(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. '5GB'`,
+    )
+  const power = m[2] === undefined ? 0 : 'kmgt'.indexOf(m[2].toLowerCase()) + 1
+  return parseBytes(Math.floor(Number(m[1]) * (m[3] ? 1024 : 1000) ** power), 'maxShardSize')
+}
+
 /** Parses a byte size: a number, or digits with an optional K/M/G/T suffix (binary units). */
 export function parseBytes(size: number | string, what = 'size'): number {
   if (typeof size === 'number') {
@@ -246,6 +275,7 @@ const mergeOptionNames = [
   'checkExtraKeys',
   'strictMandatoryKeys',
   'embedRecipe',
+  'maxShardSize',
 ] as const
 
 /** The options `plan()` takes (a subset of `merge()`'s). */
@@ -297,6 +327,11 @@ export function checkMergeOptions(options: unknown, what: string, names: readonl
     'a model path or a recipe node',
   )
   if (o.memoryBudget !== undefined) parseBytes(o.memoryBudget as number | string, 'memoryBudget')
+  if (o.maxShardSize !== undefined) {
+    if (o.output === undefined)
+      throw new OptionError(`${what}: maxShardSize needs output (the folder to write the shards to)`)
+    parseShardSize(o.maxShardSize as number | string)
+  }
 }
 
 function strictSpace(s: MergeSpace | null | undefined): string | undefined {
@@ -408,6 +443,7 @@ export async function mergeWire(
           embedRecipe: options.embedRecipe,
           memoryBudget:
             options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
+          maxShardBytes: options.maxShardSize === undefined ? undefined : parseShardSize(options.maxShardSize),
         },
         token,
         (options.cache ?? attachedCache(objects))?.handle ?? new native.MergeCache(0),
@@ -416,7 +452,9 @@ export async function mergeWire(
     )
     if (progressError) {
       // It may have thrown after the merge finished: the promise rejects, so no output stays.
-      if (!outcome.error && options.output !== undefined) rmSync(options.output, { force: true })
+      // (a sharded output is a folder this merge has just written whole)
+      if (!outcome.error && options.output !== undefined)
+        rmSync(options.output, { force: true, recursive: options.maxShardSize !== undefined })
       throw progressError.error
     }
     if (outcome.error) {

@@ -18,6 +18,8 @@ pub struct TensorInfo {
     /// Byte offsets from the start of the file.
     pub start: i64,
     pub bytes: i64,
+    /// Which of `FileInfo.files` holds it.
+    pub shard: u32,
 }
 
 #[napi(object)]
@@ -25,6 +27,8 @@ pub struct FileInfo {
     pub path: String,
     pub file_bytes: i64,
     pub header_bytes: i64,
+    /// The files holding the data: the file itself, or a sharded checkpoint's shards.
+    pub files: Vec<String>,
     /// Tensors in file order.
     pub tensors: Vec<TensorInfo>,
     pub metadata: HashMap<String, String>,
@@ -38,6 +42,7 @@ pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
         path,
         file_bytes: file.file_len() as i64,
         header_bytes: file.header_len() as i64,
+        files: file.files().iter().map(|p| p.display().to_string()).collect(),
         tensors: file
             .tensors()
             .iter()
@@ -47,6 +52,7 @@ pub fn inspect(env: Env, path: String) -> napi::Result<FileInfo> {
                 shape: e.shape.iter().map(|&d| d as i64).collect(),
                 start: e.start as i64,
                 bytes: e.byte_len as i64,
+                shard: e.shard as u32,
             })
             .collect(),
         metadata: file.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),

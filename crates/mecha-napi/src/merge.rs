@@ -223,6 +223,8 @@ pub struct NativeMergeOptions {
     /// Bytes of working memory keys computed at once may use together (default: a quarter of
     /// physical memory, at most 4 GiB).
     pub memory_budget: Option<f64>,
+    /// Write `output` as a sharded checkpoint (a folder) of shards of at most this many bytes.
+    pub max_shard_bytes: Option<f64>,
     /// Write a file with no tensors when no key can be produced (default false: an error).
     pub allow_empty: Option<bool>,
     /// List input keys outside the output's config among the skipped keys (default true).
@@ -366,9 +368,15 @@ fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_
             root_space: root_space(options.strict_merge_space),
             check_extra_keys: options.check_extra_keys.unwrap_or(true),
         },
-        output: match options.output {
-            Some(p) => OutputTarget::File(PathBuf::from(p)),
-            None => OutputTarget::Memory,
+        output: match (options.output, options.max_shard_bytes) {
+            (Some(_), Some(b)) if !(b.is_finite() && b >= 1.0) => {
+                return Err(mecha_core::MechaError::recipe(format!(
+                    "maxShardSize must be a positive number of bytes, got {b}"
+                )))
+            }
+            (Some(p), Some(b)) => OutputTarget::Sharded { folder: PathBuf::from(p), max_shard_bytes: b as u64 },
+            (Some(p), None) => OutputTarget::File(PathBuf::from(p)),
+            (None, _) => OutputTarget::Memory,
         },
         threads: options.threads.unwrap_or(0) as usize,
         host_context: options.context.unwrap_or(0) as u64,

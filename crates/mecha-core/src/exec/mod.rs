@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
+use crate::io::shards::{ensure_no_input_inside, ShardedWriter};
 use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
 use crate::recipe::seeds::{choose_seeds, ChosenSeed};
 use crate::recipe::Recipe;
@@ -23,7 +24,22 @@ use run::{ProgressSink, RunOptions, RunStats, TensorSink};
 #[derive(Clone, Debug)]
 pub enum OutputTarget {
     File(PathBuf),
+    /// A Hugging Face sharded checkpoint: a folder of shards of at most `max_shard_bytes` each
+    /// and their index (`io::shards`).
+    Sharded {
+        folder: PathBuf,
+        max_shard_bytes: u64,
+    },
     Memory,
+}
+
+impl OutputTarget {
+    pub fn path(&self) -> Option<&PathBuf> {
+        match self {
+            OutputTarget::File(p) | OutputTarget::Sharded { folder: p, .. } => Some(p),
+            OutputTarget::Memory => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +150,12 @@ impl TensorSink for SafetensorsWriter {
     }
 }
 
+impl TensorSink for ShardedWriter {
+    fn write(&self, key: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.write_at(key, offset, bytes)
+    }
+}
+
 struct MemorySink {
     buffers: Vec<Mutex<Vec<u8>>>,
 }
@@ -170,6 +192,7 @@ fn recipe_text(plan: &Plan, embed: EmbedRecipe) -> String {
 /// Where one pass of a merge wrote: a file not yet renamed into place, or buffers.
 enum Written {
     File(SafetensorsWriter),
+    Sharded(ShardedWriter),
     Memory(Vec<OutputTensor>),
 }
 
@@ -204,6 +227,15 @@ fn run_once(
             let writer = SafetensorsWriter::create(path, layout)?;
             let stats = run::run(plan, &writer, run_options)?;
             Ok((stats, Written::File(writer)))
+        }
+        OutputTarget::Sharded { folder, max_shard_bytes } => {
+            let inputs = plan.input_paths();
+            ensure_not_an_input(folder, &inputs)?;
+            ensure_no_input_inside(folder, &inputs)?;
+            let metadata = output_metadata(plan, seeds, options.embed_recipe);
+            let writer = ShardedWriter::create(folder, &planned_tensors(plan), &metadata, *max_shard_bytes)?;
+            let stats = run::run(plan, &writer, run_options)?;
+            Ok((stats, Written::Sharded(writer)))
         }
         OutputTarget::Memory => {
             let sink = MemorySink { buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect() };
@@ -330,13 +362,14 @@ pub fn merge(
             writer.commit()?;
             vec![]
         }
+        Written::Sharded(writer) => {
+            writer.commit()?;
+            vec![]
+        }
         Written::Memory(tensors) => tensors,
     };
     let report = MergeReport {
-        output: match &options.output {
-            OutputTarget::File(p) => Some(p.clone()),
-            OutputTarget::Memory => None,
-        },
+        output: options.output.path().cloned(),
         keys_written: plan.keys.len(),
         keys_skipped: plan.skipped.clone(),
         non_finite_outputs: stats.non_finite_outputs.iter().map(|&k| plan.keys[k].name.clone()).collect(),

@@ -280,7 +280,7 @@ impl Plan {
     }
 
     pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.inputs().iter().map(|f| f.path().to_path_buf()).collect()
+        self.inputs().iter().flat_map(|f| f.files()).collect()
     }
 
     pub fn output_bytes(&self) -> u64 {

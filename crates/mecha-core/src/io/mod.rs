@@ -2,4 +2,5 @@
 
 pub mod memory;
 pub mod reader;
+pub mod shards;
 pub mod writer;

@@ -27,6 +27,8 @@ pub struct TensorEntry {
     /// Absolute byte offset of the tensor's data in the file.
     pub start: usize,
     pub byte_len: usize,
+    /// Which file of a sharded checkpoint holds it (0 for a single file).
+    pub shard: usize,
 }
 
 impl TensorEntry {
@@ -40,11 +42,15 @@ enum Backing {
     File(File),
     /// A whole file held in memory (a state dict given by the host application).
     Memory(Vec<u8>),
+    /// The files of a sharded checkpoint (`TensorEntry::shard` indexes them), each validated
+    /// as a file is.
+    Shards(Vec<(PathBuf, File)>),
 }
 
-/// An open, validated safetensors file.
+/// An open, validated safetensors file, or a sharded checkpoint read as one state dict.
 pub struct SafetensorsFile {
-    /// The file's path, or the label of an in-memory file.
+    /// The file's path, the folder or index of a sharded checkpoint, or the label of an
+    /// in-memory file.
     path: PathBuf,
     backing: Backing,
     file_len: usize,
@@ -61,7 +67,59 @@ impl std::fmt::Debug for SafetensorsFile {
 }
 
 impl SafetensorsFile {
+    /// Opens a `.safetensors` file, or a sharded checkpoint: its `*.safetensors.index.json`, or
+    /// a folder holding one (or holding a single `.safetensors` file). See `io::shards`.
     pub fn open(path: &Path) -> Result<Self> {
+        match super::shards::locate(path)? {
+            super::shards::Located::File(file) => Self::open_file(&file),
+            super::shards::Located::Index(index) => super::shards::open_sharded(path, &index),
+        }
+    }
+
+    /// The shards of a checkpoint as one state dict (`io::shards` has checked that they agree
+    /// with the index).
+    pub(super) fn from_shards(
+        path: &Path,
+        shards: Vec<SafetensorsFile>,
+        tensors: IndexMap<String, TensorEntry>,
+        metadata: BTreeMap<String, String>,
+    ) -> SafetensorsFile {
+        let file_len = shards.iter().map(|s| s.file_len).sum();
+        let header_len = shards.iter().map(|s| s.header_len).sum();
+        let files = shards
+            .into_iter()
+            .map(|s| match s.backing {
+                Backing::File(f) => (s.path, f),
+                _ => unreachable!("shards are opened from files"),
+            })
+            .collect();
+        SafetensorsFile {
+            path: path.to_path_buf(),
+            backing: Backing::Shards(files),
+            file_len,
+            header_len,
+            tensors,
+            metadata,
+        }
+    }
+
+    /// The files the data is read from: the file itself, or every shard.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match &self.backing {
+            Backing::Shards(shards) => shards.iter().map(|(p, _)| p.clone()).collect(),
+            _ => vec![self.path.clone()],
+        }
+    }
+
+    /// How many files hold the data (1 unless sharded).
+    pub fn shard_count(&self) -> usize {
+        match &self.backing {
+            Backing::Shards(shards) => shards.len(),
+            _ => 1,
+        }
+    }
+
+    pub(super) fn open_file(path: &Path) -> Result<Self> {
         // Checked before opening: opening a FIFO blocks until a writer appears.
         refuse_non_regular(path)?;
         let file = File::open(path).map_err(|e| {
@@ -157,8 +215,9 @@ impl SafetensorsFile {
     pub fn read(&self, entry: &TensorEntry, offset: usize, out: &mut [u8]) -> Result<()> {
         debug_assert!(offset + out.len() <= entry.byte_len);
         let at = entry.start + offset;
-        let file = match &self.backing {
-            Backing::File(file) => file,
+        let (file, path) = match &self.backing {
+            Backing::File(file) => (file, &self.path),
+            Backing::Shards(shards) => (&shards[entry.shard].1, &shards[entry.shard].0),
             Backing::Memory(bytes) => {
                 // Entries were validated against the buffer's length when it was opened.
                 out.copy_from_slice(&bytes[at..at + out.len()]);
@@ -167,7 +226,7 @@ impl SafetensorsFile {
         };
         read_exact_at(file, out, at as u64).map_err(|e| {
             MechaError::safetensors(
-                &self.path,
+                path,
                 format!("reading tensor data failed ({e}); was the file changed or truncated during the merge?"),
             )
         })
@@ -212,7 +271,13 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         let (begin, end) = info.data_offsets;
         tensors.insert(
             name,
-            TensorEntry { dtype, shape: info.shape.clone(), start: 8 + header_len + begin, byte_len: end - begin },
+            TensorEntry {
+                dtype,
+                shape: info.shape.clone(),
+                start: 8 + header_len + begin,
+                byte_len: end - begin,
+                shard: 0,
+            },
         );
     }
     let metadata =
@@ -287,7 +352,10 @@ fn refuse_non_regular(path: &Path) -> Result<()> {
     };
     Err(MechaError::safetensors(
         path,
-        format!("is {what}, not a safetensors file; give the path of a .safetensors file"),
+        format!(
+            "is {what}, not a safetensors file; give the path of a .safetensors file (or of a sharded \
+             checkpoint's folder or .safetensors.index.json)"
+        ),
     ))
 }
 

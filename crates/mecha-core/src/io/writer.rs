@@ -144,8 +144,7 @@ impl SafetensorsWriter {
             }
         }
         remove_stale_partials(&dir);
-        let temp =
-            dir.join(format!(".{}.{}-{}.partial", file_name.to_string_lossy(), std::process::id(), unique_suffix()));
+        let temp = dir.join(partial_name(&file_name.to_string_lossy()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -206,11 +205,17 @@ impl Drop for SafetensorsWriter {
     }
 }
 
-/// Temporary files of merges that were killed (SIGKILL, power loss) cannot clean up after
-/// themselves; the next merge into the folder removes them. A file is stale when the process
-/// named in it (`.<name>.<pid>-<n>.partial`) is gone and it has not been written to for a
-/// minute (so a live merge in another PID namespace sharing the folder is left alone).
-fn remove_stale_partials(dir: &Path) {
+/// The temporary name an output is built under, next to it: `.<name>.<pid>-<n>.partial`.
+pub(crate) fn partial_name(file_name: &str) -> String {
+    format!(".{file_name}.{}-{}.partial", std::process::id(), unique_suffix())
+}
+
+/// Temporary files (and sharded outputs' folders) of merges that were killed (SIGKILL, power
+/// loss) cannot clean up after themselves; the next merge into the folder removes them. One is
+/// stale when the process named in it (`.<name>.<pid>-<n>.partial`) is gone and it has not been
+/// written to for a minute (so a live merge in another PID namespace sharing the folder is left
+/// alone).
+pub(crate) fn remove_stale_partials(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -222,7 +227,11 @@ fn remove_stale_partials(dir: &Path) {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > std::time::Duration::from_secs(60));
         if pid != std::process::id() && idle && !process_alive(pid) {
-            let _ = std::fs::remove_file(entry.path());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            } else {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 }
