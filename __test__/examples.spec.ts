@@ -7,8 +7,19 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node
 import { join, relative } from 'node:path'
 import { promisify } from 'node:util'
 
-import { configs, writeRandomModel } from '../dist/index.js'
-import { f16Value, randomValues, stored, tempDir, writeSafetensors, type TestTensor } from './helpers.ts'
+import { configs, merge, model, toFloat32, writeRandomModel } from '../dist/index.js'
+import {
+  bf16Bits,
+  bf16Value,
+  f16Value,
+  qwenTensors,
+  randomValues,
+  stored,
+  tempDir,
+  writeCheckpoint,
+  writeSafetensors,
+  type TestTensor,
+} from './helpers.ts'
 
 const root = join(import.meta.dirname, '..')
 const examplesDir = join(root, 'examples')
@@ -234,6 +245,15 @@ const out = (name: string) => join(dir, name)
 // ---------------------------------------------------------------------------------------------
 
 type Check = (t: ExecutionContext) => Promise<void>
+
+/** A Qwen2-layout checkpoint of `shards` files (helpers' `qwenTensors`), and its values. */
+function qwenCheckpoint(name: string, seed: number, shards: number) {
+  const folder = join(dir, name)
+  const tensors = qwenTensors(seed)
+  writeCheckpoint(folder, tensors, shards)
+  const values = new Map(Object.entries(tensors).map(([k, t]) => [k, t.values]))
+  return { folder, values, count: values.size }
+}
 
 const checks: Record<string, Check> = {
   'readme.mts': async (t) => {
@@ -566,6 +586,33 @@ const checks: Record<string, Check> = {
       'head.bias',
       1e-6,
     )
+  },
+
+  'guide/llm-checkpoints.mts': async (t) => {
+    const [a, b] = [qwenCheckpoint('qwen-a', 1, 2), qwenCheckpoint('qwen-b', 2, 3)]
+    const merged = out('qwen-merged')
+    const r = await example(
+      'guide/llm-checkpoints.mts',
+      a.folder,
+      b.folder,
+      '--out',
+      merged,
+      '--max-shard-size',
+      '200B',
+    )
+    const lines = r.stdout.trimEnd().split('\n')
+    const bytes = (c: typeof a) => [...c.values.values()].reduce((n, v) => n + 2 * v.length, 0)
+    t.is(lines[0], `${a.folder}: ${a.count} tensors in 2 file(s), 2 layers, ${bytes(a)} bytes, config structural`)
+    t.is(lines[1], `${b.folder}: ${b.count} tensors in 3 file(s), 2 layers, ${bytes(b)} bytes, config structural`)
+    const written = readdirSync(merged).sort()
+    t.true(written.length > 3)
+    t.is(lines[2], `wrote ${a.count} keys to ${merged}: ${written.join(' ')}`)
+    // the sharded output reads back as one model: (a + b) / 2, rounded to bf16
+    const back = await merge(model(merged), { outputDtype: 'f32' })
+    for (const [k, va] of a.values) {
+      const expected = va.map((x, i) => bf16Value(bf16Bits(x + 0.5 * (b.values.get(k)![i] - x))))
+      close(t, [...toFloat32(back.get(k)!)], expected, k, 8e-3) // one bf16 step at most
+    }
   },
 
   'guide/lora.mts': async (t) => {

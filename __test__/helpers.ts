@@ -1,6 +1,6 @@
 // Test helpers written independently of the library: a safetensors writer and f16/bf16
 // encoders in plain JavaScript, so outputs are checked against a separate implementation.
-import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -120,4 +120,57 @@ export function twoSmallModels() {
   writeSafetensors(a, { w: { dtype: 'F32', shape: [2], values: [1, 2] } })
   writeSafetensors(b, { w: { dtype: 'F32', shape: [2], values: [3, 4] } })
   return { dir, a, b }
+}
+
+/** Qwen2's keys and shapes for two decoder layers of a tiny model (hidden 8, MLP 16, vocabulary 20). */
+export function qwenLayout(): [string, number[]][] {
+  const shapes: [string, number[]][] = [['model.embed_tokens.weight', [20, 8]]]
+  for (const i of [0, 1]) {
+    for (const [name, shape] of [
+      ['input_layernorm.weight', [8]],
+      ['self_attn.q_proj.weight', [8, 8]],
+      ['self_attn.q_proj.bias', [8]],
+      ['self_attn.k_proj.weight', [4, 8]],
+      ['self_attn.v_proj.weight', [4, 8]],
+      ['self_attn.o_proj.weight', [8, 8]],
+      ['post_attention_layernorm.weight', [8]],
+      ['mlp.gate_proj.weight', [16, 8]],
+      ['mlp.up_proj.weight', [16, 8]],
+      ['mlp.down_proj.weight', [8, 16]],
+    ] as [string, number[]][])
+      shapes.push([`model.layers.${i}.${name}`, shape])
+  }
+  shapes.push(['model.norm.weight', [8]], ['lm_head.weight', [20, 8]])
+  return shapes
+}
+
+/** `qwenLayout()` with random BF16 values (as stored, so they read back exactly). */
+export function qwenTensors(seed: number): Record<string, TestTensor> {
+  return Object.fromEntries(
+    qwenLayout().map(([k, shape], i) => {
+      const values = randomValues(
+        seed * 100 + i,
+        shape.reduce((a, b) => a * b, 1),
+      ).map((v) => stored('BF16', v))
+      return [k, { dtype: 'BF16', shape, values }]
+    }),
+  )
+}
+
+/**
+ * Writes tensors as a Hugging Face sharded checkpoint in `folder`: `shards` files named as
+ * `save_pretrained` names them, and `model.safetensors.index.json`.
+ */
+export function writeCheckpoint(folder: string, tensors: Record<string, TestTensor>, shards: number): void {
+  mkdirSync(folder, { recursive: true })
+  const names = Object.keys(tensors)
+  const per = Math.ceil(names.length / shards)
+  const weightMap: Record<string, string> = {}
+  for (let s = 0; s < shards; s++) {
+    const file = `model-${String(s + 1).padStart(5, '0')}-of-${String(shards).padStart(5, '0')}.safetensors`
+    const part = names.slice(s * per, (s + 1) * per)
+    writeSafetensors(join(folder, file), Object.fromEntries(part.map((n) => [n, tensors[n]])))
+    for (const n of part) weightMap[n] = file
+  }
+  writeFileSync(join(folder, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: weightMap }))
 }

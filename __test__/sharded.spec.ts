@@ -17,59 +17,12 @@ import {
   toFloat32,
   weightedSum,
 } from '../dist/index.js'
-import { files, randomValues, tempDir, writeSafetensors, type TestTensor } from './helpers.ts'
+import { files, qwenTensors, tempDir, writeCheckpoint, writeSafetensors } from './helpers.ts'
 
 const cli = fileURLToPath(new URL('../dist/cli.js', import.meta.url))
 const mecha = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' })
 
-/** Qwen2's keys for two decoder layers, hidden size 8, in BF16. */
-function qwen(seed: number): Record<string, TestTensor> {
-  const shapes: [string, number[]][] = [['model.embed_tokens.weight', [20, 8]]]
-  for (const i of [0, 1]) {
-    for (const [name, shape] of [
-      ['input_layernorm.weight', [8]],
-      ['self_attn.q_proj.weight', [8, 8]],
-      ['self_attn.q_proj.bias', [8]],
-      ['self_attn.k_proj.weight', [4, 8]],
-      ['self_attn.v_proj.weight', [4, 8]],
-      ['self_attn.o_proj.weight', [8, 8]],
-      ['post_attention_layernorm.weight', [8]],
-      ['mlp.gate_proj.weight', [16, 8]],
-      ['mlp.up_proj.weight', [16, 8]],
-      ['mlp.down_proj.weight', [8, 16]],
-    ] as [string, number[]][])
-      shapes.push([`model.layers.${i}.${name}`, shape])
-  }
-  shapes.push(['model.norm.weight', [8]], ['lm_head.weight', [20, 8]])
-  return Object.fromEntries(
-    shapes.map(([k, shape], i) => [
-      k,
-      {
-        dtype: 'BF16',
-        shape,
-        values: randomValues(
-          seed * 100 + i,
-          shape.reduce((a, b) => a * b, 1),
-        ),
-      },
-    ]),
-  )
-}
-
-/** The tensors of `qwen(seed)` written as a checkpoint of `shards` files with its index. */
-function writeCheckpoint(folder: string, tensors: Record<string, TestTensor>, shards: number): void {
-  mkdirSync(folder, { recursive: true })
-  const names = Object.keys(tensors)
-  const per = Math.ceil(names.length / shards)
-  const weightMap: Record<string, string> = {}
-  for (let s = 0; s < shards; s++) {
-    const file = `model-${String(s + 1).padStart(5, '0')}-of-${String(shards).padStart(5, '0')}.safetensors`
-    const part = names.slice(s * per, (s + 1) * per)
-    writeSafetensors(join(folder, file), Object.fromEntries(part.map((n) => [n, tensors[n]])))
-    for (const n of part) weightMap[n] = file
-  }
-  writeFileSync(join(folder, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: weightMap }))
-}
+const qwen = qwenTensors
 
 test('a sharded checkpoint is a model: its folder or its index, merged with single files', async (t) => {
   const dir = tempDir()
@@ -145,7 +98,8 @@ test('shard sizes are read as transformers reads them, and bad ones are refused'
   t.is(parseShardSize('10kb'), 1e4)
   t.is(parseShardSize(4096), 4096)
   t.is(parseShardSize('4096'), 4096)
-  for (const bad of ['5 gigs', '-1GB', '0', 'GB', '1.5XB'])
+  t.is(parseShardSize('200B'), 200)
+  for (const bad of ['5 gigs', '-1GB', '0', 'GB', '1.5XB', '5G', '2KiBB'])
     t.throws(() => parseShardSize(bad), { instanceOf: OptionError })
   const dir = tempDir()
   const a = join(dir, 'a.safetensors')

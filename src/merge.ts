@@ -164,10 +164,10 @@ export class MergeCache {
  */
 export function parseShardSize(size: number | string): number {
   if (typeof size === 'number') return parseBytes(size, 'maxShardSize')
-  const m = typeof size === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b)?\s*$/i.exec(size) : null
+  const m = typeof size === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b|b)?\s*$/i.exec(size) : null
   if (!m)
     throw new OptionError(
-      `maxShardSize: ${JSON.stringify(size)} is not a size; use bytes or a number with KB, MB, GB, TB ` +
+      `maxShardSize: ${JSON.stringify(size)} is not a size; use bytes (200 or '200B') or a number with KB, MB, GB, TB ` +
         `(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. '5GB'`,
     )
   const power = m[2] === undefined ? 0 : 'kmgt'.indexOf(m[2].toLowerCase()) + 1

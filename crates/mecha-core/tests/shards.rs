@@ -251,6 +251,12 @@ fn sharded_outputs_appear_whole_or_not_at_all() {
     let options = MergeOptions { output: OutputTarget::File(shard.clone()), ..MergeOptions::default() };
     let e = expect_err(try_run(weighted(&inputs, &b, 0.5), &options));
     assert!(e.message.contains("one of the merge's inputs"), "{e}");
+    // nor its index
+    let index = inputs.join("model.safetensors.index.json");
+    let options = MergeOptions { output: OutputTarget::File(index.clone()), ..MergeOptions::default() };
+    let e = expect_err(try_run(weighted(&inputs, &b, 0.5), &options));
+    assert!(e.message.contains("one of the merge's inputs"), "{e}");
+    assert_eq!(listing(&inputs).len(), 3, "the checkpoint is untouched");
 }
 
 #[test]

@@ -279,8 +279,11 @@ impl Plan {
         &self.finalized.inputs
     }
 
+    /// Every file an input is read from (a sharded checkpoint's shards and index too): what an
+    /// output must not overwrite.
     pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.inputs().iter().flat_map(|f| f.files()).collect()
+        let index = |f: &SafetensorsFile| f.index_path().map(std::path::Path::to_path_buf);
+        self.inputs().iter().flat_map(|f| f.files().into_iter().chain(index(f))).collect()
     }
 
     pub fn output_bytes(&self) -> u64 {

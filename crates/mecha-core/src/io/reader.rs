@@ -44,7 +44,10 @@ enum Backing {
     Memory(Vec<u8>),
     /// The files of a sharded checkpoint (`TensorEntry::shard` indexes them), each validated
     /// as a file is.
-    Shards(Vec<(PathBuf, File)>),
+    Shards {
+        index: PathBuf,
+        files: Vec<(PathBuf, File)>,
+    },
 }
 
 /// An open, validated safetensors file, or a sharded checkpoint read as one state dict.
@@ -80,6 +83,7 @@ impl SafetensorsFile {
     /// with the index).
     pub(super) fn from_shards(
         path: &Path,
+        index: &Path,
         shards: Vec<SafetensorsFile>,
         tensors: IndexMap<String, TensorEntry>,
         metadata: BTreeMap<String, String>,
@@ -93,20 +97,22 @@ impl SafetensorsFile {
                 _ => unreachable!("shards are opened from files"),
             })
             .collect();
-        SafetensorsFile {
-            path: path.to_path_buf(),
-            backing: Backing::Shards(files),
-            file_len,
-            header_len,
-            tensors,
-            metadata,
+        let backing = Backing::Shards { index: index.to_path_buf(), files };
+        SafetensorsFile { path: path.to_path_buf(), backing, file_len, header_len, tensors, metadata }
+    }
+
+    /// The index of a sharded checkpoint (an output must not overwrite it either).
+    pub fn index_path(&self) -> Option<&Path> {
+        match &self.backing {
+            Backing::Shards { index, .. } => Some(index),
+            _ => None,
         }
     }
 
     /// The files the data is read from: the file itself, or every shard.
     pub fn files(&self) -> Vec<PathBuf> {
         match &self.backing {
-            Backing::Shards(shards) => shards.iter().map(|(p, _)| p.clone()).collect(),
+            Backing::Shards { files, .. } => files.iter().map(|(p, _)| p.clone()).collect(),
             _ => vec![self.path.clone()],
         }
     }
@@ -114,7 +120,7 @@ impl SafetensorsFile {
     /// How many files hold the data (1 unless sharded).
     pub fn shard_count(&self) -> usize {
         match &self.backing {
-            Backing::Shards(shards) => shards.len(),
+            Backing::Shards { files, .. } => files.len(),
             _ => 1,
         }
     }
@@ -217,7 +223,7 @@ impl SafetensorsFile {
         let at = entry.start + offset;
         let (file, path) = match &self.backing {
             Backing::File(file) => (file, &self.path),
-            Backing::Shards(shards) => (&shards[entry.shard].1, &shards[entry.shard].0),
+            Backing::Shards { files, .. } => (&files[entry.shard].1, &files[entry.shard].0),
             Backing::Memory(bytes) => {
                 // Entries were validated against the buffer's length when it was opened.
                 out.copy_from_slice(&bytes[at..at + out.len()]);

@@ -198,7 +198,7 @@ pub fn open_sharded(path: &Path, index: &Path) -> Result<SafetensorsFile> {
     for (k, v) in index_metadata {
         metadata.entry(k).or_insert(v);
     }
-    Ok(SafetensorsFile::from_shards(path, shards, tensors, metadata))
+    Ok(SafetensorsFile::from_shards(path, index, shards, tensors, metadata))
 }
 
 /// How tensors are split into shards: greedily in plan order, a new shard when the next tensor
