@@ -112,6 +112,27 @@ export interface FileInfo {
 /** The model config sd-mecha's rules infer for a file, or `null` for an unknown architecture. */
 export declare function inferConfig(path: string): string | null
 
+/** One input of the merge, as recorded and as found now. */
+export interface InputCheckInfo {
+  model: string
+  /** The file the model path resolves to now. */
+  path?: string
+  /** The hash the merge recorded, if it recorded this input. */
+  recorded?: string
+  /** The hash of the file found now, if the recipe reads it. */
+  found?: string
+  matches: boolean
+}
+
+/** The content hash of one input file (xxh3-128 over its header and the tensor bytes read). */
+export interface InputHashInfo {
+  /** The model path as the recipe gives it. */
+  model: string
+  /** The file it was read from. */
+  path: string
+  hash: string
+}
+
 /** Reads and validates a safetensors header. */
 export declare function inspect(path: string): FileInfo
 
@@ -207,6 +228,8 @@ export interface MergeReportInfo {
   overBudget: Array<string>
   recipe: string
   seeds: Array<ChosenSeedInfo>
+  /** Content hash of each input file, as recorded in the output's `mecha_inputs`. */
+  inputHashes: Array<InputHashInfo>
 }
 
 export interface MethodInfo {
@@ -268,6 +291,13 @@ export interface NativeMergeOptions {
   strictMandatoryKeys?: boolean
   /** What the output's `mecha_recipe` records: `relative` (paths as given; default), `absolute`, `none`. */
   embedRecipe?: string
+}
+
+export interface NativeVerifyOptions {
+  /** Worker threads; 0 or absent = one per CPU. */
+  threads?: number
+  /** Bytes of working memory (default: as a merge). */
+  memoryBudget?: number
 }
 
 export interface OutputTensorInfo {
@@ -385,6 +415,27 @@ export interface TensorSpec {
   /** safetensors or torch dtype name. */
   dtype: string
   shape: Array<number>
+}
+
+/** Merges the recipe a file records again, on its own thread, and compares every tensor. */
+export declare function verify(path: string, options: NativeVerifyOptions): Promise<VerifyOutcome>
+
+export interface VerifyOutcome {
+  report?: VerifyReportInfo
+  error?: ErrorInfo
+}
+
+export interface VerifyReportInfo {
+  reproducible: boolean
+  problems: Array<string>
+  inputs: Array<InputCheckInfo>
+  keysCompared: number
+  differingKeys: Array<string>
+  missingKeys: Array<string>
+  recordedEngine?: string
+  engine: string
+  recipe: string
+  seconds: number
 }
 
 /** Writes a safetensors file of deterministic pseudo-random values with the given layout. */

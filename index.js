@@ -857,4 +857,5 @@ module.exports.registerMethod = nativeBinding.registerMethod
 module.exports.releaseMemoryModel = nativeBinding.releaseMemoryModel
 module.exports.serialize = nativeBinding.serialize
 module.exports.simdPath = nativeBinding.simdPath
+module.exports.verify = nativeBinding.verify
 module.exports.writeRandomModel = nativeBinding.writeRandomModel

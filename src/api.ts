@@ -40,7 +40,9 @@ export type {
   TiesExtendedOptions,
 } from './wrappers'
 export { merge, MergeCache, MergedModel, parseShardSize } from './merge'
-export type { ChosenSeed, EmbedRecipe, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
+export type { ChosenSeed, EmbedRecipe, InputHash, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
+export { verify } from './verify'
+export type { InputCheck, VerifyOptions, VerifyReport } from './verify'
 export { serialize, deserialize } from './serialize'
 export { plan } from './plan'
 export { convert } from './convert'

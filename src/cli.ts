@@ -11,6 +11,7 @@ import { bakeLoras, extractLora, type LoraEntry } from './lora'
 import { mergeWire, parseBytes, parseShardSize, type EmbedRecipe, type MergeReport, type Progress } from './merge'
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
+import { verify } from './verify'
 import type { DtypeName } from './dtypes'
 import { model, toWireWithNodes, type MergeSpace, type RecipeNode, type WireRecipe } from './recipe'
 
@@ -27,6 +28,8 @@ Usage:
   mecha plan <recipe> [--json]              dry run: configs, spaces, keys kept/skipped, memory
   mecha serialize <recipe> [-o out.mecha]   finalized .mecha text (configs inferred, paths absolute)
   mecha info <file.safetensors> [--json] [--keys]
+  mecha verify <merged.safetensors> [--json]
+                                            merge the recorded recipe again and compare
   mecha help <command>                      the options of one command
   mecha --help | --version
 
@@ -183,6 +186,20 @@ Options:
       --json                   print everything as JSON
       --keys                   also list every tensor with its dtype and shape
 `,
+  verify: `Usage: mecha verify <merged.safetensors|checkpoint folder> [options]
+
+Merges again the recipe a merged file records (mecha_recipe, with the seeds it chose and the
+options that change its bytes) from the inputs found now, and compares every tensor with the
+file's; nothing is written. The inputs' content hashes, computed while reading, are compared with
+those the merge recorded (mecha_inputs), and an input that changed is named. Relative model paths
+resolve as in a merge, from the current directory. Exits 0 when the file is reproduced exactly,
+1 when it is not.
+
+Options:
+  -t, --threads <n>            worker threads (default: one per CPU)
+      --memory <size>          memory budget for keys computed at once, e.g. 2G
+      --json                   print the report as JSON
+`,
 }
 
 type Flags = Record<string, string | true>
@@ -218,6 +235,7 @@ const commandFlags: Record<string, readonly string[]> = {
   plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
   serialize: ['output', 'strict-merge-space'],
   info: ['json', 'keys'],
+  verify: ['threads', 'memory', 'json'],
   convert: ['to', ...writeFlags],
   'lora bake': writeFlags,
   'lora extract': [
@@ -239,6 +257,7 @@ const commandArgs: Record<string, readonly [what: string, most: number]> = {
   plan: ['one recipe file', 1],
   serialize: ['one recipe file', 1],
   info: ['one model (a file, or a sharded checkpoint)', 1],
+  verify: ['one merged model (a file, or a sharded checkpoint)', 1],
   convert: ['one safetensors file', 1],
   'lora bake': ['a base model and LoRAs', Infinity],
   'lora extract': ['a base model and a tuned model', 2],
@@ -696,6 +715,33 @@ function cmdInfo(positional: string[], flags: Flags): number {
   return 0
 }
 
+async function cmdVerify(positional: string[], flags: Flags): Promise<number> {
+  const [path] = positional
+  if (!path) throw new UsageError('verify needs a merged safetensors file')
+  const threads = flags.threads === undefined ? undefined : Number(flags.threads)
+  const report = await verify(path, { threads, memoryBudget: memoryFlag(flags) })
+  if (flags.json) {
+    console.log(JSON.stringify(report, null, 2))
+    return report.reproducible ? 0 : 1
+  }
+  console.log(path)
+  const engine = report.recordedEngine ?? 'an unrecorded engine'
+  console.log(`  written by ${engine}; replayed with ${report.engine} in ${report.seconds.toFixed(1)} s`)
+  for (const input of report.inputs) {
+    const state = input.matches ? 'same' : input.recorded === undefined ? 'not recorded' : 'CHANGED'
+    console.log(`  input ${input.model}${input.path ? ` (${input.path})` : ''}: ${state}`)
+  }
+  const same = report.keysCompared - report.differingKeys.length
+  console.log(`  tensors: ${same} of ${report.keysCompared} identical`)
+  if (report.reproducible) {
+    console.log('reproducible: the recorded recipe gives the same bytes from the same inputs')
+    return 0
+  }
+  console.log('NOT reproducible:')
+  for (const problem of report.problems) console.log(`  - ${problem}`)
+  return 1
+}
+
 function commandHelp(command: string): string {
   const help = COMMAND_HELP[command]
   if (!help) throw new UsageError(`unknown command "${command}"; ${suggestion(command, commands)}`)
@@ -747,6 +793,8 @@ async function main(argv: string[]): Promise<number> {
       return cmdPlan(rest, flags)
     case 'serialize':
       return cmdSerialize(rest, flags)
+    case 'verify':
+      return cmdVerify(rest, flags)
     default:
       throw new UsageError(`unknown command "${command}"; ${suggestion(command, commands)}`)
   }

@@ -235,6 +235,26 @@ export interface MergeReport {
   recipe: string
   /** Seeds chosen for `seed: null` parameters (also stored in the `mecha_seeds` metadata). */
   seeds: ChosenSeed[]
+  /**
+   * The content hash of each input file, computed while reading it (no extra pass) and stored in
+   * the output's `mecha_inputs` metadata for {@link verify}; empty when the output records no
+   * recipe (in-memory merges, `embedRecipe: 'none'`).
+   */
+  inputHashes: InputHash[]
+}
+
+/**
+ * The content hash of one input: xxh3-128 over its header and the tensor bytes the merge read,
+ * block by block in file order (the same for any thread count or chunk size). It tells a changed
+ * file apart; it is not a cryptographic signature.
+ */
+export interface InputHash {
+  /** The model path as the recipe gives it. */
+  model: string
+  /** The file it was read from. */
+  path: string
+  /** 32 hex digits. */
+  hash: string
 }
 
 /** A seed a merge chose because the recipe left a random method's `seed` null. */

@@ -13,3 +13,4 @@ pub mod errors;
 pub mod files;
 pub mod merge;
 pub mod methods;
+pub mod verify;

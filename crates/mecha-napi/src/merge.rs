@@ -281,6 +281,18 @@ pub struct MergeReportInfo {
     pub over_budget: Vec<String>,
     pub recipe: String,
     pub seeds: Vec<ChosenSeedInfo>,
+    /// Content hash of each input file, as recorded in the output's `mecha_inputs`.
+    pub input_hashes: Vec<InputHashInfo>,
+}
+
+/// The content hash of one input file (xxh3-128 over its header and the tensor bytes read).
+#[napi(object)]
+pub struct InputHashInfo {
+    /// The model path as the recipe gives it.
+    pub model: String,
+    /// The file it was read from.
+    pub path: String,
+    pub hash: String,
 }
 
 impl From<MergeReport> for MergeReportInfo {
@@ -307,6 +319,11 @@ impl From<MergeReport> for MergeReportInfo {
                     param: s.param,
                     seed: s.seed as f64,
                 })
+                .collect(),
+            input_hashes: r
+                .input_hashes
+                .into_iter()
+                .map(|h| InputHashInfo { model: h.model, path: h.path.display().to_string(), hash: h.hash })
                 .collect(),
         }
     }

@@ -2,9 +2,11 @@
 
 pub mod cache;
 pub mod convert;
+pub mod hashes;
 pub mod memory;
 pub mod plan;
 pub mod run;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
 use crate::error::{MechaError, Result};
+use crate::io::reader::SafetensorsFile;
 use crate::io::shards::{ensure_no_input_inside, ShardedWriter};
 use crate::io::writer::{ensure_not_an_input, FileLayout, PlannedTensor, SafetensorsWriter};
 use crate::recipe::seeds::{choose_seeds, ChosenSeed};
@@ -31,13 +34,15 @@ pub enum OutputTarget {
         max_shard_bytes: u64,
     },
     Memory,
+    /// Nothing written: every tensor is compared with this merged file's (`verify`).
+    Compare(Arc<SafetensorsFile>),
 }
 
 impl OutputTarget {
     pub fn path(&self) -> Option<&PathBuf> {
         match self {
             OutputTarget::File(p) | OutputTarget::Sharded { folder: p, .. } => Some(p),
-            OutputTarget::Memory => None,
+            OutputTarget::Memory | OutputTarget::Compare(_) => None,
         }
     }
 }
@@ -128,6 +133,25 @@ pub struct MergeReport {
     pub recipe: String,
     /// Seeds chosen for `seed: None` parameters (also in `__metadata__.mecha_seeds`).
     pub seeds: Vec<ChosenSeed>,
+    /// The content hash of each input file, as read (also in `__metadata__.mecha_inputs`);
+    /// empty when the output records no recipe (in memory, `embed_recipe: none`).
+    pub input_hashes: Vec<InputHash>,
+}
+
+/// The content hash of one input (see `hashes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputHash {
+    /// The model path as the recipe gives it.
+    pub model: String,
+    /// The file read (resolved).
+    pub path: PathBuf,
+    /// `hashes::ALGORITHM` as 32 hex digits.
+    pub hash: String,
+}
+
+/// The engine that wrote an output (`__metadata__.mecha_engine`).
+pub fn engine_version() -> String {
+    format!("sd-mecha-node {}", env!("CARGO_PKG_VERSION"))
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +166,8 @@ pub struct MergeResult {
     pub report: MergeReport,
     /// Filled when the output target is memory, in plan order.
     pub tensors: Vec<OutputTensor>,
+    /// What comparing with an existing output found (`OutputTarget::Compare`).
+    pub comparison: Option<verify::Comparison>,
 }
 
 impl TensorSink for SafetensorsWriter {
@@ -189,20 +215,55 @@ fn recipe_text(plan: &Plan, embed: EmbedRecipe) -> String {
     }
 }
 
-/// Where one pass of a merge wrote: a file not yet renamed into place, or buffers.
+/// Where one pass of a merge wrote: a file not yet renamed into place, buffers, or nowhere.
 enum Written {
     File(SafetensorsWriter),
     Sharded(ShardedWriter),
     Memory(Vec<OutputTensor>),
+    Compared(verify::Comparison),
 }
 
-/// The output's `__metadata__`: the recipe, and the seeds the merge chose.
-fn output_metadata(plan: &Plan, seeds: &[ChosenSeed], embed: EmbedRecipe) -> Vec<(String, String)> {
-    // A recipe holding in-memory models cannot be replayed from text, so sd-mecha stores none.
-    if embed == EmbedRecipe::None || plan.finalized.has_memory_inputs() {
+/// Whether the output records its recipe (and so the inputs' hashes): sd-mecha stores none
+/// for a recipe holding in-memory models, which cannot be replayed from text.
+fn records_recipe(plan: &Plan, options: &MergeOptions) -> bool {
+    options.embed_recipe != EmbedRecipe::None && !plan.finalized.has_memory_inputs()
+}
+
+/// The model path each input is given by in the recipe.
+fn input_labels(plan: &Plan) -> Vec<String> {
+    let f = &plan.finalized;
+    let mut labels = vec![String::new(); f.inputs.len()];
+    for n in f.recipe.models().into_iter().rev() {
+        if let (crate::recipe::NodeKind::Model { path, .. }, Some(i)) = (&f.recipe.node(n).kind, f.model_input[n]) {
+            labels[i] = path.clone();
+        }
+    }
+    labels
+}
+
+/// The options that change an output's bytes, recorded so that `verify` merges as the merge did.
+fn recorded_options(options: &MergeOptions) -> String {
+    serde_json::json!({
+        "merge_dtype": options.plan.merge_dtype.name(),
+        "output_dtype": options.plan.output_dtype.safetensors_name(),
+        "omit_non_finite_inputs": options.omit_non_finite_inputs,
+    })
+    .to_string()
+}
+
+/// The output's `__metadata__`: the recipe, the seeds the merge chose, the engine, the options
+/// that change the bytes and each input's hash (`None`: placeholders of the same length, until
+/// the inputs have been read).
+fn output_metadata(
+    plan: &Plan,
+    seeds: &[ChosenSeed],
+    options: &MergeOptions,
+    hashes: Option<&[InputHash]>,
+) -> Vec<(String, String)> {
+    if !records_recipe(plan, options) {
         return vec![];
     }
-    let mut metadata = vec![("mecha_recipe".to_string(), recipe_text(plan, embed))];
+    let mut metadata = vec![("mecha_recipe".to_string(), recipe_text(plan, options.embed_recipe))];
     if !seeds.is_empty() {
         let listed: Vec<serde_json::Value> = seeds
             .iter()
@@ -210,6 +271,18 @@ fn output_metadata(plan: &Plan, seeds: &[ChosenSeed], embed: EmbedRecipe) -> Vec
             .collect();
         metadata.push(("mecha_seeds".to_string(), serde_json::Value::Array(listed).to_string()));
     }
+    metadata.push(("mecha_engine".to_string(), engine_version()));
+    metadata.push(("mecha_options".to_string(), recorded_options(options)));
+    let placeholder = hashes::placeholder();
+    let inputs: Vec<serde_json::Value> = input_labels(plan)
+        .into_iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let hash = hashes.and_then(|h| h.get(i)).map_or(placeholder.as_str(), |h| h.hash.as_str());
+            serde_json::json!({ "model": model, hashes::ALGORITHM: hash })
+        })
+        .collect();
+    metadata.push(("mecha_inputs".to_string(), serde_json::Value::Array(inputs).to_string()));
     metadata
 }
 
@@ -218,28 +291,32 @@ fn run_once(
     seeds: &[ChosenSeed],
     options: &MergeOptions,
     run_options: &RunOptions,
-) -> Result<(RunStats, Written)> {
-    match &options.output {
+) -> Result<(RunStats, Written, Vec<InputHash>)> {
+    // Hashed while reading when the output records its inputs (or is compared with one that does).
+    let hashes = match &options.output {
+        OutputTarget::Memory => None,
+        OutputTarget::Compare(_) => Some(hashes::InputHashes::new(plan.inputs())?),
+        _ => records_recipe(plan, options).then(|| hashes::InputHashes::new(plan.inputs())).transpose()?,
+    };
+    let run_options = RunOptions { hashes: hashes.as_ref(), ..*run_options };
+    let (stats, written) = match &options.output {
         OutputTarget::File(path) => {
             ensure_not_an_input(path, &plan.input_paths())?;
-            let metadata = output_metadata(plan, seeds, options.embed_recipe);
-            let layout = FileLayout::new(&planned_tensors(plan), &metadata);
+            let layout = FileLayout::new(&planned_tensors(plan), &output_metadata(plan, seeds, options, None));
             let writer = SafetensorsWriter::create(path, layout)?;
-            let stats = run::run(plan, &writer, run_options)?;
-            Ok((stats, Written::File(writer)))
+            (run::run(plan, &writer, &run_options)?, Written::File(writer))
         }
         OutputTarget::Sharded { folder, max_shard_bytes } => {
             let inputs = plan.input_paths();
             ensure_not_an_input(folder, &inputs)?;
             ensure_no_input_inside(folder, &inputs)?;
-            let metadata = output_metadata(plan, seeds, options.embed_recipe);
+            let metadata = output_metadata(plan, seeds, options, None);
             let writer = ShardedWriter::create(folder, &planned_tensors(plan), &metadata, *max_shard_bytes)?;
-            let stats = run::run(plan, &writer, run_options)?;
-            Ok((stats, Written::Sharded(writer)))
+            (run::run(plan, &writer, &run_options)?, Written::Sharded(writer))
         }
         OutputTarget::Memory => {
             let sink = MemorySink { buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect() };
-            let stats = run::run(plan, &sink, run_options)?;
+            let stats = run::run(plan, &sink, &run_options)?;
             let tensors = plan
                 .keys
                 .iter()
@@ -251,9 +328,27 @@ fn run_once(
                     data: b.into_inner().expect("tensor buffer lock"),
                 })
                 .collect();
-            Ok((stats, Written::Memory(tensors)))
+            (stats, Written::Memory(tensors))
         }
-    }
+        OutputTarget::Compare(against) => {
+            let sink = verify::CompareSink::new(plan, against);
+            let stats = run::run(plan, &sink, &run_options)?;
+            (stats, Written::Compared(sink.finish()))
+        }
+    };
+    let input_hashes = match &hashes {
+        Some(h) => h
+            .finish(plan.inputs())?
+            .into_iter()
+            .zip(input_labels(plan))
+            .zip(plan.inputs())
+            .filter_map(|((hash, model), file)| {
+                hash.map(|hash| InputHash { model, path: file.path().to_path_buf(), hash })
+            })
+            .collect(),
+        None => vec![],
+    };
+    Ok((stats, written, input_hashes))
 }
 
 /// Why a merge with `strict_mandatory_keys` is refused: the first mandatory keys that cannot
@@ -334,9 +429,10 @@ pub fn merge(
         progress_interval: options.progress_interval,
         memory_budget: budget_or_default(options.memory_budget),
         cache: options.cache.as_ref(),
+        hashes: None,
     };
     let mut excluded = Exclusions::default();
-    let (plan, stats, written) = loop {
+    let (plan, stats, written, input_hashes) = loop {
         let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
         // Refused when nothing can be built from the inputs' keys at all; keys emptied by
         // values found while reading (NaN inputs) are reported as skipped instead.
@@ -346,27 +442,32 @@ pub fn merge(
         if options.strict_mandatory_keys && !plan.unbuilt_mandatory.is_empty() {
             return Err(unbuilt_mandatory(&plan));
         }
-        let (stats, written) = run_once(&plan, &seeds, options, &run_options)?;
+        let (stats, written, input_hashes) = run_once(&plan, &seeds, options, &run_options)?;
         let before = excluded.len();
         if options.omit_non_finite_inputs {
             excluded.tensors.extend(stats.non_finite_inputs.iter().copied());
         }
         excluded.nodes.extend(stats.skipped.nodes.clone());
         if excluded.len() == before {
-            break (plan, stats, written);
+            break (plan, stats, written, input_hashes);
         }
         finalized = plan.finalized; // the unfinished output is dropped, and deleted
     };
-    let tensors = match written {
-        Written::File(writer) => {
+    // The header was written with placeholder hashes of the same length: now the real ones.
+    let metadata = || output_metadata(&plan, &seeds, options, Some(&input_hashes));
+    let (tensors, comparison) = match written {
+        Written::File(mut writer) => {
+            writer.rewrite_metadata(&planned_tensors(&plan), &metadata())?;
             writer.commit()?;
-            vec![]
+            (vec![], None)
         }
-        Written::Sharded(writer) => {
+        Written::Sharded(mut writer) => {
+            writer.rewrite_metadata(&metadata())?;
             writer.commit()?;
-            vec![]
+            (vec![], None)
         }
-        Written::Memory(tensors) => tensors,
+        Written::Memory(tensors) => (tensors, None),
+        Written::Compared(comparison) => (vec![], Some(comparison)),
     };
     let report = MergeReport {
         output: options.output.path().cloned(),
@@ -382,6 +483,7 @@ pub fn merge(
         threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
         recipe: recipe_text(&plan, options.embed_recipe),
         seeds,
+        input_hashes,
     };
-    Ok(MergeResult { report, tensors })
+    Ok(MergeResult { report, tensors, comparison })
 }

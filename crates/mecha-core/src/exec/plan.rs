@@ -138,6 +138,15 @@ impl MergeDtype {
         }
     }
 
+    /// The name `parse` reads back.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeDtype::F32 => "float32",
+            MergeDtype::F64 => "float64",
+            MergeDtype::Rounded(d) => d.torch_name().unwrap_or("float16"),
+        }
+    }
+
     pub fn parse(name: &str) -> Result<MergeDtype> {
         match DType::parse_user(name) {
             Some(DType::F32) => Ok(MergeDtype::F32),

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{guarded, ErrorKind, MechaError, Result};
+use crate::exec::hashes::InputHashes;
 use crate::exec::plan::{Compute, Exclusions, Expr, Op, Plan, TensorId};
 use crate::io::reader::TensorEntry;
 use crate::kernels::convert::has_non_finite;
@@ -76,6 +77,8 @@ pub struct RunOptions<'a> {
     /// Bytes of working memory the units running at once may use together.
     pub memory_budget: u64,
     pub cache: &'a dyn NodeCache,
+    /// Hashes the input bytes as they are read (for the output's `mecha_inputs`).
+    pub hashes: Option<&'a InputHashes>,
 }
 
 /// One unit of parallel work: element ranges of keys.
@@ -144,6 +147,7 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         check_inputs: options.check_inputs,
         check_outputs: options.check_outputs,
         cache: options.cache,
+        hashes: options.hashes,
         non_finite_inputs: Mutex::new(HashSet::new()),
         non_finite_outputs: (0..plan.keys.len()).map(|_| AtomicBool::new(false)).collect(),
         skipped: Mutex::new(HashMap::new()),
@@ -449,6 +453,7 @@ struct Worker<'a> {
     check_inputs: bool,
     check_outputs: bool,
     cache: &'a dyn NodeCache,
+    hashes: Option<&'a InputHashes>,
     non_finite_inputs: Mutex<HashSet<TensorId>>,
     non_finite_outputs: Vec<AtomicBool>,
     skipped: Mutex<HashMap<(NodeId, String), String>>,
@@ -471,7 +476,10 @@ impl Worker<'_> {
             };
             let mut raw = std::mem::take(&mut scratch.raw);
             raw.resize(len, 0);
-            let result = file.read(entry, start, &mut raw).and_then(|()| sink.write(k, start, &raw));
+            let result = file.read(entry, start, &mut raw).and_then(|()| {
+                self.hashed(input, entry, start, &raw);
+                sink.write(k, start, &raw)
+            });
             if result.is_ok() && (self.check_inputs || self.check_outputs) && has_non_finite(entry.dtype, &raw) {
                 self.found_non_finite_input(input, entry);
                 self.non_finite_outputs[k].store(true, Ordering::Relaxed);
@@ -490,6 +498,12 @@ impl Worker<'_> {
         let result = evaluated.and_then(|()| sink.write(k, range.start * out_width, &out));
         scratch.bytes = out;
         result.map(|()| (range.len() * out_width) as u64)
+    }
+
+    fn hashed(&self, input: usize, entry: &TensorEntry, offset: usize, bytes: &[u8]) {
+        if let Some(hashes) = self.hashes {
+            hashes.record(input, entry, offset, bytes);
+        }
     }
 
     fn evaluate<T: Num>(&self, k: usize, range: Range<usize>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Result<()>
@@ -533,6 +547,9 @@ impl Worker<'_> {
                     let mut raw = std::mem::take(&mut scratch.raw);
                     raw.resize(r.len() * width, 0);
                     let read = file.read(entry, r.start * width, &mut raw);
+                    if read.is_ok() {
+                        self.hashed(*input, entry, r.start * width, &raw);
+                    }
                     if read.is_ok() && self.check_inputs && has_non_finite(entry.dtype, &raw) {
                         self.found_non_finite_input(*input, entry);
                     }

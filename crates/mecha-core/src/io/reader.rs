@@ -238,6 +238,34 @@ impl SafetensorsFile {
         })
     }
 
+    /// The length prefix and header JSON of each file the data is read from, as they are on
+    /// disk now (read again, so a file changed since it was opened shows).
+    pub fn raw_headers(&self) -> Result<Vec<u8>> {
+        let read_head = |file: &File, path: &Path| -> Result<Vec<u8>> {
+            let fail = |e: std::io::Error| MechaError::safetensors(path, format!("reading the header failed ({e})"));
+            let mut prefix = [0u8; 8];
+            read_exact_at(file, &mut prefix, 0).map_err(fail)?;
+            let len = u64::from_le_bytes(prefix) as usize;
+            if len > MAX_HEADER_BYTES {
+                return Err(MechaError::safetensors(path, "the header changed since the file was opened"));
+            }
+            let mut head = vec![0u8; 8 + len];
+            read_exact_at(file, &mut head, 0).map_err(fail)?;
+            Ok(head)
+        };
+        match &self.backing {
+            Backing::File(file) => read_head(file, &self.path),
+            Backing::Memory(bytes) => Ok(bytes[..8 + self.header_len].to_vec()),
+            Backing::Shards { files, .. } => {
+                let mut all = vec![];
+                for (path, file) in files {
+                    all.extend(read_head(file, path)?);
+                }
+                Ok(all)
+            }
+        }
+    }
+
     /// A whole tensor's bytes (for small tensors, tools and tests).
     pub fn read_tensor(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
         let mut out = vec![0u8; entry.byte_len];

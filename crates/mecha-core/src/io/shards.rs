@@ -228,11 +228,22 @@ pub fn shard_name(i: usize, count: usize) -> String {
     }
 }
 
+/// A shard's metadata: `metadata` and `format: pt` (which `transformers` requires).
+fn with_format(metadata: &[(String, String)]) -> Vec<(String, String)> {
+    let mut all = metadata.to_vec();
+    if !all.iter().any(|(k, _)| k == "format") {
+        all.push(("format".into(), "pt".into()));
+    }
+    all
+}
+
 /// Writes a sharded checkpoint (a folder) with the atomic discipline of `SafetensorsWriter`.
 pub struct ShardedWriter {
     target: PathBuf,
     temp: PathBuf,
     shards: Vec<SafetensorsWriter>,
+    /// The tensors of each shard (to write a header again).
+    members: Vec<Vec<PlannedTensor>>,
     /// For each planned tensor: its shard and its index within the shard.
     route: Vec<(usize, usize)>,
     index: Option<Vec<u8>>,
@@ -269,6 +280,7 @@ impl ShardedWriter {
             target: target.to_path_buf(),
             temp,
             shards: vec![],
+            members: vec![],
             route: vec![],
             index: None,
             committed: false,
@@ -281,14 +293,12 @@ impl ShardedWriter {
             writer.route.push((s, members[s].len()));
             members[s].push(t.clone());
         }
-        let mut shard_metadata = metadata.to_vec();
-        if !shard_metadata.iter().any(|(k, _)| k == "format") {
-            shard_metadata.push(("format".into(), "pt".into()));
-        }
+        let shard_metadata = with_format(metadata);
         for (i, members) in members.iter().enumerate() {
             let layout = FileLayout::new(members, &shard_metadata);
             writer.shards.push(SafetensorsWriter::create(&writer.temp.join(shard_name(i, count)), layout)?);
         }
+        writer.members = members;
         if count > 1 {
             let total: u64 = tensors.iter().map(|t| t.byte_len() as u64).sum();
             let mut weight_map: Vec<(&str, String)> =
@@ -300,6 +310,15 @@ impl ShardedWriter {
             writer.index = Some(serde_json::to_vec_pretty(&index).expect("plain JSON values serialize"));
         }
         Ok(writer)
+    }
+
+    /// Writes every shard's header again with other metadata of the same serialized length.
+    pub fn rewrite_metadata(&mut self, metadata: &[(String, String)]) -> Result<()> {
+        let metadata = with_format(metadata);
+        for (shard, members) in self.shards.iter_mut().zip(&self.members) {
+            shard.rewrite_metadata(members, &metadata)?;
+        }
+        Ok(())
     }
 
     pub fn shard_count(&self) -> usize {

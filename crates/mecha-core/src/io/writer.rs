@@ -182,6 +182,21 @@ impl SafetensorsWriter {
             .with_file(&self.target)
     }
 
+    /// Writes the header again with other metadata of the same serialized length (hashes known
+    /// only once the tensors are written), so every tensor keeps its offset.
+    pub fn rewrite_metadata(&mut self, tensors: &[PlannedTensor], metadata: &[(String, String)]) -> Result<()> {
+        let layout = FileLayout::new(tensors, metadata);
+        if layout.header.len() != self.layout.header.len() || layout.offsets != self.layout.offsets {
+            return Err(MechaError::new(
+                ErrorKind::Internal,
+                format!("the final metadata of {} does not fit its reserved header", self.target.display()),
+            ));
+        }
+        self.pwrite(8, &layout.header)?;
+        self.layout = layout;
+        Ok(())
+    }
+
     /// Flushes the file to disk and renames it onto the target path.
     pub fn commit(mut self) -> Result<()> {
         self.file.sync_all().map_err(|e| self.io_error("flushing", e))?;
