@@ -204,6 +204,18 @@ export declare function memoryModelCount(): number
  */
 export declare function merge(recipeJson: string, options: NativeMergeOptions, cancel: CancelToken, cache: MergeCache, onProgress?: ((progress: ProgressInfo) => void) | undefined | null): Promise<MergeOutcome>
 
+/**
+ * Merges several recipes in one pass over their inputs (`exec::merge_many`), on its own
+ * thread; `options.output` is ignored (each job gives its own).
+ */
+export declare function mergeMany(jobs: Array<NativeSweepJob>, options: NativeMergeOptions, cancel: CancelToken, cache: MergeCache, onProgress?: ((progress: ProgressInfo) => void) | undefined | null): Promise<MergeManyOutcome>
+
+/** A finished `mergeMany`: a report per job, in order, or `error`. */
+export interface MergeManyOutcome {
+  reports?: Array<MergeReportInfo>
+  error?: ErrorInfo
+}
+
 /** A finished merge: `report` (and `tensors` for in-memory output), or `error`. */
 export interface MergeOutcome {
   report?: MergeReportInfo
@@ -291,6 +303,14 @@ export interface NativeMergeOptions {
   strictMandatoryKeys?: boolean
   /** What the output's `mecha_recipe` records: `relative` (paths as given; default), `absolute`, `none`. */
   embedRecipe?: string
+}
+
+/** One merge of `mergeMany`: a recipe (JSON) and its output file or folder. */
+export interface NativeSweepJob {
+  recipe: string
+  output: string
+  /** Write `output` as a sharded checkpoint of shards of at most this many bytes. */
+  maxShardBytes?: number
 }
 
 export interface NativeVerifyOptions {

@@ -847,6 +847,7 @@ module.exports.inferConfig = nativeBinding.inferConfig
 module.exports.inspect = nativeBinding.inspect
 module.exports.memoryModelCount = nativeBinding.memoryModelCount
 module.exports.merge = nativeBinding.merge
+module.exports.mergeMany = nativeBinding.mergeMany
 module.exports.methods = nativeBinding.methods
 module.exports.modelDirsAdd = nativeBinding.modelDirsAdd
 module.exports.modelDirsClear = nativeBinding.modelDirsClear

@@ -688,6 +688,7 @@ const checks: Record<string, Check> = {
     t.deepEqual([sweep![2], sweep![3]], [sweep![1], sweep![1]], 'the later merges decompose nothing new')
     t.is(lines[3], 'cached equals fresh: true')
     t.regex(lines[4], /^truncate_rank sweep: [1-9]\d* entries, [1-9]\d* bytes$/)
+    t.is(lines[5], 'mergeMany: 3 outputs, inputs read once: true, same bytes as merge(): true')
   },
 
   'guide/embedding-in-an-app.mts': async (t) => {

@@ -41,6 +41,8 @@ export type {
 } from './wrappers'
 export { merge, MergeCache, MergedModel, parseShardSize } from './merge'
 export type { ChosenSeed, EmbedRecipe, InputHash, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
+export { mergeMany } from './sweep'
+export type { MergeManyOptions, SweepJob } from './sweep'
 export { verify } from './verify'
 export type { InputCheck, VerifyOptions, VerifyReport } from './verify'
 export { serialize, deserialize } from './serialize'

@@ -12,6 +12,7 @@ import { mergeWire, parseBytes, parseShardSize, type EmbedRecipe, type MergeRepo
 import { nearest, suggestion } from './options'
 import { planWire } from './plan'
 import { verify } from './verify'
+import { mergeManyWire, sweepValues, withParameter, type MergeManyOptions } from './sweep'
 import type { DtypeName } from './dtypes'
 import { model, toWireWithNodes, type MergeSpace, type RecipeNode, type WireRecipe } from './recipe'
 
@@ -19,6 +20,8 @@ const HELP = `mecha: merge and convert safetensors models with sd-mecha recipes
 
 Usage:
   mecha merge <recipe.mecha|recipe.json> -o <out.safetensors> [options]
+  mecha sweep <recipe> --param alpha=0.1:0.9:0.2 -o 'out-{alpha}.safetensors'
+                                            one read of the inputs, one output per value
   mecha convert <in.safetensors> --to <config> -o <out.safetensors> [options]
                                             the model's keys in another config (kohya → sgm, …)
   mecha lora bake <base.safetensors> <lora.safetensors>[:alpha]... -o <out.safetensors> [options]
@@ -95,6 +98,28 @@ ${DTYPE_OPTIONS}
                                default, as sd-mecha), absolute, or none
 ${SHARD_OPTION}
       --json                   print the report as JSON
+  -q, --quiet                  no progress bar
+`,
+  sweep: `Usage: mecha sweep <recipe.mecha|recipe.json> --param <name>=<values> -o <template> [options]
+
+Merges the recipe once for each value of a hyper-parameter, in one pass over the inputs: every
+input tensor is read once for all the outputs, so a sweep costs about one merge plus the writes.
+--param sets the parameter in every merge call of the recipe whose method has it (sd-mecha's
+snake_case name, e.g. alpha, k, alignment); the values are start:stop:step (both ends included:
+0.1:0.9:0.2 is 0.1, 0.3, 0.5, 0.7, 0.9) or a list (0.2,0.5,0.8). Given several times, every
+combination is merged. The output path holds {name} for each parameter, replaced by the value.
+Each output is the file \`mecha merge\` would write for its recipe, with that recipe in its
+metadata; all appear when the sweep completes, or none does.
+
+Options:
+      --param <name>=<values>  the parameter and its values (required; may be repeated)
+  -o, --output <template>      output path with {name} for each parameter (required)
+${DTYPE_OPTIONS}
+      --fallback-model <path>  take the keys the recipe cannot produce from this model
+      --strict-mandatory-keys  fail (writing nothing) when a mandatory key cannot be merged
+      --embed-recipe <how>     the recipe stored in each output: relative (default), absolute, none
+${SHARD_OPTION}
+      --json                   print the reports as JSON
   -q, --quiet                  no progress bar
 `,
   plan: `Usage: mecha plan <recipe.mecha|recipe.json> [options]
@@ -232,6 +257,21 @@ const commandFlags: Record<string, readonly string[]> = {
     'json',
     'quiet',
   ],
+  sweep: [
+    'param',
+    'output',
+    'threads',
+    'merge-dtype',
+    'output-dtype',
+    'strict-merge-space',
+    'memory',
+    'fallback-model',
+    'strict-mandatory-keys',
+    'embed-recipe',
+    'max-shard-size',
+    'json',
+    'quiet',
+  ],
   plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
   serialize: ['output', 'strict-merge-space'],
   info: ['json', 'keys'],
@@ -254,6 +294,7 @@ const commandFlags: Record<string, readonly string[]> = {
 /** The positional arguments (after the command) each command takes: what they are, and how many at most. */
 const commandArgs: Record<string, readonly [what: string, most: number]> = {
   merge: ['one recipe file', 1],
+  sweep: ['one recipe file', 1],
   plan: ['one recipe file', 1],
   serialize: ['one recipe file', 1],
   info: ['one model (a file, or a sharded checkpoint)', 1],
@@ -318,6 +359,7 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
     'seed',
     'iterations',
     'kronecker-ratio',
+    'param',
   ])
   const positional: string[] = []
   const flags: Flags = {}
@@ -332,7 +374,8 @@ function parseArgs(argv: string[]): { positional: string[]; flags: Flags } {
     if (valued.has(name)) {
       value ??= argv[++i]
       if (value === undefined) throw new UsageError(`--${name} needs a value`)
-      flags[name] = value
+      // --param may be repeated: one per line
+      flags[name] = name === 'param' && typeof flags.param === 'string' ? `${flags.param}\n${value}` : value
     } else {
       flags[name] = true
     }
@@ -479,6 +522,22 @@ async function runMerge(
 ): Promise<number> {
   // a recipe file's JSON text as it is; a node in that form, with the node objects it came from
   const { wire, objects } = typeof recipe === 'string' ? { wire: recipe, objects: [] } : wireOf(recipe)
+  return withCancel(flags, async (options) => {
+    const report = (await mergeWire(
+      wire,
+      { ...settings, ...options, outputDtype: options.outputDtype ?? outputDtype },
+      objects,
+    )) as MergeReport
+    return [report]
+  })
+}
+
+/**
+ * Runs a merge the command line started: the engine options its flags give, a progress bar on a
+ * terminal, Ctrl-C cancels (nothing is left behind); prints the reports, or them as JSON (one
+ * object for one report).
+ */
+async function withCancel(flags: Flags, run: (options: MergeManyOptions) => Promise<MergeReport[]>): Promise<number> {
   const showProgress = process.stderr.isTTY && !flags.quiet && !flags.json
   const controller = new AbortController()
   const onSigint = () => {
@@ -488,23 +547,18 @@ async function runMerge(
   }
   process.on('SIGINT', onSigint)
   try {
-    const report = (await mergeWire(
-      wire,
-      {
-        ...settings,
-        mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
-        outputDtype: (flags['output-dtype'] as DtypeName | undefined) ?? outputDtype,
-        strictMergeSpace: strictSpace(flags),
-        strictMandatoryKeys: flags['strict-mandatory-keys'] === true,
-        embedRecipe: flags['embed-recipe'] as EmbedRecipe | undefined,
-        onProgress: showProgress ? progressBar() : undefined,
-        signal: controller.signal,
-      },
-      objects,
-    )) as MergeReport
+    const reports = await run({
+      mergeDtype: flags['merge-dtype'] as DtypeName | undefined,
+      outputDtype: flags['output-dtype'] as DtypeName | undefined,
+      strictMergeSpace: strictSpace(flags),
+      strictMandatoryKeys: flags['strict-mandatory-keys'] === true,
+      embedRecipe: flags['embed-recipe'] as EmbedRecipe | undefined,
+      onProgress: showProgress ? progressBar() : undefined,
+      signal: controller.signal,
+    })
     if (showProgress) process.stderr.write('\n')
-    if (flags.json) console.log(JSON.stringify(report, null, 2))
-    else printReport(report)
+    if (flags.json) console.log(JSON.stringify(reports.length === 1 ? reports[0] : reports, null, 2))
+    else reports.forEach(printReport)
     return 0
   } finally {
     process.off('SIGINT', onSigint)
@@ -518,6 +572,54 @@ async function cmdMerge(positional: string[], flags: Flags): Promise<number> {
   const recipe = readRecipe(recipePath)
   const fallbackModel = flags['fallback-model'] as string | undefined
   return runMerge(fallbackModel ? withFallback(recipe, fallbackModel) : recipe, settings, flags)
+}
+
+/** `--param name=values` flags: each parameter and its values, in order. */
+function sweepParams(flags: Flags): { name: string; values: number[] }[] {
+  const given = flags.param
+  if (typeof given !== 'string')
+    throw new UsageError('sweep needs --param <name>=<values>, e.g. --param alpha=0.1:0.9:0.2')
+  return given.split('\n').map((spec) => {
+    const m = /^([A-Za-z_][A-Za-z0-9_]*)=(.+)$/.exec(spec)
+    if (!m) throw new UsageError(`--param ${spec}: use <name>=<values>, e.g. alpha=0.1:0.9:0.2 or alpha=0.2,0.5`)
+    try {
+      return { name: m[1], values: sweepValues(m[2]) }
+    } catch (e) {
+      throw new UsageError(`--param ${m[1]}: ${(e as Error).message}`)
+    }
+  })
+}
+
+async function cmdSweep(positional: string[], flags: Flags): Promise<number> {
+  const [recipePath] = positional
+  if (!recipePath) throw new UsageError('sweep needs a recipe file')
+  const params = sweepParams(flags)
+  const settings = writeSettings('sweep', flags)
+  for (const { name } of params)
+    if (!settings.output.includes(`{${name}}`))
+      throw new UsageError(`-o ${settings.output} must hold {${name}}, replaced by each value of --param ${name}`)
+  const text = readRecipe(recipePath)
+  const fallbackModel = flags['fallback-model'] as string | undefined
+  const base = JSON.parse(fallbackModel ? withFallback(text, fallbackModel) : text) as WireRecipe
+  // Every combination of the values, the first parameter varying slowest.
+  let points: Record<string, number>[] = [{}]
+  for (const { name, values } of params) points = points.flatMap((p) => values.map((v) => ({ ...p, [name]: v })))
+  const jobs = points.map((point) => {
+    let wire = base
+    let output = settings.output
+    for (const [name, value] of Object.entries(point)) {
+      try {
+        wire = withParameter(wire, name, value)
+      } catch (e) {
+        throw new UsageError(`--param ${name}: ${(e as Error).message}`)
+      }
+      output = output.split(`{${name}}`).join(String(value))
+    }
+    return { wire: JSON.stringify(wire), objects: [], output, maxShardSize: settings.maxShardSize }
+  })
+  return withCancel(flags, (options) =>
+    mergeManyWire(jobs, { ...options, threads: settings.threads, memoryBudget: settings.memoryBudget }),
+  )
 }
 
 /** The output dtypes a file's float tensors can keep, by their safetensors name. */
@@ -781,6 +883,8 @@ async function main(argv: string[]): Promise<number> {
   switch (command) {
     case 'merge':
       return cmdMerge(rest, flags)
+    case 'sweep':
+      return cmdSweep(rest, flags)
     case 'convert':
       return cmdConvert(rest, flags)
     case 'lora bake':

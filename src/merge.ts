@@ -421,11 +421,68 @@ export async function mergeWire(
   objects: readonly (RecipeNode | undefined)[] = [],
 ): Promise<MergeReport | MergedModel> {
   checkMergeOptions(options, 'merge')
+  const outputs =
+    options.output === undefined ? [] : [{ path: options.output, folder: options.maxShardSize !== undefined }]
+  const outcome = await runNative(options, [objects], outputs, (context, token, cache, progress) =>
+    native.merge(wire, nativeOptions(options, context), token, cache, progress),
+  )
+  const report = outcome.report as MergeReport
+  if (options.output !== undefined) return report
+  const result = new MergedModel(report)
+  for (const t of outcome.tensors ?? []) {
+    const dtype = t.dtype as SafetensorsDtype
+    result.set(t.name, tensorFromBytes(dtype, t.shape, t.data))
+  }
+  return result
+}
+
+/** The native form of the options every merge shares (`output` aside for `mergeMany`). */
+export function nativeOptions(options: MergeOptions, context: number): native.NativeMergeOptions {
+  return {
+    output: options.output,
+    threads: options.threads,
+    mergeDtype: options.mergeDtype,
+    outputDtype: options.outputDtype,
+    strictMergeSpace: strictSpace(options.strictMergeSpace),
+    chunk: options.chunkElements,
+    progressIntervalMs: options.progressIntervalMs,
+    context,
+    omitNonFiniteInputs: options.omitNonFiniteInputs,
+    checkFiniteOutput: options.checkFiniteOutput,
+    allowEmpty: options.allowEmpty,
+    checkExtraKeys: options.checkExtraKeys,
+    strictMandatoryKeys: options.strictMandatoryKeys,
+    embedRecipe: options.embedRecipe,
+    memoryBudget: options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
+    maxShardBytes: options.maxShardSize === undefined ? undefined : parseShardSize(options.maxShardSize),
+  }
+}
+
+type NativeProgress = (p: Progress) => void
+
+/**
+ * Runs a native merge call with cancellation, progress and JavaScript methods wired up: job `i`
+ * (of `jobObjects`) runs under host context `context + i`, so its JavaScript methods find their
+ * own nodes. Rejects with the typed error (its cause the first error a callback threw), or with
+ * the error `onProgress` threw, in which case the `outputs` just written are removed.
+ */
+export async function runNative<O extends { error?: native.ErrorInfo | null }>(
+  options: MergeOptions,
+  jobObjects: readonly (readonly (RecipeNode | undefined)[])[],
+  outputs: readonly { path: string; folder: boolean }[],
+  call: (
+    context: number,
+    token: native.CancelToken,
+    cache: native.MergeCache,
+    progress: NativeProgress | undefined,
+  ) => Promise<O>,
+): Promise<O> {
   const { signal, onProgress } = options
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
-  const context = nextContext++
-  const state: Running = { objects }
-  running.set(context, state)
+  const context = nextContext
+  nextContext += Math.max(1, jobObjects.length)
+  const states: Running[] = jobObjects.map((objects) => ({ objects }))
+  states.forEach((state, i) => running.set(context + i, state))
   const token = new native.CancelToken()
   const onAbort = () => token.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
@@ -443,55 +500,23 @@ export async function mergeWire(
       }
     : undefined
   try {
-    const outcome = await callNative(() =>
-      native.merge(
-        wire,
-        {
-          output: options.output,
-          threads: options.threads,
-          mergeDtype: options.mergeDtype,
-          outputDtype: options.outputDtype,
-          strictMergeSpace: strictSpace(options.strictMergeSpace),
-          chunk: options.chunkElements,
-          progressIntervalMs: options.progressIntervalMs,
-          context,
-          omitNonFiniteInputs: options.omitNonFiniteInputs,
-          checkFiniteOutput: options.checkFiniteOutput,
-          allowEmpty: options.allowEmpty,
-          checkExtraKeys: options.checkExtraKeys,
-          strictMandatoryKeys: options.strictMandatoryKeys,
-          embedRecipe: options.embedRecipe,
-          memoryBudget:
-            options.memoryBudget === undefined ? undefined : parseBytes(options.memoryBudget, 'memoryBudget'),
-          maxShardBytes: options.maxShardSize === undefined ? undefined : parseShardSize(options.maxShardSize),
-        },
-        token,
-        (options.cache ?? attachedCache(objects))?.handle ?? new native.MergeCache(0),
-        progress,
-      ),
-    )
+    const cache = (options.cache ?? attachedCache(jobObjects.flat()))?.handle ?? new native.MergeCache(0)
+    const outcome = await callNative(() => call(context, token, cache, progress))
     if (progressError) {
       // It may have thrown after the merge finished: the promise rejects, so no output stays.
       // (a sharded output is a folder this merge has just written whole)
-      if (!outcome.error && options.output !== undefined)
-        rmSync(options.output, { force: true, recursive: options.maxShardSize !== undefined })
+      if (!outcome.error) for (const o of outputs) rmSync(o.path, { force: true, recursive: o.folder })
       throw progressError.error
     }
     if (outcome.error) {
       const error = errorFromNative(outcome.error)
-      if (state.callbackError) Object.defineProperty(error, 'cause', { value: state.callbackError.error })
+      const callbackError = states.find((s) => s.callbackError)?.callbackError
+      if (callbackError) Object.defineProperty(error, 'cause', { value: callbackError.error })
       throw error
     }
-    const report = outcome.report as MergeReport
-    if (options.output !== undefined) return report
-    const result = new MergedModel(report)
-    for (const t of outcome.tensors ?? []) {
-      const dtype = t.dtype as SafetensorsDtype
-      result.set(t.name, tensorFromBytes(dtype, t.shape, t.data))
-    }
-    return result
+    return outcome
   } finally {
     signal?.removeEventListener('abort', onAbort)
-    running.delete(context)
+    states.forEach((_, i) => running.delete(context + i))
   }
 }

@@ -215,8 +215,8 @@ export function callMethod(
 // ---------------------------------------------------------------------------------------------
 // The JSON form the native core reads (see crates/mecha-core/src/recipe/wire.rs).
 
-type WireValue = number | boolean | string | null | { int: number } | { float: string } | { node: number }
-type WireNode =
+export type WireValue = number | boolean | string | null | { int: number } | { float: string } | { node: number }
+export type WireNode =
   | { model: string; memory?: number; config?: string; mergeSpace?: string }
   | { literal: WireValue | { dict: Record<string, WireValue> }; config?: string; mergeSpace?: string }
   | { merge: string; args: WireValue[]; kwargs: Record<string, WireValue> }

@@ -1,8 +1,23 @@
 // Memory budget, threads and the merge cache for decomposition sweeps.
 //
 //   node --import tsx examples/guide/performance-and-memory.mts a.safetensors b.safetensors
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { MergeCache, int, merge, model, plan, rotate, slerp, toFloat32, truncateRank, type MergedModel } from 'sd-mecha'
+import {
+  MergeCache,
+  int,
+  merge,
+  mergeMany,
+  model,
+  plan,
+  rotate,
+  slerp,
+  toFloat32,
+  truncateRank,
+  type MergedModel,
+} from 'sd-mecha'
 
 const { positionals } = parseArgs({ allowPositionals: true })
 const [pathA, pathB] = positionals
@@ -39,6 +54,19 @@ const rankCache = new MergeCache()
 for (const rank of [2, 1])
   await merge(truncateRank(b.sub(a), { rank: int(rank) }), { cache: rankCache, strictMergeSpace: 'delta' })
 console.log(`truncate_rank sweep: ${rankCache.entries} entries, ${rankCache.bytes} bytes`)
+
+// One read, many outputs: mergeMany() writes every recipe of a sweep in one pass over the
+// inputs; each output is the file merge() writes for its recipe alone.
+const folder = mkdtempSync(join(tmpdir(), 'sweep-'))
+const alphas = [0.25, 0.5, 0.75]
+const reports = await mergeMany(
+  alphas.map((alpha) => ({ recipe: slerp(a, b, { alpha }), output: join(folder, `slerp-${alpha}.safetensors`) })),
+)
+const single = await merge(slerp(a, b, { alpha: 0.5 }), { output: join(folder, 'single.safetensors') })
+const readOnce = reports.reduce((sum, r) => sum + r.bytesRead, 0) === single.bytesRead
+const identical = readFileSync(reports[1].output!).equals(readFileSync(single.output!))
+console.log(`mergeMany: ${reports.length} outputs, inputs read once: ${readOnce}, same bytes as merge(): ${identical}`)
+rmSync(folder, { recursive: true })
 
 function same(x: MergedModel, y: MergedModel): boolean {
   if (x.size !== y.size) return false

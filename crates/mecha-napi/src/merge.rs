@@ -475,3 +475,77 @@ pub fn merge<'env>(
         .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
     Ok(promise)
 }
+
+/// One merge of `mergeMany`: a recipe (JSON) and its output file or folder.
+#[napi(object)]
+pub struct NativeSweepJob {
+    pub recipe: String,
+    pub output: String,
+    /// Write `output` as a sharded checkpoint of shards of at most this many bytes.
+    pub max_shard_bytes: Option<f64>,
+}
+
+/// A finished `mergeMany`: a report per job, in order, or `error`.
+#[napi(object, object_from_js = false)]
+pub struct MergeManyOutcome {
+    pub reports: Option<Vec<MergeReportInfo>>,
+    pub error: Option<ErrorInfo>,
+}
+
+type ManyResolver = Box<dyn FnOnce(Env) -> napi::Result<MergeManyOutcome> + Send>;
+
+/// Merges several recipes in one pass over their inputs (`exec::merge_many`), on its own
+/// thread; `options.output` is ignored (each job gives its own).
+#[napi(ts_return_type = "Promise<MergeManyOutcome>")]
+pub fn merge_many<'env>(
+    env: &'env Env,
+    jobs: Vec<NativeSweepJob>,
+    options: NativeMergeOptions,
+    cancel: &CancelToken,
+    cache: &MergeCache,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
+) -> napi::Result<Object<'env>> {
+    let (deferred, promise) = env.create_deferred::<MergeManyOutcome, ManyResolver>()?;
+    let flag = cancel.flag.clone();
+    let cache = cache.inner.clone();
+    let progress = on_progress.map(JsProgress);
+    std::thread::Builder::new()
+        .name("mecha-merge".into())
+        .spawn(move || {
+            let result = mecha_core::error::guarded("mergeMany", || {
+                let options =
+                    merge_options(NativeMergeOptions { output: None, max_shard_bytes: None, ..options }, cache)?;
+                let jobs = jobs
+                    .into_iter()
+                    .map(|job| {
+                        let recipe = mecha_core::recipe::wire::from_json(&job.recipe)?;
+                        let output = match job.max_shard_bytes {
+                            Some(b) if !(b.is_finite() && b >= 1.0) => {
+                                return Err(mecha_core::MechaError::recipe(format!(
+                                    "maxShardSize must be a positive number of bytes, got {b}"
+                                )))
+                            }
+                            Some(b) => {
+                                OutputTarget::Sharded { folder: PathBuf::from(job.output), max_shard_bytes: b as u64 }
+                            }
+                            None => OutputTarget::File(PathBuf::from(job.output)),
+                        };
+                        Ok((recipe, output))
+                    })
+                    .collect::<mecha_core::Result<Vec<_>>>()?;
+                mecha_core::exec::merge_many(jobs, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+            });
+            drop(progress);
+            deferred.resolve(Box::new(move |_env| {
+                Ok(match result {
+                    Ok(results) => MergeManyOutcome {
+                        reports: Some(results.into_iter().map(|r| r.report.into()).collect()),
+                        error: None,
+                    },
+                    Err(e) => MergeManyOutcome { reports: None, error: Some(ErrorInfo::from(&e)) },
+                })
+            }));
+        })
+        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
+    Ok(promise)
+}

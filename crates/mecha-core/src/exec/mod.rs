@@ -215,12 +215,24 @@ fn recipe_text(plan: &Plan, embed: EmbedRecipe) -> String {
     }
 }
 
-/// Where one pass of a merge wrote: a file not yet renamed into place, buffers, or nowhere.
-enum Written {
+/// Where one pass of a merge writes: a file not yet renamed into place, buffers, or a comparison
+/// with an existing file.
+enum Destination<'a> {
     File(SafetensorsWriter),
     Sharded(ShardedWriter),
-    Memory(Vec<OutputTensor>),
-    Compared(verify::Comparison),
+    Memory(MemorySink),
+    Compare(verify::CompareSink<'a>),
+}
+
+impl Destination<'_> {
+    fn sink(&self) -> &dyn TensorSink {
+        match self {
+            Destination::File(w) => w,
+            Destination::Sharded(w) => w,
+            Destination::Memory(m) => m,
+            Destination::Compare(c) => c,
+        }
+    }
 }
 
 /// Whether the output records its recipe (and so the inputs' hashes): sd-mecha stores none
@@ -286,69 +298,49 @@ fn output_metadata(
     metadata
 }
 
-fn run_once(
+/// Creates where a pass writes (a temporary file for file outputs), and the hasher of the
+/// inputs' bytes when the output records them (or is compared with a file that does).
+fn open_destination<'a>(
     plan: &Plan,
     seeds: &[ChosenSeed],
-    options: &MergeOptions,
-    run_options: &RunOptions,
-) -> Result<(RunStats, Written, Vec<InputHash>)> {
-    // Hashed while reading when the output records its inputs (or is compared with one that does).
+    options: &'a MergeOptions,
+) -> Result<(Destination<'a>, Option<hashes::InputHashes>)> {
     let hashes = match &options.output {
         OutputTarget::Memory => None,
         OutputTarget::Compare(_) => Some(hashes::InputHashes::new(plan.inputs())?),
         _ => records_recipe(plan, options).then(|| hashes::InputHashes::new(plan.inputs())).transpose()?,
     };
-    let run_options = RunOptions { hashes: hashes.as_ref(), ..*run_options };
-    let (stats, written) = match &options.output {
+    let destination = match &options.output {
         OutputTarget::File(path) => {
             ensure_not_an_input(path, &plan.input_paths())?;
             let layout = FileLayout::new(&planned_tensors(plan), &output_metadata(plan, seeds, options, None));
-            let writer = SafetensorsWriter::create(path, layout)?;
-            (run::run(plan, &writer, &run_options)?, Written::File(writer))
+            Destination::File(SafetensorsWriter::create(path, layout)?)
         }
         OutputTarget::Sharded { folder, max_shard_bytes } => {
             let inputs = plan.input_paths();
             ensure_not_an_input(folder, &inputs)?;
             ensure_no_input_inside(folder, &inputs)?;
             let metadata = output_metadata(plan, seeds, options, None);
-            let writer = ShardedWriter::create(folder, &planned_tensors(plan), &metadata, *max_shard_bytes)?;
-            (run::run(plan, &writer, &run_options)?, Written::Sharded(writer))
+            Destination::Sharded(ShardedWriter::create(folder, &planned_tensors(plan), &metadata, *max_shard_bytes)?)
         }
-        OutputTarget::Memory => {
-            let sink = MemorySink { buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect() };
-            let stats = run::run(plan, &sink, &run_options)?;
-            let tensors = plan
-                .keys
-                .iter()
-                .zip(sink.buffers)
-                .map(|(k, b)| OutputTensor {
-                    name: k.name.clone(),
-                    dtype: k.dtype,
-                    shape: k.shape.clone(),
-                    data: b.into_inner().expect("tensor buffer lock"),
-                })
-                .collect();
-            (stats, Written::Memory(tensors))
-        }
-        OutputTarget::Compare(against) => {
-            let sink = verify::CompareSink::new(plan, against);
-            let stats = run::run(plan, &sink, &run_options)?;
-            (stats, Written::Compared(sink.finish()))
-        }
+        OutputTarget::Memory => Destination::Memory(MemorySink {
+            buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect(),
+        }),
+        OutputTarget::Compare(against) => Destination::Compare(verify::CompareSink::new(plan, against)),
     };
-    let input_hashes = match &hashes {
-        Some(h) => h
-            .finish(plan.inputs())?
-            .into_iter()
-            .zip(input_labels(plan))
-            .zip(plan.inputs())
-            .filter_map(|((hash, model), file)| {
-                hash.map(|hash| InputHash { model, path: file.path().to_path_buf(), hash })
-            })
-            .collect(),
-        None => vec![],
-    };
-    Ok((stats, written, input_hashes))
+    Ok((destination, hashes))
+}
+
+/// Each input's hash, once the pass has read them.
+fn input_hashes(plan: &Plan, hashes: Option<&hashes::InputHashes>) -> Result<Vec<InputHash>> {
+    let Some(hashes) = hashes else { return Ok(vec![]) };
+    Ok(hashes
+        .finish(plan.inputs())?
+        .into_iter()
+        .zip(input_labels(plan))
+        .zip(plan.inputs())
+        .filter_map(|((hash, model), file)| hash.map(|hash| InputHash { model, path: file.path().to_path_buf(), hash }))
+        .collect())
 }
 
 /// Why a merge with `strict_mandatory_keys` is refused: the first mandatory keys that cannot
@@ -398,6 +390,153 @@ pub fn budget_or_default(budget: u64) -> u64 {
     }
 }
 
+fn run_options<'a>(
+    options: &'a MergeOptions,
+    cancel: &'a AtomicBool,
+    progress: Option<&'a dyn ProgressSink>,
+) -> RunOptions<'a> {
+    RunOptions {
+        check_inputs: options.omit_non_finite_inputs,
+        check_outputs: options.check_finite_output,
+        threads: options.threads,
+        chunk: options.chunk,
+        cancel,
+        progress,
+        progress_interval: options.progress_interval,
+        memory_budget: budget_or_default(options.memory_budget),
+        cache: options.cache.as_ref(),
+    }
+}
+
+/// Chooses the recipe's seeds and solves its spaces and configs (input headers are read).
+fn prepare(recipe: Recipe, options: &MergeOptions) -> Result<(plan::Finalized, Vec<ChosenSeed>)> {
+    let mut recipe = recipe;
+    let seeds = choose_seeds(&mut recipe);
+    let finalized = plan::finalize(recipe, &options.plan.root_space)?;
+    if finalized.inputs.is_empty() {
+        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
+    }
+    Ok((finalized, seeds))
+}
+
+/// Plans the keys, refusing what the options refuse.
+fn plan_checked(finalized: plan::Finalized, options: &MergeOptions, excluded: &Exclusions) -> Result<Plan> {
+    let plan = plan::plan_keys(finalized, &options.plan, excluded)?;
+    // Refused when nothing can be built from the inputs' keys at all; keys emptied by
+    // values found while reading (NaN inputs) are reported as skipped instead.
+    if plan.keys.is_empty() && excluded.is_empty() && !options.allow_empty {
+        return Err(empty_merge(&plan));
+    }
+    if options.strict_mandatory_keys && !plan.unbuilt_mandatory.is_empty() {
+        return Err(unbuilt_mandatory(&plan));
+    }
+    Ok(plan)
+}
+
+/// Adds what a pass found (NaN inputs, keys methods skipped) to `excluded`; whether it grew, so
+/// the plan must be made again without them.
+fn found_exclusions(stats: &RunStats, options: &MergeOptions, excluded: &mut Exclusions) -> bool {
+    let before = excluded.len();
+    if options.omit_non_finite_inputs {
+        excluded.tensors.extend(stats.non_finite_inputs.iter().copied());
+    }
+    excluded.nodes.extend(stats.skipped.nodes.clone());
+    excluded.len() != before
+}
+
+/// A pass that wrote every key: its plan, stats, destination and input hashes.
+struct Pass<'a> {
+    plan: Plan,
+    stats: RunStats,
+    destination: Destination<'a>,
+    hashes: Vec<InputHash>,
+}
+
+/// Plans and runs passes of one recipe until a pass finds nothing new to exclude.
+fn run_passes<'a>(
+    finalized: plan::Finalized,
+    seeds: &[ChosenSeed],
+    mut excluded: Exclusions,
+    options: &'a MergeOptions,
+    run_options: &RunOptions,
+) -> Result<Pass<'a>> {
+    let mut finalized = finalized;
+    loop {
+        let plan = plan_checked(finalized, options, &excluded)?;
+        let (destination, hashes) = open_destination(&plan, seeds, options)?;
+        let target = run::RunTarget {
+            plan: &plan,
+            sink: destination.sink(),
+            hashes: hashes.as_ref(),
+            host_context: options.host_context,
+        };
+        let stats = run::run(target, run_options)?;
+        if !found_exclusions(&stats, options, &mut excluded) {
+            let hashes = input_hashes(&plan, hashes.as_ref())?;
+            return Ok(Pass { plan, stats, destination, hashes });
+        }
+        drop(destination); // the unfinished output is dropped, and deleted
+        finalized = plan.finalized;
+    }
+}
+
+/// Commits a pass's output (the real input hashes replace the placeholders the header was
+/// written with, same length) and makes its report.
+fn finish(
+    pass: Pass,
+    seeds: Vec<ChosenSeed>,
+    options: &MergeOptions,
+    started: Instant,
+    peak_rss_bytes: u64,
+) -> Result<MergeResult> {
+    let Pass { plan, stats, destination, hashes: input_hashes } = pass;
+    let metadata = || output_metadata(&plan, &seeds, options, Some(&input_hashes));
+    let (tensors, comparison) = match destination {
+        Destination::File(mut writer) => {
+            writer.rewrite_metadata(&planned_tensors(&plan), &metadata())?;
+            writer.commit()?;
+            (vec![], None)
+        }
+        Destination::Sharded(mut writer) => {
+            writer.rewrite_metadata(&metadata())?;
+            writer.commit()?;
+            (vec![], None)
+        }
+        Destination::Memory(sink) => {
+            let tensors = plan
+                .keys
+                .iter()
+                .zip(sink.buffers)
+                .map(|(k, b)| OutputTensor {
+                    name: k.name.clone(),
+                    dtype: k.dtype,
+                    shape: k.shape.clone(),
+                    data: b.into_inner().expect("tensor buffer lock"),
+                })
+                .collect();
+            (tensors, None)
+        }
+        Destination::Compare(sink) => (vec![], Some(sink.finish())),
+    };
+    let report = MergeReport {
+        output: options.output.path().cloned(),
+        keys_written: plan.keys.len(),
+        keys_skipped: plan.skipped.clone(),
+        non_finite_outputs: stats.non_finite_outputs.iter().map(|&k| plan.keys[k].name.clone()).collect(),
+        bytes_read: stats.bytes_read,
+        bytes_written: stats.bytes_written,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes,
+        memory_budget: budget_or_default(options.memory_budget),
+        over_budget: stats.over_budget.iter().map(|&k| plan.keys[k].name.clone()).collect(),
+        threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
+        recipe: recipe_text(&plan, options.embed_recipe),
+        seeds,
+        input_hashes,
+    };
+    Ok(MergeResult { report, tensors, comparison })
+}
+
 /// Plans and runs a merge. A file output appears at its path only once complete.
 ///
 /// With `omit_non_finite_inputs` (sd-mecha's default), input tensors holding NaN or infinity are
@@ -412,78 +551,119 @@ pub fn merge(
 ) -> Result<MergeResult> {
     let started = Instant::now();
     let peak = memory::PeakWatch::start();
-    let mut recipe = recipe;
-    let seeds = choose_seeds(&mut recipe);
-    let mut finalized = plan::finalize(recipe, &options.plan.root_space)?;
-    if finalized.inputs.is_empty() {
-        return Err(MechaError::recipe("the recipe has no model inputs, so there are no keys to merge"));
+    let (finalized, seeds) = prepare(recipe, options)?;
+    let pass = run_passes(finalized, &seeds, Exclusions::default(), options, &run_options(options, cancel, progress))?;
+    finish(pass, seeds, options, started, peak.finish())
+}
+
+/// Merges several recipes in one pass over their inputs, each to its own output (`options`
+/// apply to all but `output`, which each job gives): a key several recipes compute reads the
+/// input tensors they share once, so a sweep of one recipe's parameters costs little more than
+/// one merge besides the writes. Outputs are written whole or not at all: an error in any
+/// merge leaves none of them (they are committed together at the end). External methods of
+/// job `i` see host context `options.host_context + i`. Without a cache in `options` (limit 0),
+/// the run keeps one of a quarter of the memory budget, so that a decomposition is computed once
+/// for all the outputs.
+///
+/// A recipe whose pass finds inputs to leave out (NaN inputs, keys a method skipped) is planned
+/// again and merged on its own, as `merge` would.
+pub fn merge_many(
+    jobs: Vec<(Recipe, OutputTarget)>,
+    options: &MergeOptions,
+    cancel: &AtomicBool,
+    progress: Option<&dyn ProgressSink>,
+) -> Result<Vec<MergeResult>> {
+    let started = Instant::now();
+    let peak = memory::PeakWatch::start();
+    if jobs.is_empty() {
+        return Err(MechaError::recipe("mergeMany needs at least one { recipe, output }"));
     }
-    let run_options = RunOptions {
-        check_inputs: options.omit_non_finite_inputs,
-        check_outputs: options.check_finite_output,
-        threads: options.threads,
-        chunk: options.chunk,
-        host_context: options.host_context,
-        cancel,
-        progress,
-        progress_interval: options.progress_interval,
-        memory_budget: budget_or_default(options.memory_budget),
-        cache: options.cache.as_ref(),
-        hashes: None,
+    // Job i's external methods see host context `host_context + i`.
+    let job_options: Vec<MergeOptions> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, output))| MergeOptions {
+            output: output.clone(),
+            host_context: options.host_context + i as u64,
+            ..options.clone()
+        })
+        .collect();
+    let in_job = |i: usize, e: MechaError| {
+        let output = job_options[i].output.path().map_or(String::new(), |p| format!(" ({})", p.display()));
+        MechaError { message: format!("output {}{output}: {}", i + 1, e.message), ..e }
     };
-    let mut excluded = Exclusions::default();
-    let (plan, stats, written, input_hashes) = loop {
-        let plan = plan::plan_keys(finalized, &options.plan, &excluded)?;
-        // Refused when nothing can be built from the inputs' keys at all; keys emptied by
-        // values found while reading (NaN inputs) are reported as skipped instead.
-        if plan.keys.is_empty() && excluded.is_empty() && !options.allow_empty {
-            return Err(empty_merge(&plan));
+    let mut outputs: Vec<PathBuf> = vec![];
+    let mut prepared = vec![];
+    for (i, (recipe, output)) in jobs.into_iter().enumerate() {
+        if let Some(path) = output.path() {
+            if let Some(j) = outputs.iter().position(|p| p == path) {
+                return Err(MechaError::recipe(format!(
+                    "outputs {} and {} are both {}; give each merge its own output",
+                    j + 1,
+                    i + 1,
+                    path.display()
+                )));
+            }
+            outputs.push(path.clone());
         }
-        if options.strict_mandatory_keys && !plan.unbuilt_mandatory.is_empty() {
-            return Err(unbuilt_mandatory(&plan));
+        let (finalized, seeds) = prepare(recipe, &job_options[i]).map_err(|e| in_job(i, e))?;
+        let plan = plan_checked(finalized, &job_options[i], &Exclusions::default()).map_err(|e| in_job(i, e))?;
+        prepared.push((plan, seeds));
+    }
+    // No output may overwrite what another merge reads.
+    let every_input: Vec<PathBuf> = prepared.iter().flat_map(|(plan, _)| plan.input_paths()).collect();
+    for (i, output) in job_options.iter().enumerate() {
+        if let Some(path) = output.output.path() {
+            ensure_not_an_input(path, &every_input).map_err(|e| in_job(i, e))?;
+            ensure_no_input_inside(path, &every_input).map_err(|e| in_job(i, e))?;
         }
-        let (stats, written, input_hashes) = run_once(&plan, &seeds, options, &run_options)?;
-        let before = excluded.len();
-        if options.omit_non_finite_inputs {
-            excluded.tensors.extend(stats.non_finite_inputs.iter().copied());
-        }
-        excluded.nodes.extend(stats.skipped.nodes.clone());
-        if excluded.len() == before {
-            break (plan, stats, written, input_hashes);
-        }
-        finalized = plan.finalized; // the unfinished output is dropped, and deleted
-    };
-    // The header was written with placeholder hashes of the same length: now the real ones.
-    let metadata = || output_metadata(&plan, &seeds, options, Some(&input_hashes));
-    let (tensors, comparison) = match written {
-        Written::File(mut writer) => {
-            writer.rewrite_metadata(&planned_tensors(&plan), &metadata())?;
-            writer.commit()?;
-            (vec![], None)
-        }
-        Written::Sharded(mut writer) => {
-            writer.rewrite_metadata(&metadata())?;
-            writer.commit()?;
-            (vec![], None)
-        }
-        Written::Memory(tensors) => (tensors, None),
-        Written::Compared(comparison) => (vec![], Some(comparison)),
-    };
-    let report = MergeReport {
-        output: options.output.path().cloned(),
-        keys_written: plan.keys.len(),
-        keys_skipped: plan.skipped.clone(),
-        non_finite_outputs: stats.non_finite_outputs.iter().map(|&k| plan.keys[k].name.clone()).collect(),
-        bytes_read: stats.bytes_read,
-        bytes_written: stats.bytes_written,
-        seconds: started.elapsed().as_secs_f64(),
-        peak_rss_bytes: peak.finish(),
-        memory_budget: run_options.memory_budget,
-        over_budget: stats.over_budget.iter().map(|&k| plan.keys[k].name.clone()).collect(),
-        threads: if options.threads == 0 { run::auto_threads() } else { options.threads },
-        recipe: recipe_text(&plan, options.embed_recipe),
-        seeds,
-        input_hashes,
-    };
-    Ok(MergeResult { report, tensors, comparison })
+    }
+    let mut destinations = vec![];
+    for (i, (plan, seeds)) in prepared.iter().enumerate() {
+        destinations.push(open_destination(plan, seeds, &job_options[i]).map_err(|e| in_job(i, e))?);
+    }
+    // The outputs of a sweep compute a key one after the other: without a cache of the caller's,
+    // one for this run lets the later ones reuse the first one's decompositions (rotate,
+    // truncate_rank) instead of computing them again.
+    let sweep_cache = MethodCache::new(budget_or_default(options.memory_budget) / 4);
+    let mut run_options = run_options(options, cancel, progress);
+    if options.cache.limit() == 0 && prepared.len() > 1 {
+        run_options.cache = &sweep_cache;
+    }
+    let targets: Vec<run::RunTarget> = prepared
+        .iter()
+        .zip(&destinations)
+        .zip(&job_options)
+        .map(|(((plan, _), (destination, hashes)), job)| run::RunTarget {
+            plan,
+            sink: destination.sink(),
+            hashes: hashes.as_ref(),
+            host_context: job.host_context,
+        })
+        .collect();
+    let all_stats = run::run_many(&targets, &run_options)?;
+    drop(targets);
+    let mut passes = vec![];
+    for (i, (((plan, seeds), (destination, hashes)), stats)) in
+        prepared.into_iter().zip(destinations).zip(all_stats).enumerate()
+    {
+        let mut excluded = Exclusions::default();
+        let pass = if found_exclusions(&stats, &job_options[i], &mut excluded) {
+            drop(destination);
+            run_passes(plan.finalized, &seeds, excluded, &job_options[i], &run_options).map_err(|e| in_job(i, e))?
+        } else {
+            let hashes = input_hashes(&plan, hashes.as_ref()).map_err(|e| in_job(i, e))?;
+            Pass { plan, stats, destination, hashes }
+        };
+        passes.push((pass, seeds));
+    }
+    // Every output is complete: commit them all.
+    let peak_rss_bytes = peak.finish();
+    passes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (pass, seeds))| {
+            finish(pass, seeds, &job_options[i], started, peak_rss_bytes).map_err(|e| in_job(i, e))
+        })
+        .collect()
 }

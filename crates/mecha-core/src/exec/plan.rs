@@ -190,6 +190,30 @@ impl KeyPlan {
             .any(|e| matches!(&e.op, Op::Source { input, entry, .. } if tensors.contains(&(*input, entry.start))))
     }
 
+    /// The input tensors one piece of `elements` reads, with the bytes it reads of each (the
+    /// executor's rule: a chunk of a streamed key, the whole tensor for a key computed whole,
+    /// one element of a broadcast scalar).
+    pub fn source_reads(&self, elements: usize) -> Vec<(usize, &TensorEntry, u64)> {
+        self.exprs
+            .iter()
+            .filter_map(|e| match &e.op {
+                Op::Source { input, entry, .. } => {
+                    let width = (entry.dtype.bits() / 8).max(1) as u64;
+                    let broadcast = e.shape.as_ref().is_none_or(|s| s.iter().product::<usize>() == 1);
+                    let bytes = if broadcast {
+                        width
+                    } else if self.chunkable {
+                        elements.min(entry.numel()) as u64 * width
+                    } else {
+                        entry.byte_len as u64
+                    };
+                    Some((*input, entry, bytes))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// When the output is an input tensor unchanged, its bytes can be copied without decoding.
     pub fn passthrough(&self) -> Option<(usize, &TensorEntry)> {
         match &self.exprs[self.root].op {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{guarded, ErrorKind, MechaError, Result};
 use crate::exec::hashes::InputHashes;
-use crate::exec::plan::{Compute, Exclusions, Expr, Op, Plan, TensorId};
+use crate::exec::plan::{Compute, Exclusions, Expr, KeyPlan, Op, Plan, TensorId};
 use crate::io::reader::TensorEntry;
 use crate::kernels::convert::has_non_finite;
 use crate::kernels::tensor::with_slice;
@@ -69,54 +69,164 @@ pub struct RunOptions<'a> {
     pub check_outputs: bool,
     pub threads: usize,
     pub chunk: usize,
-    /// Passed to external (host) methods so the host can tell concurrent merges apart.
-    pub host_context: u64,
     pub cancel: &'a AtomicBool,
     pub progress: Option<&'a dyn ProgressSink>,
     pub progress_interval: Duration,
     /// Bytes of working memory the units running at once may use together.
     pub memory_budget: u64,
     pub cache: &'a dyn NodeCache,
-    /// Hashes the input bytes as they are read (for the output's `mecha_inputs`).
-    pub hashes: Option<&'a InputHashes>,
 }
 
-/// One unit of parallel work: element ranges of keys.
-type Unit = Vec<(usize, Range<usize>)>;
+/// One output of a run: its plan, where its bytes go, and what hashes its inputs' bytes as they
+/// are read (for the output's `mecha_inputs`).
+pub struct RunTarget<'a> {
+    pub plan: &'a Plan,
+    pub sink: &'a dyn TensorSink,
+    pub hashes: Option<&'a InputHashes>,
+    /// Passed to external (host) methods so the host can tell concurrent merges (and the
+    /// outputs of one run) apart.
+    pub host_context: u64,
+}
 
-fn units(plan: &Plan, chunk: usize) -> (Vec<Unit>, Vec<usize>) {
+/// Elements `range` of key `key` of output `target`.
+#[derive(Clone, Debug)]
+struct Piece {
+    target: usize,
+    key: usize,
+    range: Range<usize>,
+}
+
+/// One unit of parallel work: pieces computed one after the other on one thread, and the bytes
+/// of input they keep in the unit's read memo (0 with one output).
+struct Unit {
+    pieces: Vec<Piece>,
+    memo_bytes: u64,
+}
+
+/// Whether a key is computed in chunks (else whole, batched with other small keys). Sub-byte
+/// dtypes are only ever copied whole, and whole-tensor methods need it all.
+fn in_chunks(key: &KeyPlan, chunk: usize) -> bool {
+    key.numel() > chunk && key.dtype.bits().is_multiple_of(8) && key.chunkable
+}
+
+/// Cuts the keys of every output into units. Keys of the same name and size in several outputs
+/// (a sweep of one recipe) go into the same units, piece by piece, so that the input bytes they
+/// share are read once. With one output, units are the plan's keys in order.
+fn units(targets: &[RunTarget], chunk: usize, file_ids: &[Vec<usize>]) -> (Vec<Unit>, Vec<Vec<usize>>) {
+    let mut pieces: Vec<Vec<usize>> = targets.iter().map(|t| vec![0usize; t.plan.keys.len()]).collect();
+    let key_of = |(t, k): (usize, usize)| &targets[t].plan.keys[k];
+    let mut groups: Vec<Vec<(usize, usize)>> = vec![];
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    for (t, target) in targets.iter().enumerate() {
+        for (k, key) in target.plan.keys.iter().enumerate() {
+            let joins = by_name.get(key.name.as_str()).copied().filter(|&g| {
+                let first = key_of(groups[g][0]);
+                first.numel() == key.numel() && in_chunks(first, chunk) == in_chunks(key, chunk)
+            });
+            match joins {
+                Some(g) => groups[g].push((t, k)),
+                None => {
+                    by_name.insert(key.name.as_str(), groups.len());
+                    groups.push(vec![(t, k)]);
+                }
+            }
+        }
+    }
+    // What one piece of each group keeps in the memo: its members' distinct input reads.
+    let memo_bytes = |group: &[(usize, usize)], elements: usize| -> u64 {
+        if targets.len() == 1 {
+            return 0;
+        }
+        let mut seen = HashSet::new();
+        let mut bytes = 0;
+        for &(t, k) in group {
+            for (input, entry, len) in key_of((t, k)).source_reads(elements) {
+                if seen.insert((file_ids[t][input], entry.shard, entry.start)) {
+                    bytes += len;
+                }
+            }
+        }
+        bytes
+    };
     let mut out = vec![];
-    let mut pieces = vec![0usize; plan.keys.len()];
-    let mut batch: Unit = vec![];
+    let mut batch = Unit { pieces: vec![], memo_bytes: 0 };
     let mut batch_len = 0;
-    for (k, key) in plan.keys.iter().enumerate() {
-        let n = key.numel();
-        // Sub-byte dtypes are only ever copied whole, and whole-tensor methods need it all.
-        if n <= chunk || key.dtype.bits() % 8 != 0 || !key.chunkable {
-            batch.push((k, 0..n));
-            pieces[k] = 1;
-            batch_len += n.max(1);
+    for group in &groups {
+        let n = key_of(group[0]).numel();
+        if !in_chunks(key_of(group[0]), chunk) {
+            for &(t, k) in group {
+                batch.pieces.push(Piece { target: t, key: k, range: 0..n });
+                pieces[t][k] = 1;
+                batch_len += n.max(1);
+            }
+            batch.memo_bytes += memo_bytes(group, n);
             if batch_len >= chunk {
-                out.push(std::mem::take(&mut batch));
+                out.push(std::mem::replace(&mut batch, Unit { pieces: vec![], memo_bytes: 0 }));
                 batch_len = 0;
             }
         } else {
             let count = n.div_ceil(chunk);
-            pieces[k] = count;
-            out.extend((0..count).map(|c| vec![(k, c * chunk..((c + 1) * chunk).min(n))]));
+            for &(t, k) in group {
+                pieces[t][k] = count;
+            }
+            let memo = memo_bytes(group, chunk);
+            out.extend((0..count).map(|c| {
+                Unit {
+                    pieces: group
+                        .iter()
+                        .map(|&(t, k)| Piece { target: t, key: k, range: c * chunk..((c + 1) * chunk).min(n) })
+                        .collect(),
+                    memo_bytes: memo,
+                }
+            }));
         }
     }
-    if !batch.is_empty() {
+    if !batch.pieces.is_empty() {
         out.push(batch);
     }
     (out, pieces)
+}
+
+/// Gives the inputs of all outputs one numbering, a file read by several outputs one number (so
+/// their reads of it share the memo). Files in memory are never shared.
+fn shared_file_ids(targets: &[RunTarget]) -> Vec<Vec<usize>> {
+    let mut ids: HashMap<std::path::PathBuf, usize> = HashMap::new();
+    let mut next = 0;
+    targets
+        .iter()
+        .map(|t| {
+            t.plan
+                .inputs()
+                .iter()
+                .map(|file| {
+                    let fresh = {
+                        next += 1;
+                        next - 1
+                    };
+                    if file.in_memory() {
+                        fresh
+                    } else {
+                        *ids.entry(file.path().to_path_buf()).or_insert(fresh)
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 pub fn auto_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<RunStats> {
+/// Runs one plan, writing to `target`'s sink.
+pub fn run(target: RunTarget, options: &RunOptions) -> Result<RunStats> {
+    Ok(run_many(&[target], options)?.pop().expect("one output, one result"))
+}
+
+/// Runs several plans in one pass (a sweep: `exec::merge_many`): keys of the same name are
+/// computed together, so an input tensor several outputs read is read once. Returns each
+/// output's stats, in order.
+pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunStats>> {
     // Large freed buffers are kept for the next key while this runs (see block_cache).
     let _kept_blocks = crate::block_cache::merge_scope(options.memory_budget);
     let threads = if options.threads == 0 { auto_threads() } else { options.threads };
@@ -126,38 +236,46 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
         .build()
         .map_err(|e| MechaError::io("starting the merge threads", std::io::Error::other(e)))?;
     let chunk = options.chunk.max(1);
-    let (units, pieces) = units(plan, chunk);
+    let file_ids = shared_file_ids(targets);
+    let (units, pieces) = units(targets, chunk, &file_ids);
+    let shared_reads = targets.len() > 1;
     let tracker = Tracker {
-        remaining: pieces.into_iter().map(AtomicUsize::new).collect(),
+        remaining: pieces.into_iter().map(|p| p.into_iter().map(AtomicUsize::new).collect()).collect(),
         keys_done: AtomicUsize::new(0),
-        keys_total: plan.keys.len(),
+        keys_total: targets.iter().map(|t| t.plan.keys.len()).sum(),
         bytes_done: AtomicU64::new(0),
-        bytes_total: plan.output_bytes(),
-        bytes_read: AtomicU64::new(0),
+        bytes_total: targets.iter().map(|t| t.plan.output_bytes()).sum(),
         started: Instant::now(),
         last_report: Mutex::new(None),
         sink: options.progress,
         interval: options.progress_interval,
     };
-    let worker = Worker {
-        plan,
-        sink,
-        bytes_read: &tracker.bytes_read,
-        host_context: options.host_context,
-        check_inputs: options.check_inputs,
-        check_outputs: options.check_outputs,
-        cache: options.cache,
-        hashes: options.hashes,
-        non_finite_inputs: Mutex::new(HashSet::new()),
-        non_finite_outputs: (0..plan.keys.len()).map(|_| AtomicBool::new(false)).collect(),
-        skipped: Mutex::new(HashMap::new()),
-        groups: Mutex::new(HashMap::new()),
-    };
+    let workers: Vec<Worker> = targets
+        .iter()
+        .zip(file_ids)
+        .map(|(target, file_ids)| Worker {
+            plan: target.plan,
+            sink: target.sink,
+            file_ids,
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            host_context: target.host_context,
+            check_inputs: options.check_inputs,
+            check_outputs: options.check_outputs,
+            cache: options.cache,
+            hashes: target.hashes,
+            non_finite_inputs: Mutex::new(HashSet::new()),
+            non_finite_outputs: (0..target.plan.keys.len()).map(|_| AtomicBool::new(false)).collect(),
+            skipped: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            over_budget: Mutex::new(vec![]),
+        })
+        .collect();
     let budget = Budget::new(options.memory_budget);
     // Once per key, not per chunk: walking a key's expression for every one of SDXL's ~100 K
     // chunks adds up.
-    let key_bytes: Vec<u64> = (0..plan.keys.len()).map(|k| plan.unit_bytes(k, chunk)).collect();
-    let over_budget = Mutex::new(vec![]);
+    let key_bytes: Vec<Vec<u64>> =
+        targets.iter().map(|t| (0..t.plan.keys.len()).map(|k| t.plan.unit_bytes(k, chunk)).collect()).collect();
     // Units are admitted against the budget, so a large one waits for memory rather than
     // running beside others; one larger than the whole budget runs alone.
     // One scratch per thread for the whole merge, so whole-tensor keys reuse the pages of the
@@ -174,47 +292,43 @@ pub fn run(plan: &Plan, sink: &dyn TensorSink, options: &RunOptions) -> Result<R
                 Some(s) => s,
                 None => &mut fresh,
             };
-            let need = unit.iter().map(|(k, _)| key_bytes[*k]).max().unwrap_or(0);
+            scratch.memo.enabled = shared_reads;
+            // Pieces run one after the other; the memo holds the unit's reads throughout.
+            let need = unit.pieces.iter().map(|p| key_bytes[p.target][p.key]).max().unwrap_or(0) + unit.memo_bytes;
             let alone = budget.acquire(need, options.cancel);
             if alone {
-                over_budget.lock().expect("budget lock").extend(unit.iter().map(|(k, _)| *k));
+                for p in &unit.pieces {
+                    workers[p.target].over_budget.lock().expect("budget lock").push(p.key);
+                }
             }
             // One guard per unit (not per chunk): a panic in a kernel or the executor becomes an
             // error, and the unit's budget is released below either way.
             let result = guarded("the merge executor", || {
-                for (k, range) in unit {
+                for Piece { target, key: k, range } in &unit.pieces {
                     if options.cancel.load(Ordering::Relaxed) {
                         return Err(MechaError::aborted());
                     }
-                    let key = &plan.keys[*k];
+                    let (worker, key) = (&workers[*target], &targets[*target].plan.keys[*k]);
                     let written = match worker.compute_piece(*k, range.clone(), scratch) {
                         Ok(w) => w,
                         Err(e) if e.kind == ErrorKind::KeySkipped => 0, // re-planned without it
                         Err(e) if e.key.is_none() => return Err(e.with_key(&key.name)),
                         Err(e) => return Err(e),
                     };
-                    tracker.piece_done(*k, &key.name, written);
+                    worker.bytes_written.fetch_add(written, Ordering::Relaxed);
+                    tracker.piece_done(*target, *k, &key.name, written);
                 }
                 Ok(())
             });
+            scratch.memo.clear(chunk * 8, 16);
             budget.release(need);
             scratch.shrink(chunk, retain);
             result
         })
     })?;
-    tracker.report(true, plan.keys.last().map_or("", |k| k.name.as_str()));
-    let Worker { non_finite_inputs, non_finite_outputs, skipped, .. } = worker;
-    let mut over_budget = over_budget.into_inner().expect("budget lock");
-    over_budget.sort_unstable();
-    over_budget.dedup();
-    Ok(RunStats {
-        bytes_read: tracker.bytes_read.into_inner(),
-        bytes_written: tracker.bytes_done.into_inner(),
-        non_finite_inputs: non_finite_inputs.into_inner().expect("scan lock"),
-        non_finite_outputs: (0..plan.keys.len()).filter(|&k| non_finite_outputs[k].load(Ordering::Relaxed)).collect(),
-        skipped: Exclusions { tensors: HashSet::new(), nodes: skipped.into_inner().expect("skip lock") },
-        over_budget,
-    })
+    let last = targets.last().and_then(|t| t.plan.keys.last()).map_or("", |k| k.name.as_str());
+    tracker.report(true, last);
+    Ok(workers.into_iter().map(Worker::into_stats).collect())
 }
 
 /// Bytes of working memory in use. Small units (chunks, batches of small keys) are admitted
@@ -284,12 +398,12 @@ impl Budget {
 }
 
 struct Tracker<'a> {
-    remaining: Vec<AtomicUsize>,
+    /// Pieces left of each output's keys.
+    remaining: Vec<Vec<AtomicUsize>>,
     keys_done: AtomicUsize,
     keys_total: usize,
     bytes_done: AtomicU64,
     bytes_total: u64,
-    bytes_read: AtomicU64,
     started: Instant,
     last_report: Mutex<Option<Instant>>,
     sink: Option<&'a dyn ProgressSink>,
@@ -297,9 +411,9 @@ struct Tracker<'a> {
 }
 
 impl Tracker<'_> {
-    fn piece_done(&self, key: usize, name: &str, bytes: u64) {
+    fn piece_done(&self, target: usize, key: usize, name: &str, bytes: u64) {
         self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
-        if self.remaining[key].fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.remaining[target][key].fetch_sub(1, Ordering::AcqRel) == 1 {
             self.keys_done.fetch_add(1, Ordering::Relaxed);
             self.report(false, name);
         }
@@ -343,6 +457,45 @@ struct Scratch {
     raw: Vec<u8>,
     /// Bytes encoded for the output.
     bytes: Vec<u8>,
+    memo: ReadMemo,
+}
+
+/// Which bytes a read took: (shared file id, shard, tensor data start, offset, length).
+type ReadId = (usize, usize, usize, usize, usize);
+
+/// The input bytes one work unit has read, kept while it runs so that the same key of another
+/// output (`run_many`) takes them instead of reading the file again. Off with one output.
+#[derive(Default)]
+struct ReadMemo {
+    enabled: bool,
+    reads: HashMap<ReadId, Vec<u8>>,
+    /// Chunk-sized buffers of earlier units, reused (whole tensors' are freed).
+    spare: Vec<Vec<u8>>,
+}
+
+impl ReadMemo {
+    fn get(&self, id: &ReadId) -> Option<&[u8]> {
+        self.reads.get(id).map(Vec::as_slice)
+    }
+
+    fn put(&mut self, id: ReadId, bytes: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let mut copy = self.spare.pop().unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(bytes);
+        self.reads.insert(id, copy);
+    }
+
+    /// Forgets the unit's reads, keeping up to `keep` of the buffers of at most `small` bytes.
+    fn clear(&mut self, small: usize, keep: usize) {
+        for (_, b) in self.reads.drain() {
+            if b.capacity() <= small && self.spare.len() < keep {
+                self.spare.push(b);
+            }
+        }
+    }
 }
 
 impl Scratch {
@@ -448,7 +601,10 @@ struct GroupSlot {
 struct Worker<'a> {
     plan: &'a Plan,
     sink: &'a dyn TensorSink,
-    bytes_read: &'a AtomicU64,
+    /// Each plan input's number among the inputs of all outputs (see `shared_file_ids`).
+    file_ids: Vec<usize>,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
     host_context: u64,
     check_inputs: bool,
     check_outputs: bool,
@@ -458,16 +614,16 @@ struct Worker<'a> {
     non_finite_outputs: Vec<AtomicBool>,
     skipped: Mutex<HashMap<(NodeId, String), String>>,
     groups: Mutex<HashMap<GroupId, Arc<Mutex<GroupSlot>>>>,
+    over_budget: Mutex<Vec<usize>>,
 }
 
 impl Worker<'_> {
     /// Computes elements `range` of key `k` and writes them. Returns the bytes written.
     fn compute_piece(&self, k: usize, range: Range<usize>, scratch: &mut Scratch) -> Result<u64> {
-        let (plan, sink, bytes_read, key) = (self.plan, self.sink, self.bytes_read, &self.plan.keys[k]);
+        let (sink, key) = (self.sink, &self.plan.keys[k]);
         let out_width = key.dtype.bits() / 8;
         if let Some((input, entry)) = key.passthrough() {
             // Same dtype in and out: copy bytes, no decoding.
-            let file = &plan.inputs()[input];
             let (start, len) = if entry.dtype.bits() % 8 == 0 {
                 let width = entry.dtype.bits() / 8;
                 (range.start * width, range.len() * width)
@@ -476,17 +632,15 @@ impl Worker<'_> {
             };
             let mut raw = std::mem::take(&mut scratch.raw);
             raw.resize(len, 0);
-            let result = file.read(entry, start, &mut raw).and_then(|()| {
-                self.hashed(input, entry, start, &raw);
-                sink.write(k, start, &raw)
-            });
+            let result = self
+                .read_input(input, entry, start, &mut raw, &mut scratch.memo)
+                .and_then(|()| sink.write(k, start, &raw));
             if result.is_ok() && (self.check_inputs || self.check_outputs) && has_non_finite(entry.dtype, &raw) {
                 self.found_non_finite_input(input, entry);
                 self.non_finite_outputs[k].store(true, Ordering::Relaxed);
             }
             scratch.raw = raw;
             result?;
-            bytes_read.fetch_add(len as u64, Ordering::Relaxed);
             return Ok(len as u64);
         }
         // Sized when the result is encoded, so a whole-tensor key never holds it while computing.
@@ -500,9 +654,44 @@ impl Worker<'_> {
         result.map(|()| (range.len() * out_width) as u64)
     }
 
-    fn hashed(&self, input: usize, entry: &TensorEntry, offset: usize, bytes: &[u8]) {
+    /// Reads `raw.len()` bytes of `entry`'s data from `offset` in plan input `input`: from the
+    /// unit's memo when another output's key has just read them, else from the file (and into
+    /// the memo). Either way the bytes are hashed for this output.
+    fn read_input(
+        &self,
+        input: usize,
+        entry: &TensorEntry,
+        offset: usize,
+        raw: &mut [u8],
+        memo: &mut ReadMemo,
+    ) -> Result<()> {
+        let id = (self.file_ids[input], entry.shard, entry.start, offset, raw.len());
+        match memo.get(&id) {
+            Some(bytes) => raw.copy_from_slice(bytes),
+            None => {
+                self.plan.inputs()[input].read(entry, offset, raw)?;
+                self.bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
+                memo.put(id, raw);
+            }
+        }
         if let Some(hashes) = self.hashes {
-            hashes.record(input, entry, offset, bytes);
+            hashes.record(input, entry, offset, raw);
+        }
+        Ok(())
+    }
+
+    fn into_stats(self) -> RunStats {
+        let keys = self.plan.keys.len();
+        let mut over_budget = self.over_budget.into_inner().expect("budget lock");
+        over_budget.sort_unstable();
+        over_budget.dedup();
+        RunStats {
+            bytes_read: self.bytes_read.into_inner(),
+            bytes_written: self.bytes_written.into_inner(),
+            non_finite_inputs: self.non_finite_inputs.into_inner().expect("scan lock"),
+            non_finite_outputs: (0..keys).filter(|&k| self.non_finite_outputs[k].load(Ordering::Relaxed)).collect(),
+            skipped: Exclusions { tensors: HashSet::new(), nodes: self.skipped.into_inner().expect("skip lock") },
+            over_budget,
         }
     }
 
@@ -510,7 +699,7 @@ impl Worker<'_> {
     where
         Scratch: Pool<T>,
     {
-        let (plan, bytes_read, key) = (self.plan, self.bytes_read, &self.plan.keys[k]);
+        let key = &self.plan.keys[k];
         let n = range.len();
         let key_numel = key.numel();
         // Free each buffer after its last reader.
@@ -533,7 +722,6 @@ impl Worker<'_> {
                     None => Val::Value(v.clone()),
                 },
                 Op::Source { input, entry, .. } => {
-                    let file = &plan.inputs()[*input];
                     let width = entry.dtype.bits() / 8;
                     // A key computed whole reads whole inputs, whatever their shape (conversions
                     // combine differently shaped tensors); chunks read the same range of each.
@@ -546,16 +734,12 @@ impl Worker<'_> {
                     };
                     let mut raw = std::mem::take(&mut scratch.raw);
                     raw.resize(r.len() * width, 0);
-                    let read = file.read(entry, r.start * width, &mut raw);
-                    if read.is_ok() {
-                        self.hashed(*input, entry, r.start * width, &raw);
-                    }
+                    let read = self.read_input(*input, entry, r.start * width, &mut raw, &mut scratch.memo);
                     if read.is_ok() && self.check_inputs && has_non_finite(entry.dtype, &raw) {
                         self.found_non_finite_input(*input, entry);
                     }
                     let mut buf = scratch.take(r.len());
                     T::decode(entry.dtype, &raw, &mut buf);
-                    bytes_read.fetch_add(raw.len() as u64, Ordering::Relaxed);
                     // A whole tensor's raw bytes are not kept while the key computes.
                     scratch.raw = if key.chunkable { raw } else { Vec::new() };
                     read?;
