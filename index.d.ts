@@ -32,6 +32,18 @@ export declare class MergeCache {
   clear(): void
 }
 
+/** A merge streamed key by key (`iterate()`): started on its own thread, read with `next()`. */
+export declare class MergeStream {
+  /** Waits (off the event loop) for the next key in output order. */
+  next(): Promise<StreamItem>
+  /** Stops the merge (the consumer is done with it). */
+  cancel(): void
+  /** The merge's report, once the stream has ended. */
+  get report(): MergeReportInfo | null
+  /** The most bytes of keys the stream held at once (computed and not yet taken). */
+  get peakBufferedBytes(): number
+}
+
 /** A seed the merge chose for a `seed: None` parameter. */
 export interface ChosenSeedInfo {
   /** The node's index in the recipe as given (its line in `.mecha` text). */
@@ -244,6 +256,12 @@ export interface MergeReportInfo {
   inputHashes: Array<InputHashInfo>
 }
 
+/**
+ * Starts streaming the recipe's merged keys in output order, keeping at most `buffer_bytes` of
+ * finished keys the consumer has not taken (the engine waits beyond that).
+ */
+export declare function mergeStream(recipeJson: string, options: NativeMergeOptions, bufferBytes: number, cache: MergeCache, onProgress?: ((progress: ProgressInfo) => void) | undefined | null): MergeStream
+
 export interface MethodInfo {
   id: string
   description: string
@@ -417,6 +435,13 @@ export interface SpaceInfo {
   symbol: boolean
   /** Allowed spaces. */
   spaces: Array<string>
+}
+
+/** The next key of a stream, `done` after the last one, or `error`. */
+export interface StreamItem {
+  tensor?: OutputTensorInfo
+  done: boolean
+  error?: ErrorInfo
 }
 
 export interface TensorInfo {

@@ -42,6 +42,8 @@ export type {
 export { merge, MergeCache, MergedModel, parseShardSize } from './merge'
 export type { ChosenSeed, EmbedRecipe, InputHash, MergeOptions, MergeReport, Progress, SkippedKey } from './merge'
 export { mergeMany } from './sweep'
+export { iterate } from './iterate'
+export type { IterateOptions, MergedTensor } from './iterate'
 export type { MergeManyOptions, SweepJob } from './sweep'
 export { verify } from './verify'
 export type { InputCheck, VerifyOptions, VerifyReport } from './verify'

@@ -479,10 +479,7 @@ export async function runNative<O extends { error?: native.ErrorInfo | null }>(
 ): Promise<O> {
   const { signal, onProgress } = options
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started; no output file was written')
-  const context = nextContext
-  nextContext += Math.max(1, jobObjects.length)
-  const states: Running[] = jobObjects.map((objects) => ({ objects }))
-  states.forEach((state, i) => running.set(context + i, state))
+  const { context, states, release } = registerRunning(jobObjects)
   const token = new native.CancelToken()
   const onAbort = () => token.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
@@ -500,7 +497,7 @@ export async function runNative<O extends { error?: native.ErrorInfo | null }>(
       }
     : undefined
   try {
-    const cache = (options.cache ?? attachedCache(jobObjects.flat()))?.handle ?? new native.MergeCache(0)
+    const cache = cacheFor(options, jobObjects.flat())
     const outcome = await callNative(() => call(context, token, cache, progress))
     if (progressError) {
       // It may have thrown after the merge finished: the promise rejects, so no output stays.
@@ -517,6 +514,27 @@ export async function runNative<O extends { error?: native.ErrorInfo | null }>(
     return outcome
   } finally {
     signal?.removeEventListener('abort', onAbort)
-    states.forEach((_, i) => running.delete(context + i))
+    release()
   }
+}
+
+/**
+ * Registers merges about to run under consecutive host contexts (job `i` under `context + i`),
+ * so their JavaScript methods find their node objects and their errors; `release` forgets them.
+ */
+export function registerRunning(jobObjects: readonly (readonly (RecipeNode | undefined)[])[]): {
+  context: number
+  states: readonly { callbackError?: { error: unknown } }[]
+  release: () => void
+} {
+  const context = nextContext
+  nextContext += Math.max(1, jobObjects.length)
+  const states: Running[] = jobObjects.map((objects) => ({ objects }))
+  states.forEach((state, i) => running.set(context + i, state))
+  return { context, states, release: () => states.forEach((_, i) => running.delete(context + i)) }
+}
+
+/** The cache a merge uses: the one given, else one attached to a node of the recipe, else none. */
+export function cacheFor(options: MergeOptions, objects: readonly (RecipeNode | undefined)[]): native.MergeCache {
+  return (options.cache ?? attachedCache(objects))?.handle ?? new native.MergeCache(0)
 }

@@ -549,3 +549,116 @@ pub fn merge_many<'env>(
         .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
     Ok(promise)
 }
+
+/// A merge streamed key by key (`iterate()`): started on its own thread, read with `next()`.
+#[napi]
+pub struct MergeStream {
+    sink: Arc<mecha_core::exec::stream::StreamSink>,
+    cancel: Arc<AtomicBool>,
+    report: Arc<std::sync::Mutex<Option<MergeReport>>>,
+}
+
+/// Starts streaming the recipe's merged keys in output order, keeping at most `buffer_bytes` of
+/// finished keys the consumer has not taken (the engine waits beyond that).
+#[napi]
+pub fn merge_stream(
+    recipe_json: String,
+    options: NativeMergeOptions,
+    buffer_bytes: f64,
+    cache: &MergeCache,
+    #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
+) -> napi::Result<MergeStream> {
+    let sink = Arc::new(mecha_core::exec::stream::StreamSink::new(buffer_bytes.max(1.0) as u64));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let report = Arc::new(std::sync::Mutex::new(None));
+    let (thread_sink, flag, kept) = (sink.clone(), cancel.clone(), report.clone());
+    let cache = cache.inner.clone();
+    let progress = on_progress.map(JsProgress);
+    std::thread::Builder::new()
+        .name("mecha-merge".into())
+        .spawn(move || {
+            let result = mecha_core::error::guarded("iterate", || {
+                let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+                let mut options =
+                    merge_options(NativeMergeOptions { output: None, max_shard_bytes: None, ..options }, cache)?;
+                options.output = OutputTarget::Stream(thread_sink.clone());
+                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+            });
+            drop(progress);
+            match result {
+                Ok(r) => {
+                    *kept.lock().expect("report lock") = Some(r.report);
+                    thread_sink.end(Ok(()));
+                }
+                Err(e) => thread_sink.end(Err(e)),
+            }
+        })
+        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
+    Ok(MergeStream { sink, cancel, report })
+}
+
+/// The next key of a stream, `done` after the last one, or `error`.
+#[napi(object, object_from_js = false)]
+pub struct StreamItem {
+    pub tensor: Option<OutputTensorInfo>,
+    pub done: bool,
+    pub error: Option<ErrorInfo>,
+}
+
+pub struct NextKeyTask {
+    sink: Arc<mecha_core::exec::stream::StreamSink>,
+}
+
+impl Task for NextKeyTask {
+    type Output = mecha_core::Result<Option<mecha_core::exec::stream::StreamedTensor>>;
+    type JsValue = StreamItem;
+
+    fn compute(&mut self) -> napi::Result<Self::Output> {
+        Ok(self.sink.next())
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> napi::Result<StreamItem> {
+        Ok(match output {
+            Ok(Some(t)) => StreamItem {
+                tensor: Some(OutputTensorInfo {
+                    name: t.name,
+                    dtype: t.dtype.safetensors_name().to_string(),
+                    shape: t.shape.iter().map(|&d| d as i64).collect(),
+                    data: crate::buffers::OutputBytes(t.data),
+                }),
+                done: false,
+                error: None,
+            },
+            Ok(None) => StreamItem { tensor: None, done: true, error: None },
+            Err(e) => StreamItem { tensor: None, done: false, error: Some(ErrorInfo::from(&e)) },
+        })
+    }
+}
+
+#[napi]
+impl MergeStream {
+    /// Waits (off the event loop) for the next key in output order.
+    #[napi(ts_return_type = "Promise<StreamItem>")]
+    pub fn next(&self) -> AsyncTask<NextKeyTask> {
+        AsyncTask::new(NextKeyTask { sink: self.sink.clone() })
+    }
+
+    /// Stops the merge (the consumer is done with it).
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.sink.cancel();
+    }
+
+    /// The merge's report, once the stream has ended.
+    #[napi(getter)]
+    pub fn report(&self) -> Option<MergeReportInfo> {
+        self.report.lock().expect("report lock").clone().map(MergeReportInfo::from)
+    }
+
+    /// The most bytes of keys the stream held at once (computed and not yet taken).
+    #[napi(getter)]
+    pub fn peak_buffered_bytes(&self) -> f64 {
+        self.sink.peak_buffered_bytes() as f64
+    }
+}

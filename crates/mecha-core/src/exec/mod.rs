@@ -6,6 +6,7 @@ pub mod hashes;
 pub mod memory;
 pub mod plan;
 pub mod run;
+pub mod stream;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -36,13 +37,15 @@ pub enum OutputTarget {
     Memory,
     /// Nothing written: every tensor is compared with this merged file's (`verify`).
     Compare(Arc<SafetensorsFile>),
+    /// Each finished key handed to a consumer, in output order (`iterate()`).
+    Stream(Arc<stream::StreamSink>),
 }
 
 impl OutputTarget {
     pub fn path(&self) -> Option<&PathBuf> {
         match self {
             OutputTarget::File(p) | OutputTarget::Sharded { folder: p, .. } => Some(p),
-            OutputTarget::Memory | OutputTarget::Compare(_) => None,
+            OutputTarget::Memory | OutputTarget::Compare(_) | OutputTarget::Stream(_) => None,
         }
     }
 }
@@ -222,6 +225,7 @@ enum Destination<'a> {
     Sharded(ShardedWriter),
     Memory(MemorySink),
     Compare(verify::CompareSink<'a>),
+    Stream(&'a stream::StreamSink),
 }
 
 impl Destination<'_> {
@@ -231,6 +235,7 @@ impl Destination<'_> {
             Destination::Sharded(w) => w,
             Destination::Memory(m) => m,
             Destination::Compare(c) => c,
+            Destination::Stream(s) => *s,
         }
     }
 }
@@ -306,7 +311,7 @@ fn open_destination<'a>(
     options: &'a MergeOptions,
 ) -> Result<(Destination<'a>, Option<hashes::InputHashes>)> {
     let hashes = match &options.output {
-        OutputTarget::Memory => None,
+        OutputTarget::Memory | OutputTarget::Stream(_) => None,
         OutputTarget::Compare(_) => Some(hashes::InputHashes::new(plan.inputs())?),
         _ => records_recipe(plan, options).then(|| hashes::InputHashes::new(plan.inputs())).transpose()?,
     };
@@ -327,6 +332,10 @@ fn open_destination<'a>(
             buffers: plan.keys.iter().map(|k| Mutex::new(vec![0u8; k.byte_len()])).collect(),
         }),
         OutputTarget::Compare(against) => Destination::Compare(verify::CompareSink::new(plan, against)),
+        OutputTarget::Stream(sink) => {
+            sink.start(plan)?;
+            Destination::Stream(sink)
+        }
     };
     Ok((destination, hashes))
 }
@@ -475,6 +484,14 @@ fn run_passes<'a>(
             let hashes = input_hashes(&plan, hashes.as_ref())?;
             return Ok(Pass { plan, stats, destination, hashes });
         }
+        if let OutputTarget::Stream(_) = options.output {
+            // The consumer has had the keys before the one to leave out: they cannot be taken back.
+            return Err(MechaError::recipe(
+                "a streamed merge found input tensors holding NaN or infinity (or keys a method skipped) \
+                 after it had handed over keys, so it cannot plan again without them; iterate with \
+                 omitNonFiniteInputs: false, or merge to a file",
+            ));
+        }
         drop(destination); // the unfinished output is dropped, and deleted
         finalized = plan.finalized;
     }
@@ -517,6 +534,7 @@ fn finish(
             (tensors, None)
         }
         Destination::Compare(sink) => (vec![], Some(sink.finish())),
+        Destination::Stream(_) => (vec![], None),
     };
     let report = MergeReport {
         output: options.output.path().cloned(),

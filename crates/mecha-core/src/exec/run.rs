@@ -30,6 +30,22 @@ pub const DEFAULT_CHUNK: usize = 1 << 15;
 pub trait TensorSink: Sync {
     /// Writes bytes of planned key `key`, starting `offset` bytes into its data.
     fn write(&self, key: usize, offset: usize, bytes: &[u8]) -> Result<()>;
+
+    /// Whether keys must be computed in plan order (a consumer takes them in that order:
+    /// `exec::stream`); work units are then dispatched in order, not split among threads.
+    fn ordered(&self) -> bool {
+        false
+    }
+
+    /// Called before a worker takes a unit whose first key is `key` (ordered sinks only): may
+    /// wait until the consumer has made room.
+    fn wait_for_room(&self, _key: usize, _cancel: &AtomicBool) {}
+
+    /// Every piece of `key` has been computed (or skipped: see `piece_skipped`).
+    fn key_done(&self, _key: usize) {}
+
+    /// A piece of `key` was not written: a method skipped the key.
+    fn piece_skipped(&self, _key: usize) {}
 }
 
 #[derive(Clone, Debug, Default)]
@@ -111,8 +127,10 @@ fn in_chunks(key: &KeyPlan, chunk: usize) -> bool {
 
 /// Cuts the keys of every output into units. Keys of the same name and size in several outputs
 /// (a sweep of one recipe) go into the same units, piece by piece, so that the input bytes they
-/// share are read once. With one output, units are the plan's keys in order.
-fn units(targets: &[RunTarget], chunk: usize, file_ids: &[Vec<usize>]) -> (Vec<Unit>, Vec<Vec<usize>>) {
+/// share are read once. With one output, units are the plan's keys in order. Small keys are
+/// batched while large ones go by; `ordered` flushes the batch first, so that units are in key
+/// order (`run_in_order`).
+fn units(targets: &[RunTarget], chunk: usize, file_ids: &[Vec<usize>], ordered: bool) -> (Vec<Unit>, Vec<Vec<usize>>) {
     let mut pieces: Vec<Vec<usize>> = targets.iter().map(|t| vec![0usize; t.plan.keys.len()]).collect();
     let key_of = |(t, k): (usize, usize)| &targets[t].plan.keys[k];
     let mut groups: Vec<Vec<(usize, usize)>> = vec![];
@@ -165,6 +183,10 @@ fn units(targets: &[RunTarget], chunk: usize, file_ids: &[Vec<usize>]) -> (Vec<U
                 batch_len = 0;
             }
         } else {
+            if ordered && !batch.pieces.is_empty() {
+                out.push(std::mem::replace(&mut batch, Unit { pieces: vec![], memo_bytes: 0 }));
+                batch_len = 0;
+            }
             let count = n.div_ceil(chunk);
             for &(t, k) in group {
                 pieces[t][k] = count;
@@ -227,8 +249,11 @@ pub fn run(target: RunTarget, options: &RunOptions) -> Result<RunStats> {
 /// computed together, so an input tensor several outputs read is read once. Returns each
 /// output's stats, in order.
 pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunStats>> {
-    // Large freed buffers are kept for the next key while this runs (see block_cache).
-    let _kept_blocks = crate::block_cache::merge_scope(options.memory_budget);
+    // Large freed buffers are kept for the next key while this runs (see block_cache), except
+    // for a stream: the tensors its consumer frees would be kept too, and its memory is the
+    // point of streaming.
+    let ordered = targets.iter().any(|t| t.sink.ordered());
+    let _kept_blocks = crate::block_cache::merge_scope(if ordered { 0 } else { options.memory_budget });
     let threads = if options.threads == 0 { auto_threads() } else { options.threads };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -237,7 +262,7 @@ pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunSt
         .map_err(|e| MechaError::io("starting the merge threads", std::io::Error::other(e)))?;
     let chunk = options.chunk.max(1);
     let file_ids = shared_file_ids(targets);
-    let (units, pieces) = units(targets, chunk, &file_ids);
+    let (units, pieces) = units(targets, chunk, &file_ids, ordered);
     let shared_reads = targets.len() > 1;
     let tracker = Tracker {
         remaining: pieces.into_iter().map(|p| p.into_iter().map(AtomicUsize::new).collect()).collect(),
@@ -284,8 +309,8 @@ pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunSt
     // work steals) takes a fresh one.
     let scratches: Vec<Mutex<Scratch>> = (0..threads).map(|_| Mutex::default()).collect();
     let retain = (options.memory_budget / 8 / threads as u64) as usize;
-    pool.install(|| {
-        units.par_iter().try_for_each(|unit| {
+    let run_unit = |unit: &Unit| -> Result<()> {
+        {
             let mut own = rayon::current_thread_index().and_then(|i| scratches.get(i)).and_then(|m| m.try_lock().ok());
             let mut fresh = Scratch::default();
             let scratch = match own.as_deref_mut() {
@@ -311,12 +336,17 @@ pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunSt
                     let (worker, key) = (&workers[*target], &targets[*target].plan.keys[*k]);
                     let written = match worker.compute_piece(*k, range.clone(), scratch) {
                         Ok(w) => w,
-                        Err(e) if e.kind == ErrorKind::KeySkipped => 0, // re-planned without it
+                        Err(e) if e.kind == ErrorKind::KeySkipped => {
+                            worker.sink.piece_skipped(*k); // re-planned without it
+                            0
+                        }
                         Err(e) if e.key.is_none() => return Err(e.with_key(&key.name)),
                         Err(e) => return Err(e),
                     };
                     worker.bytes_written.fetch_add(written, Ordering::Relaxed);
-                    tracker.piece_done(*target, *k, &key.name, written);
+                    if tracker.piece_done(*target, *k, &key.name, written) {
+                        worker.sink.key_done(*k);
+                    }
                 }
                 Ok(())
             });
@@ -324,11 +354,52 @@ pub fn run_many(targets: &[RunTarget], options: &RunOptions) -> Result<Vec<RunSt
             budget.release(need);
             scratch.shrink(chunk, retain);
             result
-        })
-    })?;
+        }
+    };
+    if ordered {
+        run_in_order(&pool, threads, &units, targets, options.cancel, &run_unit)?;
+    } else {
+        pool.install(|| units.par_iter().try_for_each(run_unit))?;
+    }
     let last = targets.last().and_then(|t| t.plan.keys.last()).map_or("", |k| k.name.as_str());
     tracker.report(true, last);
     Ok(workers.into_iter().map(Worker::into_stats).collect())
+}
+
+/// Runs the units in plan order for ordered sinks: each of `threads` workers takes the next unit
+/// (so every unit before the one a consumer waits for has been taken and is finishing), waiting
+/// for the sinks' room first. Stops at the first error.
+fn run_in_order(
+    pool: &rayon::ThreadPool,
+    threads: usize,
+    units: &[Unit],
+    targets: &[RunTarget],
+    cancel: &AtomicBool,
+    run_unit: &(dyn Fn(&Unit) -> Result<()> + Sync),
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<MechaError>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    pool.scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|_| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) || i >= units.len() {
+                    break;
+                }
+                let unit = &units[i];
+                for piece in unit.pieces.iter().take(1) {
+                    targets[piece.target].sink.wait_for_room(piece.key, cancel);
+                }
+                if let Err(e) = run_unit(unit) {
+                    failed.lock().expect("order lock").get_or_insert(e);
+                    stop.store(true, Ordering::SeqCst);
+                    break;
+                }
+            });
+        }
+    });
+    failed.into_inner().expect("order lock").map_or(Ok(()), Err)
 }
 
 /// Bytes of working memory in use. Small units (chunks, batches of small keys) are admitted
@@ -411,12 +482,15 @@ struct Tracker<'a> {
 }
 
 impl Tracker<'_> {
-    fn piece_done(&self, target: usize, key: usize, name: &str, bytes: u64) {
+    /// Counts a finished piece; whether it was the key's last.
+    fn piece_done(&self, target: usize, key: usize, name: &str, bytes: u64) -> bool {
         self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
-        if self.remaining[target][key].fetch_sub(1, Ordering::AcqRel) == 1 {
+        let last = self.remaining[target][key].fetch_sub(1, Ordering::AcqRel) == 1;
+        if last {
             self.keys_done.fetch_add(1, Ordering::Relaxed);
             self.report(false, name);
         }
+        last
     }
 
     /// Reports at most once per interval; a worker that finds the lock taken just moves on, so
@@ -636,7 +710,7 @@ impl Worker<'_> {
                 .read_input(input, entry, start, &mut raw, &mut scratch.memo)
                 .and_then(|()| sink.write(k, start, &raw));
             if result.is_ok() && (self.check_inputs || self.check_outputs) && has_non_finite(entry.dtype, &raw) {
-                self.found_non_finite_input(input, entry);
+                self.found_non_finite_input(k, input, entry);
                 self.non_finite_outputs[k].store(true, Ordering::Relaxed);
             }
             scratch.raw = raw;
@@ -736,7 +810,7 @@ impl Worker<'_> {
                     raw.resize(r.len() * width, 0);
                     let read = self.read_input(*input, entry, r.start * width, &mut raw, &mut scratch.memo);
                     if read.is_ok() && self.check_inputs && has_non_finite(entry.dtype, &raw) {
-                        self.found_non_finite_input(*input, entry);
+                        self.found_non_finite_input(k, *input, entry);
                     }
                     let mut buf = scratch.take(r.len());
                     T::decode(entry.dtype, &raw, &mut buf);
@@ -973,7 +1047,13 @@ impl Worker<'_> {
         err
     }
 
-    fn found_non_finite_input(&self, input: usize, entry: &TensorEntry) {
+    /// Notes an input tensor holding NaN or infinity, read for key `k`. When such inputs are left
+    /// out (`check_inputs`), the key will be planned again without it: its bytes now are not the
+    /// output's (a streaming consumer must not get them).
+    fn found_non_finite_input(&self, k: usize, input: usize, entry: &TensorEntry) {
+        if self.check_inputs {
+            self.sink.piece_skipped(k);
+        }
         self.non_finite_inputs.lock().expect("scan lock").insert((input, entry.start));
     }
 }
