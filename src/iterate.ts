@@ -9,6 +9,7 @@ import { fallback } from './methods.generated'
 import {
   cacheFor,
   checkMergeOptions,
+  mergeOptionNames,
   nativeOptions,
   parseBytes,
   registerRunning,
@@ -36,25 +37,12 @@ export interface MergedTensor {
   tensor: Tensor
 }
 
+/** `merge()`'s options but those about an output file, and the stream's own. */
 const iterateOptionNames = [
+  ...mergeOptionNames.filter((n) => !['output', 'maxShardSize', 'embedRecipe', 'allowEmpty'].includes(n)),
   'dtype',
   'bufferSize',
-  'threads',
-  'mergeDtype',
-  'outputDtype',
-  'strictMergeSpace',
-  'onProgress',
-  'progressIntervalMs',
-  'signal',
-  'chunkElements',
-  'omitNonFiniteInputs',
-  'checkFiniteOutput',
-  'memoryBudget',
-  'cache',
-  'fallbackModel',
-  'checkExtraKeys',
-  'strictMandatoryKeys',
-] as const
+]
 
 /**
  * Merges the recipe and yields each merged tensor in output order (the order `merge()` writes

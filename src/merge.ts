@@ -276,7 +276,8 @@ export class MergedModel extends Map<string, Tensor> {
   }
 }
 
-const mergeOptionNames = [
+/** The options `merge()` takes. */
+export const mergeOptionNames = [
   'output',
   'threads',
   'mergeDtype',

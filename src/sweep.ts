@@ -8,6 +8,7 @@ import { checkNames } from './options'
 import { fallback } from './methods.generated'
 import {
   checkMergeOptions,
+  mergeOptionNames,
   nativeOptions,
   parseShardSize,
   runNative,
@@ -27,25 +28,8 @@ export interface SweepJob {
 /** The options of `mergeMany()`: `merge()`'s, but each job gives its own `output`. */
 export type MergeManyOptions = Omit<MergeOptions, 'output' | 'maxShardSize'>
 
-const mergeManyOptionNames = [
-  'threads',
-  'mergeDtype',
-  'outputDtype',
-  'strictMergeSpace',
-  'onProgress',
-  'progressIntervalMs',
-  'signal',
-  'chunkElements',
-  'omitNonFiniteInputs',
-  'checkFiniteOutput',
-  'memoryBudget',
-  'allowEmpty',
-  'cache',
-  'fallbackModel',
-  'checkExtraKeys',
-  'strictMandatoryKeys',
-  'embedRecipe',
-] as const
+/** `merge()`'s options but the output, which each job gives. */
+const mergeManyOptionNames = mergeOptionNames.filter((n) => n !== 'output' && n !== 'maxShardSize')
 
 /** A job in the JSON form the native layer reads, with the node objects its recipe came from. */
 export interface WireJob {

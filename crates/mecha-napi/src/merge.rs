@@ -337,6 +337,15 @@ pub struct OutputTensorInfo {
     pub data: crate::buffers::OutputBytes,
 }
 
+fn tensor_info(name: String, dtype: DType, shape: &[usize], data: Vec<u8>) -> OutputTensorInfo {
+    OutputTensorInfo {
+        name,
+        dtype: dtype.safetensors_name().to_string(),
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        data: crate::buffers::OutputBytes(data),
+    }
+}
+
 /// A finished merge: `report` (and `tensors` for in-memory output), or `error`.
 #[napi(object, object_from_js = false)]
 pub struct MergeOutcome {
@@ -455,15 +464,7 @@ pub fn merge<'env>(
                 Ok(match result {
                     Ok(r) => MergeOutcome {
                         tensors: (r.report.output.is_none()).then(|| {
-                            r.tensors
-                                .into_iter()
-                                .map(|t| OutputTensorInfo {
-                                    name: t.name,
-                                    dtype: t.dtype.safetensors_name().to_string(),
-                                    shape: t.shape.iter().map(|&d| d as i64).collect(),
-                                    data: crate::buffers::OutputBytes(t.data),
-                                })
-                                .collect()
+                            r.tensors.into_iter().map(|t| tensor_info(t.name, t.dtype, &t.shape, t.data)).collect()
                         }),
                         report: Some(r.report.into()),
                         error: None,
@@ -619,16 +620,9 @@ impl Task for NextKeyTask {
 
     fn resolve(&mut self, _env: Env, output: Self::Output) -> napi::Result<StreamItem> {
         Ok(match output {
-            Ok(Some(t)) => StreamItem {
-                tensor: Some(OutputTensorInfo {
-                    name: t.name,
-                    dtype: t.dtype.safetensors_name().to_string(),
-                    shape: t.shape.iter().map(|&d| d as i64).collect(),
-                    data: crate::buffers::OutputBytes(t.data),
-                }),
-                done: false,
-                error: None,
-            },
+            Ok(Some(t)) => {
+                StreamItem { tensor: Some(tensor_info(t.name, t.dtype, &t.shape, t.data)), done: false, error: None }
+            }
             Ok(None) => StreamItem { tensor: None, done: true, error: None },
             Err(e) => StreamItem { tensor: None, done: false, error: Some(ErrorInfo::from(&e)) },
         })
