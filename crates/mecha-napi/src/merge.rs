@@ -431,7 +431,34 @@ fn merge_options(options: NativeMergeOptions, cache: Arc<MethodCache>) -> mecha_
     })
 }
 
-type Resolver = Box<dyn FnOnce(Env) -> napi::Result<MergeOutcome> + Send>;
+/// Runs `work` on a thread of its own with the merge's cancel flag and progress sink, and
+/// settles the promise with what `settle` makes of its result. A panic becomes an error (the
+/// writers' drops remove any temporary file on the way out) instead of a promise left pending.
+fn spawn_merge<'env, T: Send + 'static, O: ToNapiValue + Send + 'static>(
+    env: &'env Env,
+    what: &'static str,
+    cancel: &CancelToken,
+    on_progress: Option<ProgressFn>,
+    work: impl FnOnce(&AtomicBool, Option<&dyn ProgressSink>) -> mecha_core::Result<T> + Send + 'static,
+    settle: impl FnOnce(mecha_core::Result<T>) -> O + Send + 'static,
+) -> napi::Result<Object<'env>> {
+    type Settle<O> = Box<dyn FnOnce(Env) -> napi::Result<O> + Send>;
+    let (deferred, promise) = env.create_deferred::<O, Settle<O>>()?;
+    let flag = cancel.flag.clone();
+    let progress = on_progress.map(JsProgress);
+    std::thread::Builder::new()
+        .name("mecha-merge".into())
+        .spawn(move || {
+            let result = mecha_core::error::guarded(what, || {
+                crate::errors::inject_fault(what);
+                work(&flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
+            });
+            drop(progress); // release the callback so it no longer holds the event loop
+            deferred.resolve(Box::new(move |_env| Ok(settle(result))));
+        })
+        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
+    Ok(promise)
+}
 
 /// Runs a merge on its own threads and resolves with a `MergeOutcome` (errors are returned in
 /// it, so the TypeScript layer can raise its typed error classes).
@@ -444,37 +471,21 @@ pub fn merge<'env>(
     cache: &MergeCache,
     #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
 ) -> napi::Result<Object<'env>> {
-    let (deferred, promise) = env.create_deferred::<MergeOutcome, Resolver>()?;
-    let flag = cancel.flag.clone();
     let cache = cache.inner.clone();
-    let progress = on_progress.map(JsProgress);
-    std::thread::Builder::new()
-        .name("mecha-merge".into())
-        .spawn(move || {
-            // A panic settles the promise with an InternalError (the writer's drop removes any
-            // temporary file on the way out) instead of leaving it pending forever.
-            let result = mecha_core::error::guarded("merge", || {
-                crate::errors::inject_fault("merge");
-                let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
-                let options = merge_options(options, cache)?;
-                mecha_core::exec::merge(recipe, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
-            });
-            drop(progress); // release the callback so it no longer holds the event loop
-            deferred.resolve(Box::new(move |_env| {
-                Ok(match result {
-                    Ok(r) => MergeOutcome {
-                        tensors: (r.report.output.is_none()).then(|| {
-                            r.tensors.into_iter().map(|t| tensor_info(t.name, t.dtype, &t.shape, t.data)).collect()
-                        }),
-                        report: Some(r.report.into()),
-                        error: None,
-                    },
-                    Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
-                })
-            }));
-        })
-        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
-    Ok(promise)
+    let work = move |flag: &AtomicBool, progress: Option<&dyn ProgressSink>| {
+        let recipe = mecha_core::recipe::wire::from_json(&recipe_json)?;
+        let options = merge_options(options, cache)?;
+        mecha_core::exec::merge(recipe, &options, flag, progress)
+    };
+    spawn_merge(env, "merge", cancel, on_progress, work, |result| match result {
+        Ok(r) => MergeOutcome {
+            tensors: (r.report.output.is_none())
+                .then(|| r.tensors.into_iter().map(|t| tensor_info(t.name, t.dtype, &t.shape, t.data)).collect()),
+            report: Some(r.report.into()),
+            error: None,
+        },
+        Err(e) => MergeOutcome { report: None, tensors: None, error: Some(ErrorInfo::from(&e)) },
+    })
 }
 
 /// One merge of `mergeMany`: a recipe (JSON) and its output file or folder.
@@ -493,8 +504,6 @@ pub struct MergeManyOutcome {
     pub error: Option<ErrorInfo>,
 }
 
-type ManyResolver = Box<dyn FnOnce(Env) -> napi::Result<MergeManyOutcome> + Send>;
-
 /// Merges several recipes in one pass over their inputs (`exec::merge_many`), on its own
 /// thread; `options.output` is ignored (each job gives its own).
 #[napi(ts_return_type = "Promise<MergeManyOutcome>")]
@@ -506,49 +515,33 @@ pub fn merge_many<'env>(
     cache: &MergeCache,
     #[napi(ts_arg_type = "((progress: ProgressInfo) => void) | undefined | null")] on_progress: Option<ProgressFn>,
 ) -> napi::Result<Object<'env>> {
-    let (deferred, promise) = env.create_deferred::<MergeManyOutcome, ManyResolver>()?;
-    let flag = cancel.flag.clone();
     let cache = cache.inner.clone();
-    let progress = on_progress.map(JsProgress);
-    std::thread::Builder::new()
-        .name("mecha-merge".into())
-        .spawn(move || {
-            let result = mecha_core::error::guarded("mergeMany", || {
-                let options =
-                    merge_options(NativeMergeOptions { output: None, max_shard_bytes: None, ..options }, cache)?;
-                let jobs = jobs
-                    .into_iter()
-                    .map(|job| {
-                        let recipe = mecha_core::recipe::wire::from_json(&job.recipe)?;
-                        let output = match job.max_shard_bytes {
-                            Some(b) if !(b.is_finite() && b >= 1.0) => {
-                                return Err(mecha_core::MechaError::recipe(format!(
-                                    "maxShardSize must be a positive number of bytes, got {b}"
-                                )))
-                            }
-                            Some(b) => {
-                                OutputTarget::Sharded { folder: PathBuf::from(job.output), max_shard_bytes: b as u64 }
-                            }
-                            None => OutputTarget::File(PathBuf::from(job.output)),
-                        };
-                        Ok((recipe, output))
-                    })
-                    .collect::<mecha_core::Result<Vec<_>>>()?;
-                mecha_core::exec::merge_many(jobs, &options, &flag, progress.as_ref().map(|p| p as &dyn ProgressSink))
-            });
-            drop(progress);
-            deferred.resolve(Box::new(move |_env| {
-                Ok(match result {
-                    Ok(results) => MergeManyOutcome {
-                        reports: Some(results.into_iter().map(|r| r.report.into()).collect()),
-                        error: None,
-                    },
-                    Err(e) => MergeManyOutcome { reports: None, error: Some(ErrorInfo::from(&e)) },
-                })
-            }));
-        })
-        .map_err(|e| napi::Error::from_reason(format!("cannot start the merge thread: {e}")))?;
-    Ok(promise)
+    let work = move |flag: &AtomicBool, progress: Option<&dyn ProgressSink>| {
+        let options = merge_options(NativeMergeOptions { output: None, max_shard_bytes: None, ..options }, cache)?;
+        let jobs = jobs
+            .into_iter()
+            .map(|job| {
+                let recipe = mecha_core::recipe::wire::from_json(&job.recipe)?;
+                let output = match job.max_shard_bytes {
+                    Some(b) if !(b.is_finite() && b >= 1.0) => {
+                        return Err(mecha_core::MechaError::recipe(format!(
+                            "maxShardSize must be a positive number of bytes, got {b}"
+                        )))
+                    }
+                    Some(b) => OutputTarget::Sharded { folder: PathBuf::from(job.output), max_shard_bytes: b as u64 },
+                    None => OutputTarget::File(PathBuf::from(job.output)),
+                };
+                Ok((recipe, output))
+            })
+            .collect::<mecha_core::Result<Vec<_>>>()?;
+        mecha_core::exec::merge_many(jobs, &options, flag, progress)
+    };
+    spawn_merge(env, "mergeMany", cancel, on_progress, work, |result| match result {
+        Ok(results) => {
+            MergeManyOutcome { reports: Some(results.into_iter().map(|r| r.report.into()).collect()), error: None }
+        }
+        Err(e) => MergeManyOutcome { reports: None, error: Some(ErrorInfo::from(&e)) },
+    })
 }
 
 /// A merge streamed key by key (`iterate()`): started on its own thread, read with `next()`.
