@@ -2,9 +2,23 @@
 // /usr/bin/time, the page-cache preparation of sdxl-weighted-sum.mjs, the I/O floor, and
 // tensor-by-tensor comparisons of safetensors files (bytes, and fp16 values where bytes differ).
 import { execFileSync, spawnSync } from 'node:child_process'
-import { closeSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 
-import { inspect } from '../dist/index.js'
+import { inspect, writeRandomModel } from '../dist/index.js'
+
+/** The two benchmark models of `layout` in `dir` (`<layout>-a`, `<layout>-b`, seeds 1 and 2), generated when missing. */
+export async function benchModels(dir, layout) {
+  mkdirSync(dir, { recursive: true })
+  const paths = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
+  for (const [i, path] of paths.entries()) {
+    if (!existsSync(path)) {
+      console.error(`generating ${path}`)
+      await writeRandomModel(path, layout, i + 1)
+    }
+  }
+  return paths
+}
 
 /** Removes `outputs`, flushes dirty pages, then warms the page cache with `inputs` (or drops it). */
 export function prepare(inputs, outputs, cold = false) {

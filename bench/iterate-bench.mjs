@@ -3,13 +3,11 @@
 // memory: Node, the addon, the model-config tables). Warm page cache.
 //
 //   node bench/iterate-bench.mjs [--dir bench/out] [--layout sdxl] [--sleep 1] [--buffer 64M]
-import { execFileSync, spawnSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { writeRandomModel } from '../dist/index.js'
+import { benchModels, prepare, timed } from './harness.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const arg = (name, fallback) => {
@@ -20,26 +18,16 @@ const layout = String(arg('layout', 'sdxl'))
 const dir = resolve(String(arg('dir', join(here, 'out'))))
 const sleepMs = String(arg('sleep', '1'))
 const buffer = String(arg('buffer', '64M'))
-const inputs = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
-for (const [i, path] of inputs.entries()) {
-  if (!existsSync(path)) {
-    console.error(`generating ${path}`)
-    await writeRandomModel(path, layout, i + 1)
-  }
-}
-execFileSync('cat', inputs, { stdio: ['ignore', 'ignore', 'inherit'] })
+const inputs = await benchModels(dir, layout)
+prepare(inputs, [])
 
-function timed(args) {
-  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', process.execPath, join(here, 'iterate-once.mjs'), ...args], {
-    encoding: 'utf8',
-  })
-  if (r.status !== 0) throw new Error(`iterate-once failed:\n${r.stdout}\n${r.stderr}`)
-  const [wall, kb] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number)
-  return { seconds: wall, peakRss: kb * 1024, ...JSON.parse(r.stdout) }
+function iterateOnce(args) {
+  const r = timed(process.execPath, [join(here, 'iterate-once.mjs'), ...args])
+  return { ...r, ...JSON.parse(r.stdout) }
 }
 
-const baseline = timed([...inputs, sleepMs, buffer, '--baseline'])
-const run = timed([...inputs, sleepMs, buffer])
+const baseline = iterateOnce([...inputs, sleepMs, buffer, '--baseline'])
+const run = iterateOnce([...inputs, sleepMs, buffer])
 const mib = (b) => (b / 2 ** 20).toFixed(0)
 console.log(
   `\niterate(weighted_sum) of two ${layout} fp16 models, consumer sleeping ${sleepMs} ms per tensor, bufferSize ${buffer}`,

@@ -10,13 +10,13 @@
 //   node bench/sdxl-weighted-sum.mjs [--cold] [--threads N] [--dir bench/out] [--layout sdxl]
 //                                    [--method weighted_sum] [--memory 1G] [--rounds 3]
 import { execFileSync, spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { writeRandomModel } from '../dist/index.js'
 import { compareOutputs } from './compare.mjs'
+import { benchModels } from './harness.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const arg = (name, fallback) => {
@@ -30,15 +30,8 @@ const dir = resolve(String(arg('dir', join(here, 'out'))))
 const alpha = '0.3'
 const method = String(arg('method', 'weighted_sum'))
 const memory = arg('memory', undefined)
-mkdirSync(dir, { recursive: true })
 
-const inputs = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
-for (const [i, path] of inputs.entries()) {
-  if (!existsSync(path)) {
-    console.error(`generating ${path}`)
-    await writeRandomModel(path, layout, i + 1)
-  }
-}
+const inputs = await benchModels(dir, layout)
 const inputBytes = inputs.reduce((s, p) => s + statSync(p).size, 0)
 
 function prepare(outputs) {

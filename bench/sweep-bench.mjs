@@ -8,13 +8,13 @@
 // Warm page cache (inputs read beforehand). Needs ~55 GB free next to the models.
 //
 //   node bench/sweep-bench.mjs [--threads N] [--dir bench/out] [--layout sdxl] [--points 5] [--rounds 1]
-import { execFileSync, spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, rmSync, statSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { rmSync, statSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { writeRandomModel } from '../dist/index.js'
+import { benchModels, prepare, timed } from './harness.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const arg = (name, fallback) => {
@@ -25,34 +25,16 @@ const threads = String(arg('threads', '0'))
 const layout = String(arg('layout', 'sdxl'))
 const points = Number(arg('points', 5))
 const dir = resolve(String(arg('dir', join(here, 'out'))))
-mkdirSync(dir, { recursive: true })
 const alphas = Array.from({ length: points }, (_, i) =>
   String(Number((0.1 + (0.8 * i) / Math.max(1, points - 1)).toFixed(3))),
 )
 const single = alphas.includes('0.3') ? '0.3' : alphas[Math.floor(points / 2)]
 
-const inputs = [join(dir, `${layout}-a.safetensors`), join(dir, `${layout}-b.safetensors`)]
-for (const [i, path] of inputs.entries()) {
-  if (!existsSync(path)) {
-    console.error(`generating ${path}`)
-    await writeRandomModel(path, layout, i + 1)
-  }
-}
+const inputs = await benchModels(dir, layout)
 const inputBytes = inputs.reduce((s, p) => s + statSync(p).size, 0)
 const outputBytes = inputBytes / 2
 
-function warm() {
-  execFileSync('sync')
-  execFileSync('cat', inputs, { stdio: ['ignore', 'ignore', 'inherit'] })
-}
-
-/** Runs a command under /usr/bin/time; returns wall seconds, peak RSS bytes and stdout. */
-function timed(cmd, args) {
-  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', cmd, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 })
-  if (r.status !== 0) throw new Error(`${cmd} failed:\n${r.stdout}\n${r.stderr}`)
-  const [wall, kb] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number)
-  return { seconds: wall, peakRss: kb * 1024, stdout: r.stdout }
-}
+const warm = () => prepare(inputs, [])
 
 /** Writes `count` output-sized files of zeros one after the other, each flushed; then removes them. */
 function writeFloor(count) {

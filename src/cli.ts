@@ -241,37 +241,26 @@ const writeFlags = [
   'quiet',
 ] as const
 
+/** The flags of the commands that merge a recipe file (merge, sweep). */
+const recipeMergeFlags = [
+  'output',
+  'threads',
+  'merge-dtype',
+  'output-dtype',
+  'strict-merge-space',
+  'memory',
+  'fallback-model',
+  'strict-mandatory-keys',
+  'embed-recipe',
+  'max-shard-size',
+  'json',
+  'quiet',
+] as const
+
 /** The flags each command takes (`help` and `version` go anywhere). */
 const commandFlags: Record<string, readonly string[]> = {
-  merge: [
-    'output',
-    'threads',
-    'merge-dtype',
-    'output-dtype',
-    'strict-merge-space',
-    'memory',
-    'fallback-model',
-    'strict-mandatory-keys',
-    'embed-recipe',
-    'max-shard-size',
-    'json',
-    'quiet',
-  ],
-  sweep: [
-    'param',
-    'output',
-    'threads',
-    'merge-dtype',
-    'output-dtype',
-    'strict-merge-space',
-    'memory',
-    'fallback-model',
-    'strict-mandatory-keys',
-    'embed-recipe',
-    'max-shard-size',
-    'json',
-    'quiet',
-  ],
+  merge: recipeMergeFlags,
+  sweep: ['param', ...recipeMergeFlags],
   plan: ['threads', 'merge-dtype', 'output-dtype', 'strict-merge-space', 'memory', 'json'],
   serialize: ['output', 'strict-merge-space'],
   info: ['json', 'keys'],

@@ -5,19 +5,19 @@
 import native = require('./native')
 import { AbortError, OptionError, errorFromNative } from './errors'
 import { tensorFromBytes, type DtypeName, type SafetensorsDtype, type Tensor } from './dtypes'
-import { fallback } from './methods.generated'
 import {
   cacheFor,
   checkMergeOptions,
+  guardedProgress,
   mergeOptionNames,
   nativeOptions,
   parseBytes,
   registerRunning,
+  withFallbackModel,
   type MergeOptions,
   type MergeReport,
-  type Progress,
 } from './merge'
-import { model, toWireWithNodes, type RecipeInput } from './recipe'
+import { toWireWithNodes, type RecipeInput } from './recipe'
 
 /** Options of {@link iterate}: `merge()`'s engine options, with no output to write. */
 export interface IterateOptions extends Omit<MergeOptions, 'output' | 'maxShardSize' | 'embedRecipe' | 'allowEmpty'> {
@@ -65,26 +65,10 @@ export async function* iterate(
   checkMergeOptions({ outputDtype: dtype }, 'iterate')
   const buffer = bufferSize === undefined ? 64 * 2 ** 20 : parseBytes(bufferSize, 'bufferSize')
   if (signal?.aborted) throw new AbortError('the merge was cancelled before it started')
-  const fallen =
-    fallbackModel === undefined
-      ? recipe
-      : fallback(recipe, typeof fallbackModel === 'string' ? model(fallbackModel) : fallbackModel)
-  const { wire, objects } = toWireWithNodes(fallen)
+  const { wire, objects } = toWireWithNodes(withFallbackModel(recipe, fallbackModel))
   const { context, states, release } = registerRunning([objects])
-  // A progress callback that throws stops the merge, which then rejects with that error.
-  let progressError: { error: unknown } | undefined
   let stream: native.MergeStream | undefined
-  const progress = onProgress
-    ? (p: Progress) => {
-        if (progressError) return
-        try {
-          onProgress(p)
-        } catch (error) {
-          progressError = { error }
-          stream?.cancel()
-        }
-      }
-    : undefined
+  const { progress, error: progressError } = guardedProgress(onProgress, () => stream?.cancel())
   stream = native.mergeStream(
     JSON.stringify(wire),
     nativeOptions({ ...rest, outputDtype: dtype ?? rest.outputDtype }, context),
@@ -99,7 +83,8 @@ export async function* iterate(
   try {
     for (;;) {
       const item = await current.next()
-      if (progressError) throw progressError.error
+      const thrown = progressError()
+      if (thrown) throw thrown.error
       // Tensors computed before the abort are not delivered after it.
       if (signal?.aborted) throw new AbortError('the iteration was cancelled; the merge stopped')
       if (item.error) {

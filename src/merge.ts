@@ -372,12 +372,37 @@ export function merge(recipe: RecipeInput, options?: MergeOptions): Promise<Merg
 export async function merge(recipe: RecipeInput, options: MergeOptions = {}): Promise<MergeReport | MergedModel> {
   checkMergeOptions(options, 'merge')
   const { fallbackModel, ...rest } = options
-  const fallen =
-    fallbackModel === undefined
-      ? recipe
-      : fallback(recipe, typeof fallbackModel === 'string' ? model(fallbackModel) : fallbackModel)
-  const { wire, objects } = toWireWithNodes(fallen)
+  const { wire, objects } = toWireWithNodes(withFallbackModel(recipe, fallbackModel))
   return mergeWire(JSON.stringify(wire), rest, objects)
+}
+
+/** `fallback(recipe, fallbackModel)`, as sd-mecha's `fallback_model` builds it; the recipe itself without one. */
+export function withFallbackModel(recipe: RecipeInput, fallbackModel: string | RecipeNode | undefined): RecipeInput {
+  if (fallbackModel === undefined) return recipe
+  return fallback(recipe, typeof fallbackModel === 'string' ? model(fallbackModel) : fallbackModel)
+}
+
+/**
+ * `onProgress` wrapped so that a throw stops the merge (`stop`) and is kept: the merge then
+ * rejects with that error (`error()`) rather than its own cancellation.
+ */
+export function guardedProgress(
+  onProgress: ((p: Progress) => void) | undefined,
+  stop: () => void,
+): { progress: ((p: Progress) => void) | undefined; error: () => { error: unknown } | undefined } {
+  let thrown: { error: unknown } | undefined
+  const progress = onProgress
+    ? (p: Progress) => {
+        if (thrown) return
+        try {
+          onProgress(p)
+        } catch (error) {
+          thrown = { error }
+          stop()
+        }
+      }
+    : undefined
+  return { progress, error: () => thrown }
 }
 
 /** Caches attached to recipe nodes (sd-mecha's `rotate(…, cache=…)`), used by merges of them. */
@@ -484,27 +509,16 @@ export async function runNative<O extends { error?: native.ErrorInfo | null }>(
   const token = new native.CancelToken()
   const onAbort = () => token.cancel()
   signal?.addEventListener('abort', onAbort, { once: true })
-  // A progress callback that throws cancels the merge, which then rejects with that error.
-  let progressError: { error: unknown } | undefined
-  const progress = onProgress
-    ? (p: Progress) => {
-        if (progressError) return
-        try {
-          onProgress(p)
-        } catch (error) {
-          progressError = { error }
-          token.cancel()
-        }
-      }
-    : undefined
+  const { progress, error: progressError } = guardedProgress(onProgress, () => token.cancel())
   try {
     const cache = cacheFor(options, jobObjects.flat())
     const outcome = await callNative(() => call(context, token, cache, progress))
-    if (progressError) {
+    const thrown = progressError()
+    if (thrown) {
       // It may have thrown after the merge finished: the promise rejects, so no output stays.
       // (a sharded output is a folder this merge has just written whole)
       if (!outcome.error) for (const o of outputs) rmSync(o.path, { force: true, recursive: o.folder })
-      throw progressError.error
+      throw thrown.error
     }
     if (outcome.error) {
       const error = errorFromNative(outcome.error)

@@ -5,17 +5,17 @@
 import native = require('./native')
 import { OptionError } from './errors'
 import { checkNames } from './options'
-import { fallback } from './methods.generated'
 import {
   checkMergeOptions,
   mergeOptionNames,
   nativeOptions,
   parseShardSize,
   runNative,
+  withFallbackModel,
   type MergeOptions,
   type MergeReport,
 } from './merge'
-import { model, RecipeNode, toWireWithNodes, type RecipeInput, type WireRecipe, type WireValue } from './recipe'
+import { RecipeNode, toWireWithNodes, type RecipeInput, type WireRecipe, type WireValue } from './recipe'
 
 /** One merge of {@link mergeMany}: a recipe and the file (or, with `maxShardSize`, the folder) it is written to. */
 export interface SweepJob {
@@ -64,11 +64,7 @@ export async function mergeMany(jobs: readonly SweepJob[], options: MergeManyOpt
     )
     checkMergeOptions({ output: job.output, maxShardSize: job.maxShardSize }, `mergeMany: job ${i + 1}`)
     if (job.output === undefined) throw new OptionError(`mergeMany: job ${i + 1} needs an output path`)
-    const recipe =
-      fallbackModel === undefined
-        ? job.recipe
-        : fallback(job.recipe, typeof fallbackModel === 'string' ? model(fallbackModel) : fallbackModel)
-    const { wire, objects } = toWireWithNodes(recipe)
+    const { wire, objects } = toWireWithNodes(withFallbackModel(job.recipe, fallbackModel))
     return { wire: JSON.stringify(wire), objects, output: job.output, maxShardSize: job.maxShardSize }
   })
   return mergeManyWire(wired, rest)

@@ -27,11 +27,7 @@ fn write_model(path: &Path, seed: u64, nan: bool) {
             (format!("layers.{i:02}.weight"), f32_tensor(DType::F16, &[128, 256], &v))
         })
         .collect();
-    let listed: Vec<(&str, Raw)> = tensors
-        .iter()
-        .map(|(k, r)| (k.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
-        .collect();
-    write_file(path, &listed);
+    write_named(path, &tensors);
 }
 
 fn recipe(a: &Path, b: &Path, method: &str) -> Recipe {
@@ -172,12 +168,7 @@ fn small_keys_between_large_ones_arrive_in_order_under_a_full_buffer() {
     };
     let (a, b) = (dir.path().join("a.st"), dir.path().join("b.st"));
     for (path, seed) in [(&a, 1), (&b, 2)] {
-        let t = tensors(seed);
-        let listed: Vec<(&str, Raw)> = t
-            .iter()
-            .map(|(k, r)| (k.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
-            .collect();
-        write_file(path, &listed);
+        write_named(path, &tensors(seed));
     }
     let (sink, _, handle) = stream(recipe(&a, &b, "weighted_sum"), 1, 4096);
     let mut names = vec![];

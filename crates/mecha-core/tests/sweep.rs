@@ -12,32 +12,15 @@ use mecha_core::exec::{merge, merge_many, MergeOptions, MergeResult, OutputTarge
 use mecha_core::recipe::{Arg, Recipe, RecipeBuilder, Scalar};
 use mecha_core::{DType, ErrorKind};
 
-/// Streamed keys of several chunks, small ones batched together, and an integer one copied.
+/// `mixed_model(seed)`, with a NaN in `net.0.bias` when asked.
 fn model_tensors(seed: u64, nan_in_bias: bool) -> Vec<(String, Raw)> {
-    let spec: [(&str, DType, Vec<usize>); 4] = [
-        ("net.embed.weight", DType::F16, vec![400, 250]),
-        ("net.0.weight", DType::F32, vec![300, 110]),
-        ("net.0.bias", DType::F16, vec![300]),
-        ("net.1.weight", DType::BF16, vec![64, 64]),
-    ];
-    spec.into_iter()
-        .enumerate()
-        .map(|(i, (name, dtype, shape))| {
-            let mut v = values(seed * 100 + i as u64, shape.iter().product());
-            if nan_in_bias && name == "net.0.bias" {
-                v[7] = f32::NAN;
-            }
-            (name.to_string(), f32_tensor(dtype, &shape, &v))
-        })
-        .collect()
-}
-
-fn write_model(path: &Path, tensors: &[(String, Raw)]) {
-    let listed: Vec<(&str, Raw)> = tensors
-        .iter()
-        .map(|(k, r)| (k.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
-        .collect();
-    write_file(path, &listed);
+    let mut tensors = mixed_model(seed);
+    if nan_in_bias {
+        let mut v = values(seed * 100 + 2, 300);
+        v[7] = f32::NAN;
+        tensors[2].1 = f32_tensor(DType::F16, &[300], &v);
+    }
+    tensors
 }
 
 /// `method(a, b, alpha)` for a method taking two models and an alpha.
@@ -81,10 +64,25 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, nan) =
         (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"), dir.path().join("nan.safetensors"));
-    write_model(&a, &model_tensors(1, false));
-    write_model(&b, &model_tensors(2, false));
-    write_model(&nan, &model_tensors(2, true));
+    write_named(&a, &model_tensors(1, false));
+    write_named(&b, &model_tensors(2, false));
+    write_named(&nan, &model_tensors(2, true));
     Fixture { dir, a, b, nan }
+}
+
+/// Merges each recipe alone and all of them with `merge_many`, checks that every output is the
+/// bytes of its merge alone, and returns the `merge_many` results.
+fn same_as_alone(f: &Fixture, recipes: impl Fn() -> Vec<Recipe>, o: &MergeOptions) -> Vec<MergeResult> {
+    let count = recipes().len();
+    for (i, r) in recipes().into_iter().enumerate() {
+        alone(r, &f.path(&format!("alone-{i}.st")), o);
+    }
+    let outs: Vec<PathBuf> = (0..count).map(|i| f.path(&format!("many-{i}.st"))).collect();
+    let results = many(recipes().into_iter().zip(outs.iter().map(PathBuf::as_path)).collect(), o).unwrap();
+    for (i, out) in outs.iter().enumerate() {
+        assert!(std::fs::read(f.path(&format!("alone-{i}.st"))).unwrap() == std::fs::read(out).unwrap(), "output {i}");
+    }
+    results
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -137,17 +135,10 @@ fn recipes_over_different_inputs_and_keys_merge_together() {
     c_tensors.retain(|(k, _)| k != "net.1.weight");
     c_tensors.push(("net.2.weight".to_string(), f32_tensor(DType::F16, &[10, 10], &values(77, 100))));
     let c = f.path("c.safetensors");
-    write_model(&c, &c_tensors);
+    write_named(&c, &c_tensors);
     let o = options(2, 4096);
     let recipes = || vec![two_models("weighted_sum", &f.a, &f.b, 0.3), two_models("slerp", &f.a, &c, 0.7)];
-    for (i, r) in recipes().into_iter().enumerate() {
-        alone(r, &f.path(&format!("alone-{i}.st")), &o);
-    }
-    let outs = [f.path("m0.st"), f.path("m1.st")];
-    let results = many(recipes().into_iter().zip(outs.iter().map(PathBuf::as_path)).collect(), &o).unwrap();
-    for (i, out) in outs.iter().enumerate() {
-        assert!(std::fs::read(f.path(&format!("alone-{i}.st"))).unwrap() == std::fs::read(out).unwrap(), "output {i}");
-    }
+    let results = same_as_alone(&f, recipes, &o);
     assert_eq!(results[1].report.keys_written, 3);
 }
 
@@ -156,14 +147,7 @@ fn an_output_whose_inputs_hold_nan_is_merged_again_alone_as_merge_would() {
     let f = fixture();
     let o = options(2, 4096);
     let recipes = || vec![two_models("weighted_sum", &f.a, &f.b, 0.3), two_models("weighted_sum", &f.a, &f.nan, 0.3)];
-    for (i, r) in recipes().into_iter().enumerate() {
-        alone(r, &f.path(&format!("alone-{i}.st")), &o);
-    }
-    let outs = [f.path("m0.st"), f.path("m1.st")];
-    let results = many(recipes().into_iter().zip(outs.iter().map(PathBuf::as_path)).collect(), &o).unwrap();
-    for (i, out) in outs.iter().enumerate() {
-        assert!(std::fs::read(f.path(&format!("alone-{i}.st"))).unwrap() == std::fs::read(out).unwrap(), "output {i}");
-    }
+    let results = same_as_alone(&f, recipes, &o);
     // The NaN bias is omitted from the second output, as merging it alone does.
     assert_eq!(results[0].report.keys_written, 4);
     assert_eq!(results[1].report.keys_written, 3);
@@ -200,7 +184,7 @@ fn a_sweep_that_cannot_complete_leaves_no_output_and_names_the_output() {
     assert!(err.message.starts_with("output 2 ("), "{}", err.message);
     // A recipe with nothing to merge (no key in common), named by its output.
     let other = f.path("other.safetensors");
-    write_model(&other, &[("z.weight".to_string(), f32_tensor(DType::F16, &[4], &values(5, 4)))]);
+    write_named(&other, &[("z.weight".to_string(), f32_tensor(DType::F16, &[4], &values(5, 4)))]);
     let err = many(
         vec![
             (two_models("weighted_sum", &f.a, &f.b, 0.1), &f.path("fine.st")),
@@ -241,13 +225,5 @@ fn a_sweep_of_decomposing_methods_gives_each_output_its_bytes_alone() {
         let root = r.merge("rotate", vec![Arg::Node(na), Arg::Node(nb)], kwargs).unwrap();
         r.finish(root).unwrap()
     };
-    let alphas = [0.0, 0.5, 1.0];
-    for (i, &alpha) in alphas.iter().enumerate() {
-        alone(rotate(alpha), &f.path(&format!("alone-{i}.st")), &o);
-    }
-    let outs: Vec<PathBuf> = (0..alphas.len()).map(|i| f.path(&format!("many-{i}.st"))).collect();
-    many(alphas.iter().zip(&outs).map(|(&alpha, out)| (rotate(alpha), out.as_path())).collect(), &o).unwrap();
-    for (i, out) in outs.iter().enumerate() {
-        assert!(std::fs::read(f.path(&format!("alone-{i}.st"))).unwrap() == std::fs::read(out).unwrap(), "rotate {i}");
-    }
+    same_as_alone(&f, || [0.0, 0.5, 1.0].map(rotate).to_vec(), &o);
 }

@@ -12,33 +12,7 @@ use common::*;
 use mecha_core::exec::verify::{verify, VerifyOptions};
 use mecha_core::exec::{hashes, merge, MergeOptions, MergeResult, OutputTarget};
 use mecha_core::recipe::{Arg, Recipe, RecipeBuilder, Scalar};
-use mecha_core::{DType, ErrorKind};
-
-/// Tensors of several blocks (a 100 000-element f16 tensor is 7 blocks of 32 KiB, the last one
-/// partial), small ones and an integer one.
-fn model_tensors(seed: u64) -> Vec<(String, Raw)> {
-    let spec: [(&str, DType, Vec<usize>); 4] = [
-        ("net.embed.weight", DType::F16, vec![400, 250]),
-        ("net.0.weight", DType::F32, vec![300, 110]),
-        ("net.0.bias", DType::F16, vec![300]),
-        ("net.1.weight", DType::BF16, vec![64, 64]),
-    ];
-    spec.into_iter()
-        .enumerate()
-        .map(|(i, (name, dtype, shape))| {
-            let n = shape.iter().product();
-            (name.to_string(), f32_tensor(dtype, &shape, &values(seed * 100 + i as u64, n)))
-        })
-        .collect()
-}
-
-fn write_model(path: &Path, tensors: &[(String, Raw)]) {
-    let listed: Vec<(&str, Raw)> = tensors
-        .iter()
-        .map(|(k, r)| (k.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
-        .collect();
-    write_file(path, &listed);
-}
+use mecha_core::ErrorKind;
 
 fn weighted(a: &Path, b: &Path) -> Recipe {
     let mut r = RecipeBuilder::new();
@@ -68,8 +42,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, out) =
         (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"), dir.path().join("m.safetensors"));
-    write_model(&a, &model_tensors(1));
-    write_model(&b, &model_tensors(2));
+    write_named(&a, &mixed_model(1));
+    write_named(&b, &mixed_model(2));
     Fixture { _dir: dir, a, b, out }
 }
 
@@ -94,7 +68,7 @@ fn outputs_record_engine_options_and_input_hashes() {
         let hash = recorded[hashes::ALGORITHM].as_str().unwrap();
         assert_eq!(hash, reported.hash);
         assert_eq!(hash.len(), 32);
-        assert_ne!(hash, hashes::placeholder(), "the placeholder was replaced");
+        assert_ne!(hash, hashes::reserved(), "the reserved field was filled");
         assert_eq!(recorded["model"].as_str().unwrap(), reported.model);
     }
     assert_eq!(inputs[0]["model"].as_str().unwrap(), f.a.to_str().unwrap());
@@ -134,9 +108,9 @@ fn verify_reproduces_a_merge_and_names_an_input_that_changed() {
     assert_eq!(report.recorded_engine.as_deref(), Some(mecha_core::exec::engine_version().as_str()));
 
     // One value of b changes (same shapes, same header): b is named, and the key that reads it.
-    let mut changed = model_tensors(2);
+    let mut changed = mixed_model(2);
     changed[2].1.data[0] ^= 0x10;
-    write_model(&f.b, &changed);
+    write_named(&f.b, &changed);
     let report = verify(&f.out, &VerifyOptions { threads: 1, ..Default::default() }).unwrap();
     assert!(!report.reproducible);
     let b = f.b.to_str().unwrap();
@@ -153,9 +127,9 @@ fn a_changed_tensor_the_output_does_not_show_still_changes_the_hash() {
     run_merge(weighted(&f.a, &f.b), &to_file(&f.out, 0, mecha_core::exec::run::DEFAULT_CHUNK));
     // The lowest mantissa bit of one f32 value of a: weighted 0.7 into an f16 output, the output
     // bytes are the same, but the input is not the one merged.
-    let mut changed = model_tensors(1);
+    let mut changed = mixed_model(1);
     changed[1].1.data[0] ^= 0x01;
-    write_model(&f.a, &changed);
+    write_named(&f.a, &changed);
     let report = verify(&f.out, &VerifyOptions::default()).unwrap();
     assert!(!report.reproducible);
     assert!(report.comparison.differing_keys.is_empty(), "{:?}", report.comparison.differing_keys);

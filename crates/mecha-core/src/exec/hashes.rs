@@ -139,8 +139,8 @@ fn hash_block(block: usize, bytes: &[u8]) -> u64 {
     xxh3_64_with_seed(bytes, block as u64) | 1
 }
 
-/// A hash with the same length as a real one, written into the header before the merge runs
-/// and replaced once the inputs are read (the header's length, so every offset, stays).
-pub fn placeholder() -> String {
+/// The hash field's value while the merge runs: as long as a real hash, so that writing the
+/// real one once the inputs are read keeps the header's length, and so every tensor's offset.
+pub fn reserved() -> String {
     "0".repeat(32)
 }

@@ -269,7 +269,7 @@ fn recorded_options(options: &MergeOptions) -> String {
 }
 
 /// The output's `__metadata__`: the recipe, the seeds the merge chose, the engine, the options
-/// that change the bytes and each input's hash (`None`: placeholders of the same length, until
+/// that change the bytes and each input's hash (`None`: reserved fields of the same length, until
 /// the inputs have been read).
 fn output_metadata(
     plan: &Plan,
@@ -290,12 +290,12 @@ fn output_metadata(
     }
     metadata.push(("mecha_engine".to_string(), engine_version()));
     metadata.push(("mecha_options".to_string(), recorded_options(options)));
-    let placeholder = hashes::placeholder();
+    let reserved = hashes::reserved();
     let inputs: Vec<serde_json::Value> = input_labels(plan)
         .into_iter()
         .enumerate()
         .map(|(i, model)| {
-            let hash = hashes.and_then(|h| h.get(i)).map_or(placeholder.as_str(), |h| h.hash.as_str());
+            let hash = hashes.and_then(|h| h.get(i)).map_or(reserved.as_str(), |h| h.hash.as_str());
             serde_json::json!({ "model": model, hashes::ALGORITHM: hash })
         })
         .collect();
@@ -497,7 +497,7 @@ fn run_passes<'a>(
     }
 }
 
-/// Commits a pass's output (the real input hashes replace the placeholders the header was
+/// Commits a pass's output (the real input hashes replace the reserved fields the header was
 /// written with, same length) and makes its report.
 fn finish(
     pass: Pass,

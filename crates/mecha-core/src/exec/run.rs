@@ -549,6 +549,9 @@ struct ReadMemo {
 
 impl ReadMemo {
     fn get(&self, id: &ReadId) -> Option<&[u8]> {
+        if !self.enabled {
+            return None;
+        }
         self.reads.get(id).map(Vec::as_slice)
     }
 

@@ -101,3 +101,31 @@ pub fn tensor(result: &mecha_core::exec::MergeResult, name: &str) -> (Vec<usize>
     let t = result.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
     (t.shape.clone(), decode(t.dtype, &t.data))
 }
+
+/// A small model of mixed dtypes: an f16 tensor of 7 hash blocks of 32 KiB (the last one
+/// partial) that streams in several chunks, an f32 one, a small f16 bias and a bf16 one; values
+/// from `values(seed * 100 + i)`.
+pub fn mixed_model(seed: u64) -> Vec<(String, Raw)> {
+    let spec: [(&str, DType, Vec<usize>); 4] = [
+        ("net.embed.weight", DType::F16, vec![400, 250]),
+        ("net.0.weight", DType::F32, vec![300, 110]),
+        ("net.0.bias", DType::F16, vec![300]),
+        ("net.1.weight", DType::BF16, vec![64, 64]),
+    ];
+    spec.into_iter()
+        .enumerate()
+        .map(|(i, (name, dtype, shape))| {
+            let n = shape.iter().product();
+            (name.to_string(), f32_tensor(dtype, &shape, &values(seed * 100 + i as u64, n)))
+        })
+        .collect()
+}
+
+/// `write_file` for tensors held by name.
+pub fn write_named(path: &Path, tensors: &[(String, Raw)]) {
+    let listed: Vec<(&str, Raw)> = tensors
+        .iter()
+        .map(|(k, r)| (k.as_str(), Raw { dtype: r.dtype, shape: r.shape.clone(), data: r.data.clone() }))
+        .collect();
+    write_file(path, &listed);
+}
